@@ -1,0 +1,223 @@
+"""`imagesearch` command line: parse arguments, build Settings, call into the server or the client. Thin."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from imagesearch.config import Settings, SettingsError, client_target
+
+EXIT_USAGE = 2
+# Same code as server.STARTUP_FAILURE (not imported: that would load torch for every client command).
+EXIT_STARTUP_FAILURE = 3
+EXIT_RPC_ERROR = 4
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"imagesearch: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.aio.AioRpcError as exc:
+        print(f"imagesearch: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from imagesearch import server
+    from imagesearch.logs import configure_logging
+
+    settings = Settings.from_env(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        model=args.model,
+        device=args.device,
+        qdrant_url=args.qdrant_url,
+        redis_url=args.redis_url,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        offline=True if args.offline else None,
+    )
+    configure_logging(settings.log_format, settings.log_level)
+    return server.run(settings)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from imagesearch.client import ImageSearchClient
+
+    image = Path(args.image).read_bytes() if args.image else None
+    attributes = dict(_key_value(a) for a in args.attr)
+
+    async def go() -> int:
+        async with ImageSearchClient(args.target or client_target()) as client:
+            response = await client.search(
+                text=args.text or "",
+                image=image,
+                top_k=args.top_k,
+                categories=args.category,
+                price_min=args.price_min,
+                price_max=args.price_max,
+                attributes=attributes,
+            )
+        if args.json:
+            print(json_format.MessageToJson(response, indent=2))
+            return 0
+        print(f"{len(response.hits)} hits  ({response.server_time_ms:.1f} ms on the server, cached: {response.cached})")
+        for rank, hit in enumerate(response.hits, 1):
+            p = hit.product
+            price = f"{p.price:.2f} {p.currency}".strip()
+            print(f"{rank:>3}. {hit.score:.4f}  {p.id:<24} {p.name[:40]:<40} {p.category:<16} {price}")
+        return 0
+
+    return asyncio.run(go())
+
+
+def _index(args: argparse.Namespace) -> int:
+    from imagesearch.client import ImageSearchClient, Product
+
+    files = list(_image_files(args.paths))
+    if not files:
+        print("imagesearch: no image files found in the given paths", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def go() -> int:
+        failed = 0
+        async with ImageSearchClient(args.target or client_target()) as client:
+            for path in files:
+                product = Product(id=path.stem, name=path.stem.replace("_", " "), category=args.category or "")
+                try:
+                    response = await client.index_product(product, path.read_bytes())
+                except grpc.aio.AioRpcError as exc:
+                    failed += 1
+                    print(f"failed   {path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                    continue
+                print(f"{'created' if response.created else 'updated'}  {product.id}  ({path})")
+        print(f"{len(files) - failed} indexed, {failed} failed")
+        return EXIT_RPC_ERROR if failed else 0
+
+    return asyncio.run(go())
+
+
+def _info(args: argparse.Namespace) -> int:
+    from imagesearch.client import ImageSearchClient
+
+    async def go() -> int:
+        async with ImageSearchClient(args.target or client_target()) as client:
+            info = await client.service_info()
+            health = await client.health()
+        print(json.dumps({"health": health, **json_format.MessageToDict(info)}, indent=2))
+        return 0
+
+    return asyncio.run(go())
+
+
+def _get(args: argparse.Namespace) -> int:
+    from imagesearch.client import ImageSearchClient
+
+    async def go() -> int:
+        async with ImageSearchClient(args.target or client_target()) as client:
+            product = await client.get_product(args.id)
+        print(json_format.MessageToJson(product, indent=2))
+        return 0
+
+    return asyncio.run(go())
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from imagesearch.client import ImageSearchClient
+
+    async def go() -> int:
+        async with ImageSearchClient(args.target or client_target()) as client:
+            await client.delete_product(args.id)
+        print(f"deleted {args.id}")
+        return 0
+
+    return asyncio.run(go())
+
+
+def _image_files(paths: Sequence[str]) -> list[Path]:
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            found.append(path)
+        else:
+            print(f"imagesearch: {path} does not exist", file=sys.stderr)
+    return found
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--attr expects KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagesearch", description="Find catalogue products by image or text.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC server (flags override IMAGESEARCH_* variables)")
+    serve.add_argument("--host", help="interface to bind (IMAGESEARCH_HOST, default [::])")
+    serve.add_argument("--port", type=int, help="port (IMAGESEARCH_PORT, default 50051)")
+    serve.add_argument("--data-dir", help="embedded store directory (IMAGESEARCH_DATA_DIR, default ./data)")
+    serve.add_argument("--model", help="open_clip model spec (IMAGESEARCH_MODEL), see README")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="IMAGESEARCH_DEVICE, default auto")
+    serve.add_argument("--qdrant-url", help="Qdrant server URL; unset = embedded store (IMAGESEARCH_QDRANT_URL)")
+    serve.add_argument("--redis-url", help="Redis URL; unset = in-process cache (IMAGESEARCH_REDIS_URL)")
+    serve.add_argument("--log-format", choices=["json", "console"], help="IMAGESEARCH_LOG_FORMAT, default json")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="IMAGESEARCH_LOG_LEVEL")
+    serve.add_argument("--offline", action="store_true", help="never download weights (IMAGESEARCH_OFFLINE)")
+    serve.set_defaults(func=_serve)
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--target", help="server address (IMAGESEARCH_TARGET, default localhost:50051)")
+        return sub
+
+    search = client_command("search", "search a running server by text and/or image")
+    search.add_argument("--text", help="query text")
+    search.add_argument("--image", help="query image file")
+    search.add_argument("--top-k", type=int, default=0, help="number of results (default 10, max 100)")
+    search.add_argument("--category", action="append", default=[], help="restrict to a category (repeatable)")
+    search.add_argument("--price-min", type=float)
+    search.add_argument("--price-max", type=float)
+    search.add_argument("--attr", action="append", default=[], help="attribute filter KEY=VALUE (repeatable)")
+    search.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    search.set_defaults(func=_search)
+
+    index = client_command("index", "index image files (or directories of them); the file stem is the id")
+    index.add_argument("paths", nargs="+", metavar="PATH")
+    index.add_argument("--category", help="category for every product indexed")
+    index.set_defaults(func=_index)
+
+    info = client_command("info", "show the server's health, model, store, cache and limits")
+    info.set_defaults(func=_info)
+
+    get = client_command("get", "show one product")
+    get.add_argument("id")
+    get.set_defaults(func=_get)
+
+    delete = client_command("delete", "delete one product")
+    delete.add_argument("id")
+    delete.set_defaults(func=_delete)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

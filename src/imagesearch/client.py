@@ -1,0 +1,105 @@
+"""A small typed asyncio client over the generated stubs. Streams images in chunks for the caller.
+
+async with ImageSearchClient("localhost:50051") as client:
+    response = await client.search(text="red mug", top_k=5)
+    for hit in response.hits:
+        print(hit.score, hit.product.id)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from imagesearch.v1 import products_pb2
+
+# The size the service recommends; well under gRPC's default 4 MiB message limit.
+CHUNK_BYTES = 64 * 1024
+Product = products_pb2.Product
+M = TypeVar("M")
+
+
+class ImageSearchClient:
+    def __init__(self, target: str, *, timeout_s: float | None = 30.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.ImageSearchServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout_s = timeout_s
+
+    async def __aenter__(self) -> ImageSearchClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def search(
+        self,
+        *,
+        text: str = "",
+        image: bytes | None = None,
+        top_k: int = 0,
+        categories: Sequence[str] = (),
+        price_min: float | None = None,
+        price_max: float | None = None,
+        attributes: Mapping[str, str] | None = None,
+        score_threshold: float | None = None,
+        text_weight: float | None = None,
+    ) -> pb.SearchResponse:
+        query = pb.SearchQuery(
+            text=text,
+            top_k=top_k,
+            filter=pb.SearchFilter(
+                categories=list(categories),
+                price_min=price_min,
+                price_max=price_max,
+                attributes=dict(attributes or {}),
+            ),
+            score_threshold=score_threshold,
+            text_weight=text_weight,
+        )
+        messages = _stream(pb.SearchRequest(query=query), image, lambda c: pb.SearchRequest(image_chunk=c))
+        response: pb.SearchResponse = await self._stub.Search(messages, timeout=self.timeout_s)
+        return response
+
+    async def index_product(self, product: products_pb2.Product, image: bytes) -> pb.IndexProductResponse:
+        messages = _stream(
+            pb.IndexProductRequest(product=product), image, lambda c: pb.IndexProductRequest(image_chunk=c)
+        )
+        response: pb.IndexProductResponse = await self._stub.IndexProduct(messages, timeout=self.timeout_s)
+        return response
+
+    async def get_product(self, product_id: str) -> products_pb2.Product:
+        response = await self._stub.GetProduct(pb.GetProductRequest(id=product_id), timeout=self.timeout_s)
+        return response.product
+
+    async def delete_product(self, product_id: str) -> None:
+        await self._stub.DeleteProduct(pb.DeleteProductRequest(id=product_id), timeout=self.timeout_s)
+
+    async def service_info(self) -> pb.GetServiceInfoResponse:
+        response: pb.GetServiceInfoResponse = await self._stub.GetServiceInfo(
+            pb.GetServiceInfoRequest(), timeout=self.timeout_s
+        )
+        return response
+
+    async def health(self, service: str = "") -> str:
+        """The health status name, e.g. "SERVING"."""
+        response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+async def _stream(head: M, image: bytes | None, chunk_message: Callable[[bytes], M]) -> AsyncIterator[M]:
+    yield head
+    if image is not None:
+        for start in range(0, len(image), CHUNK_BYTES):
+            yield chunk_message(image[start : start + CHUNK_BYTES])

@@ -1,0 +1,153 @@
+"""Settings: one frozen, validated object built once at start from IMAGESEARCH_* variables and CLI flags.
+
+This is the only module that reads the environment. Everything else receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+ENV_PREFIX = "IMAGESEARCH_"
+
+CacheBackendName = Literal["auto", "redis", "memory", "none"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "[::]"
+    port: int = 50051
+    data_dir: Path = Path("data")
+    # An open_clip spec: "ARCH:PRETRAINED_TAG", "ARCH:/path/weights.pt", "local-dir:/path" or a bundled name.
+    model: str = DEFAULT_MODEL
+    device: DeviceName = "auto"
+    # Never touch the network for weights (sets HF_HUB_OFFLINE): start-up fails at once if they are not local.
+    offline: bool = False
+    # 0 = let the encoder choose (all cores for the model's intra-op pool).
+    torch_threads: int = 0
+    qdrant_url: str | None = None
+    qdrant_api_key: str | None = field(default=None, repr=False)
+    qdrant_collection: str = "products"
+    store_timeout_s: float = 5.0
+    redis_url: str | None = field(default=None, repr=False)
+    cache: CacheBackendName = "auto"
+    cache_embedding_ttl_s: int = 7 * 24 * 3600
+    cache_result_ttl_s: int = 600
+    cache_memory_max_entries: int = 10_000
+    log_format: LogFormat = "json"
+    log_level: LogLevel = "info"
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_chunk_bytes: int = 1024 * 1024
+    max_text_chars: int = 1000
+    max_top_k: int = 100
+    default_top_k: int = 10
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535 or self.port == 0, "port", "must be 0..65535")
+        _require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = automatic)")
+        _require(self.store_timeout_s > 0, "store_timeout_s", "must be > 0")
+        _require(self.max_image_bytes > 0, "max_image_bytes", "must be > 0")
+        _require(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")
+        _require(self.max_chunk_bytes > 0, "max_chunk_bytes", "must be > 0")
+        _require(self.max_text_chars > 0, "max_text_chars", "must be > 0")
+        _require(1 <= self.default_top_k <= self.max_top_k, "default_top_k", "must be 1..max_top_k")
+        _require(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
+        _require(self.cache_memory_max_entries > 0, "cache_memory_max_entries", "must be > 0")
+        _require(self.cache_embedding_ttl_s >= 0, "cache_embedding_ttl_s", "must be >= 0 (0 = no expiry)")
+        _require(self.cache_result_ttl_s >= 0, "cache_result_ttl_s", "must be >= 0 (0 = no expiry)")
+        _require(
+            self.cache != "redis" or bool(self.redis_url),
+            "cache",
+            "is 'redis' but IMAGESEARCH_REDIS_URL is not set",
+        )
+        _require(bool(self.model.strip()), "model", "must not be empty")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def cache_backend(self) -> Literal["redis", "memory", "none"]:
+        """The cache actually used: 'auto' means Redis when a URL is configured, else the in-process LRU."""
+        if self.cache == "auto":
+            return "redis" if self.redis_url else "memory"
+        return self.cache
+
+    @property
+    def store_backend(self) -> Literal["embedded", "qdrant"]:
+        return "qdrant" if self.qdrant_url else "embedded"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from IMAGESEARCH_<NAME> variables, then `overrides` (CLI flags; None values are ignored)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw, hints[f.name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _require(ok: bool, name: str, what: str) -> None:
+    if not ok:
+        raise SettingsError(f"{env_var(name)} {what}")
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    # Optional[X] -> X: an empty variable was already skipped, so a present value is always an X.
+    args = [a for a in get_args(hint) if a is not type(None)]
+    base = args[0] if get_origin(hint) is not Literal and args and type(None) in get_args(hint) else hint
+    try:
+        if get_origin(base) is Literal:
+            allowed = get_args(base)
+            value = raw.strip().lower()
+            if value not in allowed:
+                raise ValueError(f"must be one of {', '.join(allowed)}")
+            return value
+        if base is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("must be true or false")
+        if base is int:
+            return int(raw)
+        if base is float:
+            return float(raw)
+        if base is Path:
+            return Path(raw).expanduser()
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{env_var(name)}={raw!r}: {exc}") from None
+
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def client_target(environ: Mapping[str, str] | None = None) -> str:
+    """Address the CLI's client commands talk to: IMAGESEARCH_TARGET, else localhost:50051."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_PREFIX + "TARGET") or DEFAULT_TARGET

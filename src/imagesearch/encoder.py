@@ -1,0 +1,240 @@
+"""CLIP encoder: loads an open_clip model and turns images and texts into L2-normalised float32 vectors.
+
+Knows nothing of gRPC. `ClipEncoder` is synchronous (call it from a worker thread); `AsyncEncoder` runs it off
+the event loop so a slow forward pass never blocks health checks or other RPCs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imagesearch.errors import ModelLoadError
+from imagesearch.imaging import decode_image
+
+# Models that ship inside the package, addressable by a short name in IMAGESEARCH_MODEL.
+BUNDLED_MODELS_DIR = Path(__file__).parent / "models"
+LOCAL_DIR_PREFIX = "local-dir:"
+# "ARCH:random" builds the architecture with random weights: same compute as the real model, meaningless
+# rankings. For benchmarks only.
+RANDOM_WEIGHTS_TAG = "random"
+
+SpecKind = Literal["local-dir", "pretrained", "checkpoint", "random"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed IMAGESEARCH_MODEL value."""
+
+    raw: str
+    kind: SpecKind
+    arch: str = ""
+    pretrained: str = ""
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        """Parse "local-dir:DIR", a bundled model name, "ARCH:/path/weights.pt", "ARCH:TAG" or "ARCH:random"."""
+        spec = spec.strip()
+        bundled = BUNDLED_MODELS_DIR / spec
+        if spec and "/" not in spec and ":" not in spec and (bundled / "open_clip_config.json").is_file():
+            return cls(raw=spec, kind="local-dir", path=bundled)
+        if spec.startswith(LOCAL_DIR_PREFIX):
+            return cls(raw=spec, kind="local-dir", path=Path(spec[len(LOCAL_DIR_PREFIX) :]).expanduser())
+        arch, sep, tag = spec.partition(":")
+        if not sep or not arch or not tag:
+            raise ModelLoadError(
+                f"model spec {spec!r} is not understood: use ARCH:PRETRAINED_TAG (e.g. ViT-B-32:laion2b_s34b_b79k), "
+                f"ARCH:/path/to/weights.pt, local-dir:/path/to/dir, or a bundled model ({', '.join(bundled_models())})"
+            )
+        if tag == RANDOM_WEIGHTS_TAG:
+            return cls(raw=spec, kind="random", arch=arch)
+        if "/" in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            return cls(raw=spec, kind="checkpoint", arch=arch, path=Path(tag).expanduser())
+        return cls(raw=spec, kind="pretrained", arch=arch, pretrained=tag)
+
+
+def bundled_models() -> list[str]:
+    if not BUNDLED_MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / "open_clip_config.json").is_file())
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return device
+
+
+class ClipEncoder:
+    """A loaded open_clip model with its preprocessing and tokenizer. Thread-compatible, not thread-safe:
+    call it from one thread at a time (`AsyncEncoder` does)."""
+
+    def __init__(self, spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, device: str) -> None:
+        self.spec = spec
+        self.device = device
+        self._model = model
+        self._preprocess = preprocess
+        self._tokenizer = tokenizer
+        self.image_size = _image_size(model)
+        self.dimension = int(self.encode_texts(["warm-up"]).shape[1])
+
+    @property
+    def model_id(self) -> str:
+        """The spec as configured: identifies the embedding space (cache keys, store metadata)."""
+        return self.spec.raw
+
+    @classmethod
+    def load(cls, spec: str, *, device: str = "auto", offline: bool = False, threads: int = 0) -> ClipEncoder:
+        """Load a model by spec. Raises ModelLoadError with instructions when the weights cannot be had."""
+        parsed = ModelSpec.parse(spec)
+        resolved_device = resolve_device(device)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if offline:
+            _enable_hub_offline_mode()
+        try:
+            model, preprocess, tokenizer = _create(parsed, resolved_device)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # open_clip / huggingface_hub raise many unrelated types
+            raise ModelLoadError(_load_failure_message(parsed, exc)) from exc
+        return cls(parsed, model, preprocess, tokenizer, resolved_device)
+
+    def decode(self, data: bytes, *, field: str, max_pixels: int) -> Image.Image:
+        """Decode untrusted image bytes (see imaging.decode_image) at a size suited to this model."""
+        return decode_image(data, field=field, max_pixels=max_pixels, target_size=self.image_size)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Resize, crop and normalise one image into the model's input tensor (C, H, W)."""
+        tensor: torch.Tensor = self._preprocess(image)
+        return tensor
+
+    @torch.inference_mode()
+    def encode_pixels(self, batch: torch.Tensor) -> np.ndarray:
+        """Embed a batch of preprocessed images (N, C, H, W) -> (N, dim) float32, L2-normalised."""
+        features = self._model.encode_image(batch.to(self.device, dtype=self._dtype), normalize=True)
+        return _to_numpy(features)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed RGB images -> (N, dim) float32, L2-normalised."""
+        return self.encode_pixels(torch.stack([self.preprocess(image) for image in images]))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts -> (N, dim) float32, L2-normalised. Text past the context length is truncated."""
+        tokens = self._tokenizer(list(texts)).to(self.device)
+        features = self._model.encode_text(tokens, normalize=True)
+        return _to_numpy(features)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self._model.parameters()).dtype
+
+
+class AsyncEncoder:
+    """Runs a ClipEncoder off the event loop.
+
+    Model forwards go to one dedicated thread: torch already spreads one forward over all cores, so two
+    concurrent forwards would only fight for them. Image decoding runs in the loop's default pool, so it
+    overlaps with a forward in progress.
+    """
+
+    def __init__(self, encoder: ClipEncoder) -> None:
+        self.encoder = encoder
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-forward")
+        self._closed = threading.Event()
+
+    async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
+        """Decode, preprocess and embed one image -> (dim,) float32."""
+        loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(None, self._decode_and_preprocess, data, field, max_pixels)
+        vectors = await loop.run_in_executor(self._model_thread, self.encoder.encode_pixels, pixels)
+        return vectors[0]
+
+    async def encode_text(self, text: str) -> np.ndarray:
+        """Embed one text -> (dim,) float32."""
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._model_thread, self.encoder.encode_texts, [text])
+        return vectors[0]
+
+    def close(self) -> None:
+        self._model_thread.shutdown(wait=True, cancel_futures=True)
+
+    def _decode_and_preprocess(self, data: bytes, field: str, max_pixels: int) -> torch.Tensor:
+        image = self.encoder.decode(data, field=field, max_pixels=max_pixels)
+        return self.encoder.preprocess(image).unsqueeze(0)
+
+
+def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
+    import open_clip  # imported late: importing it is slow and the hub offline switch must come first
+
+    precision = "fp16" if device.startswith("cuda") else "fp32"
+    if spec.kind == "local-dir":
+        assert spec.path is not None
+        if not (spec.path / "open_clip_config.json").is_file():
+            raise ModelLoadError(
+                f"{spec.raw}: {spec.path} has no open_clip_config.json; a local-dir model needs "
+                "open_clip_config.json and open_clip_model.safetensors (or open_clip_pytorch_model.bin)"
+            )
+        name = LOCAL_DIR_PREFIX + str(spec.path)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, precision=precision)
+        tokenizer = open_clip.get_tokenizer(name)
+    else:
+        if spec.kind == "checkpoint":
+            assert spec.path is not None
+            if not spec.path.is_file():
+                raise ModelLoadError(f"{spec.raw}: checkpoint file {spec.path} does not exist")
+        pretrained = None if spec.kind == "random" else str(spec.path or spec.pretrained)
+        # OpenAI's weights were trained with QuickGELU; the plain config loads them silently but computes wrong.
+        quick_gelu = spec.pretrained == "openai" and not spec.arch.endswith("-quickgelu")
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.arch, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=quick_gelu
+        )
+        tokenizer = open_clip.get_tokenizer(spec.arch)
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+def _enable_hub_offline_mode() -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; set both the variable (for a later import) and the
+    # already-imported constant, so a missing download fails at once instead of after ~45 s of DNS retries.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def _load_failure_message(spec: ModelSpec, exc: Exception) -> str:
+    how = (
+        "Provide the weights in one of these ways: run once with internet access so open_clip caches them "
+        "(under ~/.cache/huggingface); or set IMAGESEARCH_MODEL=ARCH:/path/to/weights.pt for a checkpoint file; "
+        "or IMAGESEARCH_MODEL=local-dir:/path/to/dir for a directory holding open_clip_config.json and "
+        "open_clip_model.safetensors. To try the service without any download, use the bundled test model: "
+        "IMAGESEARCH_MODEL=synthetic-clip (it only knows synthetic catalogue images)."
+    )
+    return f"could not load model {spec.raw!r}: {type(exc).__name__}: {exc}. {how}"
+
+
+def _image_size(model: Any) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def _to_numpy(features: torch.Tensor) -> np.ndarray:
+    return features.float().cpu().numpy().astype(np.float32, copy=False)

@@ -1,0 +1,43 @@
+"""Domain exceptions. `service.py` maps each to one gRPC status code; nothing else knows about gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class ImageSearchError(Exception):
+    """Base class: every error the service can explain to a caller."""
+
+
+class InvalidArgument(ImageSearchError):
+    """The request is malformed; `violations` names each bad field (sent as google.rpc.BadRequest)."""
+
+    def __init__(self, violations: list[FieldViolation] | FieldViolation, message: str | None = None) -> None:
+        self.violations = [violations] if isinstance(violations, FieldViolation) else list(violations)
+        super().__init__(message or "; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+class ImageTooLarge(InvalidArgument):
+    """The image stream passed the configured byte or pixel limit."""
+
+
+class NotFound(ImageSearchError):
+    """The named product does not exist."""
+
+
+class StoreUnavailable(ImageSearchError):
+    """The vector store cannot be reached or failed; the caller may retry later."""
+
+
+class StoreConfigError(ImageSearchError):
+    """The store exists but is incompatible with this server (e.g. another embedding dimension). Fatal at start."""
+
+
+class ModelLoadError(ImageSearchError):
+    """The configured model cannot be loaded (e.g. weights unavailable offline). Fatal at start."""

@@ -1,0 +1,72 @@
+"""Image decoding: bytes from a caller -> an RGB PIL image small enough to preprocess cheaply.
+
+Untrusted input: the pixel count is checked from the header before any pixel is decoded, so a tiny file that
+claims a huge canvas (a decompression bomb) is refused without allocating it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imagesearch.errors import FieldViolation, ImageTooLarge, InvalidArgument
+
+# Formats a catalogue image realistically comes in. Limiting the decoders PIL may try shrinks the attack surface
+# (PIL otherwise probes dozens of exotic formats).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def decode_image(data: bytes, *, field: str, max_pixels: int, target_size: int) -> Image.Image:
+    """Decode `data` into an RGB image, honouring EXIF orientation.
+
+    `target_size` is the model's input side: JPEGs are decoded at a reduced scale (libjpeg's DCT scaling, nearly
+    free) as long as the result stays at least twice that size, so resampling quality is unaffected.
+    Raises InvalidArgument (naming `field`) for empty, undecodable or oversized images.
+    """
+    if not data:
+        raise InvalidArgument(FieldViolation(field, "the image is empty: send its bytes in image_chunk messages"))
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (DecompressionBombWarning) before it errors; our own limit below is the one that applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    FieldViolation(
+                        field,
+                        f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+                    )
+                )
+            if image.format == "JPEG":
+                # draft() picks the largest 1/2, 1/4 or 1/8 scale that is still >= the requested size.
+                image.draft("RGB", (target_size * 2, target_size * 2))
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image) or image)
+    except InvalidArgument:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InvalidArgument(
+            FieldViolation(field, f"not a decodable image (supported: {', '.join(ALLOWED_FORMATS)}): {exc}")
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL reports truncated or corrupt data through these.
+        raise InvalidArgument(FieldViolation(field, f"the image data is corrupt or truncated: {exc}")) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels carry arbitrary colour values: composite on white, as catalogue images are shown.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale into 8 bits instead of clipping (convert('L') would clip at 255).
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")

@@ -1,0 +1,70 @@
+"""Server interceptors. Order matters and is set in server.py."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+log = structlog.get_logger("imagesearch.rpc")
+
+REQUEST_ID_HEADER = "x-request-id"
+_MAX_REQUEST_ID_CHARS = 128
+
+
+class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
+    """Binds request_id (the caller's x-request-id, or a fresh one) and method to structlog's context for the
+    whole RPC, echoes the id back in the response metadata, and logs one line per RPC with status and time."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        request_id = str(metadata.get(REQUEST_ID_HEADER, ""))[:_MAX_REQUEST_ID_CHARS] or uuid.uuid4().hex
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap(handler.unary_unary, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap(handler.stream_unary, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Streaming responses (health Watch, reflection) are long-lived; they are not logged per message.
+        return handler
+
+
+def _wrap(behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str) -> Callable[..., Awaitable[Any]]:
+    async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await behaviour(request, context)
+        except BaseException:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            if code == grpc.StatusCode.OK:
+                code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            elapsed_ms = round((time.perf_counter() - started) * 1000.0, 2)
+            level = "warning" if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else "info"
+            getattr(log, level)("rpc", code=code.name, duration_ms=elapsed_ms)
+            structlog.contextvars.clear_contextvars()
+
+    return logged

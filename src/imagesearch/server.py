@@ -1,0 +1,199 @@
+"""Wiring: builds the components and the grpc.aio server, runs it, and shuts it down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from imagesearch.cache import CacheBackend, LruCache, NoCache, SearchCache
+from imagesearch.catalog import Catalog, Limits
+from imagesearch.config import Settings
+from imagesearch.encoder import AsyncEncoder, ClipEncoder
+from imagesearch.errors import ModelLoadError, StoreConfigError, StoreUnavailable
+from imagesearch.interceptors import RequestLoggingInterceptor
+from imagesearch.service import ImageSearchService
+from imagesearch.store import EdgeStore, QdrantServerStore, VectorStore
+from imagesearch.v1 import image_search_service_pb2, image_search_service_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = image_search_service_pb2.DESCRIPTOR.services_by_name["ImageSearchService"].full_name
+# Exit code when the server cannot start (bad config, model or store): distinct from a crash (1).
+STARTUP_FAILURE = 3
+# Room for a request's non-image fields (product metadata, filters) on top of the largest image chunk.
+_MESSAGE_OVERHEAD_BYTES = 256 * 1024
+
+
+@dataclass
+class Components:
+    encoder: AsyncEncoder
+    store: VectorStore
+    cache: SearchCache
+
+    async def close(self) -> None:
+        # Store last: it may flush to disk, and nothing must write to it after.
+        await self.cache.close()
+        self.encoder.close()
+        await self.store.close()
+
+
+async def open_store(settings: Settings, dimension: int, model_id: str) -> VectorStore:
+    if settings.qdrant_url:
+        return await QdrantServerStore.open(
+            settings.qdrant_url,
+            dimension=dimension,
+            model_id=model_id,
+            collection=settings.qdrant_collection,
+            api_key=settings.qdrant_api_key,
+            timeout_s=settings.store_timeout_s,
+        )
+    return await EdgeStore.open(settings.data_dir / "qdrant-edge", dimension=dimension, model_id=model_id)
+
+
+def open_cache_backend(settings: Settings) -> CacheBackend:
+    backend = settings.cache_backend
+    if backend == "redis":
+        from imagesearch.redis_cache import RedisCache  # only deployments with Redis pay for the import
+
+        assert settings.redis_url is not None
+        return RedisCache(settings.redis_url)
+    if backend == "memory":
+        return LruCache(settings.cache_memory_max_entries)
+    return NoCache()
+
+
+async def open_components(settings: Settings, encoder: ClipEncoder | None = None) -> Components:
+    """Load the model (unless given one), open the store and the cache."""
+    if encoder is None:
+        encoder = await asyncio.to_thread(
+            ClipEncoder.load,
+            settings.model,
+            device=settings.device,
+            offline=settings.offline,
+            threads=settings.torch_threads,
+        )
+    store = await open_store(settings, encoder.dimension, encoder.model_id)
+    cache = SearchCache(
+        open_cache_backend(settings),
+        model_id=encoder.model_id,
+        embedding_ttl_s=settings.cache_embedding_ttl_s,
+        result_ttl_s=settings.cache_result_ttl_s,
+    )
+    return Components(encoder=AsyncEncoder(encoder), store=store, cache=cache)
+
+
+def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Build (not start) the server. Returns it, the bound port (useful with port 0) and its health servicer."""
+    interceptors = [
+        # Outermost: binds request_id/method for every log line of the RPC and logs its final status.
+        RequestLoggingInterceptor(),
+    ]
+    max_message = settings.max_chunk_bytes + _MESSAGE_OVERHEAD_BYTES
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", max_message), ("grpc.so_reuseport", 0)],
+    )
+    catalog = Catalog(
+        components.encoder, components.store, components.cache, Limits(max_image_pixels=settings.max_image_pixels)
+    )
+    image_search_service_pb2_grpc.add_ImageSearchServiceServicer_to_server(
+        ImageSearchService(catalog, settings), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise OSError(f"could not bind {settings.address}")
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer) -> None:
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+    try:
+        components = await open_components(settings)
+    except (ModelLoadError, StoreConfigError, StoreUnavailable) as exc:
+        log.error("startup failed", error=str(exc))
+        return STARTUP_FAILURE
+    try:
+        server, port, health_servicer = build_server(settings, components)
+    except OSError as exc:
+        log.error("startup failed", error=str(exc))
+        await components.close()
+        return STARTUP_FAILURE
+    stop = asyncio.Event()
+    force = asyncio.Event()
+    with _signals_set(stop, force):
+        await server.start()
+        await set_serving(health_servicer)
+        log.info(
+            "serving",
+            address=f"{settings.host}:{port}",
+            model=components.encoder.encoder.model_id,
+            store=components.store.backend,
+            cache=components.cache.backend.name,
+        )
+        await stop.wait()
+        await shutdown(server, health_servicer, components, settings.shutdown_grace_s, force)
+    return 0
+
+
+async def shutdown(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    components: Components,
+    grace_s: float,
+    force: asyncio.Event,
+) -> None:
+    # 1. Health goes NOT_SERVING for good, so load balancers stop routing here while we drain.
+    await health_servicer.enter_graceful_shutdown()
+    log.info("shutting down", grace_s=grace_s)
+    # 2. Refuse new RPCs and let in-flight ones finish within the grace period; a second SIGINT cuts it short.
+    stopping = asyncio.ensure_future(server.stop(grace_s))
+    forced = asyncio.ensure_future(force.wait())
+    await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+    if not stopping.done():
+        log.warning("forced exit: cancelling in-flight RPCs")
+        await server.stop(0)
+    forced.cancel()
+    # 3. Only now close the backends: no RPC can use them any more.
+    await components.close()
+    log.info("stopped")
+
+
+@contextlib.contextmanager
+def _signals_set(stop: asyncio.Event, force: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set() and sig == signal.SIGINT:
+            force.set()  # second Ctrl-C: stop waiting for in-flight RPCs
+        log.info("signal received", signal=sig.name)
+        stop.set()
+
+    # SIGTERM: orchestrators (Kubernetes, Docker) asking for a graceful stop. SIGINT: Ctrl-C.
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for sig in handled:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        yield
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+def run(settings: Settings) -> int:
+    return asyncio.run(serve(settings))

@@ -1,0 +1,296 @@
+"""gRPC handlers for imagesearch.v1.ImageSearchService: validate, convert proto <-> domain, call the catalogue,
+convert back, and map domain errors onto status codes (one table, below)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from imagesearch.catalog import Catalog, Query
+from imagesearch.config import Settings
+from imagesearch.domain import Hit, Product, SearchFilter
+from imagesearch.errors import (
+    FieldViolation,
+    ImageSearchError,
+    InvalidArgument,
+    NotFound,
+    StoreUnavailable,
+)
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from imagesearch.v1 import products_pb2
+from imagesearch.validation import Violations, check_filter, check_product, check_product_id, normalise_query_text
+
+log = structlog.get_logger(__name__)
+
+# Domain error -> gRPC status. Looked up along the exception's MRO, so subclasses (ImageTooLarge) inherit.
+STATUS_FOR_ERROR: dict[type[ImageSearchError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+# How long a client should wait before retrying an UNAVAILABLE call (sent as google.rpc.RetryInfo).
+RETRY_DELAY_S = 1
+
+_QUERY_KINDS = {"text": pb.QUERY_KIND_TEXT, "image": pb.QUERY_KIND_IMAGE, "multimodal": pb.QUERY_KIND_MULTIMODAL}
+_CACHE_OUTCOMES = {"hit": pb.CACHE_OUTCOME_HIT, "miss": pb.CACHE_OUTCOME_MISS, "bypass": pb.CACHE_OUTCOME_BYPASS}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+
+
+def server_version() -> str:
+    try:
+        return version("imagesearch")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def maps_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Turn domain errors into statuses with details; never leak a traceback to the caller."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except ImageSearchError as exc:
+            await _abort(context, exc)
+            raise  # unreachable: abort raises
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception:
+            log.exception("unhandled error")
+            request_id = structlog.contextvars.get_contextvars().get("request_id", "")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
+            raise
+
+    return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ImageSearchError) -> None:
+    code = next((STATUS_FOR_ERROR[t] for t in type(exc).__mro__ if t in STATUS_FOR_ERROR), None)
+    if code is None:
+        log.error("unmapped domain error", error=repr(exc))
+        code = grpc.StatusCode.INTERNAL
+    details = []
+    if isinstance(exc, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
+        details.append(bad_request)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_S)))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc))
+    for detail in details:
+        status.details.add().Pack(detail)
+    rich = rpc_status.to_status(status)
+    await context.abort(rich.code, rich.details, rich.trailing_metadata)
+
+
+@dataclass
+class StreamedRequest:
+    head: Any
+    image: bytes | None
+
+
+async def read_stream(requests: AsyncIterable[Any], head_field: str, settings: Settings) -> StreamedRequest:
+    """Read a "head message, then image chunks" stream. Refuses an oversized image as soon as the running
+    total passes the limit, without reading (or buffering) the rest."""
+    head: Any = None
+    chunks: list[bytes] = []
+    saw_chunk = False
+    total = 0
+    async for message in requests:
+        which = message.WhichOneof("content")
+        if which == head_field:
+            if head is not None:
+                raise InvalidArgument(FieldViolation(head_field, "sent twice: only the first message carries it"))
+            head = getattr(message, head_field)
+        elif which == "image_chunk":
+            if head is None:
+                raise InvalidArgument(
+                    FieldViolation("image_chunk", f"arrived before {head_field}: the first message must carry it")
+                )
+            chunk: bytes = message.image_chunk
+            if len(chunk) > settings.max_chunk_bytes:
+                raise InvalidArgument(
+                    FieldViolation(
+                        "image_chunk", f"a chunk of {len(chunk)} bytes; the limit is {settings.max_chunk_bytes}"
+                    )
+                )
+            total += len(chunk)
+            if total > settings.max_image_bytes:
+                raise InvalidArgument(
+                    FieldViolation("image_chunk", f"the image exceeds the limit of {settings.max_image_bytes} bytes")
+                )
+            chunks.append(chunk)
+            saw_chunk = True
+        else:
+            raise InvalidArgument(FieldViolation("content", f"empty message: set {head_field} or image_chunk"))
+    if head is None:
+        raise InvalidArgument(FieldViolation(head_field, "required: the first message must carry it"))
+    return StreamedRequest(head=head, image=b"".join(chunks) if saw_chunk else None)
+
+
+def product_from_proto(message: products_pb2.Product) -> Product:
+    return Product(
+        id=message.id,
+        name=message.name,
+        description=message.description,
+        category=message.category,
+        price=message.price,
+        currency=message.currency,
+        attributes=dict(message.attributes),
+        image_url=message.image_url,
+    )
+
+
+def product_to_proto(product: Product) -> products_pb2.Product:
+    return products_pb2.Product(
+        id=product.id,
+        name=product.name,
+        description=product.description,
+        category=product.category,
+        price=product.price,
+        currency=product.currency,
+        attributes=dict(product.attributes),
+        image_url=product.image_url,
+    )
+
+
+def filter_from_proto(message: pb.SearchFilter) -> SearchFilter:
+    return SearchFilter(
+        categories=tuple(message.categories),
+        price_min=message.price_min if message.HasField("price_min") else None,
+        price_max=message.price_max if message.HasField("price_max") else None,
+        attributes=tuple(sorted(message.attributes.items())),
+    )
+
+
+def query_from_proto(message: pb.SearchQuery, image: bytes | None, settings: Settings) -> Query:
+    v = Violations()
+    text = normalise_query_text(message.text, "query.text", settings.max_text_chars, v)
+    if not text and image is None:
+        v.add("query.text", "a search needs text, an image (image_chunk messages), or both")
+    flt = filter_from_proto(message.filter)
+    check_filter(flt, v)
+    top_k = message.top_k or settings.default_top_k
+    if not 1 <= top_k <= settings.max_top_k:
+        v.add("query.top_k", f"must be 1 to {settings.max_top_k} (0 means {settings.default_top_k}), got {top_k}")
+    threshold = message.score_threshold if message.HasField("score_threshold") else None
+    if threshold is not None and not -1.0 <= threshold <= 1.0:  # also false for NaN
+        v.add("query.score_threshold", f"must be a cosine similarity from -1 to 1, got {threshold}")
+    weight = message.text_weight if message.HasField("text_weight") else 0.5
+    if not 0.0 <= weight <= 1.0:
+        v.add("query.text_weight", f"must be 0 to 1, got {weight}")
+    v.raise_if_any()
+    return Query(text=text, image=image, flt=flt, top_k=top_k, score_threshold=threshold, text_weight=weight)
+
+
+def hits_to_proto(hits: list[Hit]) -> list[pb.SearchHit]:
+    return [pb.SearchHit(product=product_to_proto(h.product), score=h.score) for h in hits]
+
+
+class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
+    def __init__(self, catalog: Catalog, settings: Settings) -> None:
+        self.catalog = catalog
+        self.settings = settings
+
+    @maps_errors
+    async def Search(
+        self, request_iterator: AsyncIterable[pb.SearchRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SearchResponse:
+        streamed = await read_stream(request_iterator, "query", self.settings)
+        query = query_from_proto(streamed.head, streamed.image, self.settings)
+        outcome = await self.catalog.search(query)
+        return pb.SearchResponse(
+            hits=hits_to_proto(outcome.hits),
+            query_kind=_QUERY_KINDS[outcome.kind],
+            cached=outcome.cached,
+            server_time_ms=outcome.server_time_ms,
+            embedding_cache=_CACHE_OUTCOMES[outcome.embedding_cache],
+            result_cache=_CACHE_OUTCOMES[outcome.result_cache],
+        )
+
+    @maps_errors
+    async def IndexProduct(
+        self, request_iterator: AsyncIterable[pb.IndexProductRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.IndexProductResponse:
+        streamed = await read_stream(request_iterator, "product", self.settings)
+        product = product_from_proto(streamed.head)
+        v = Violations()
+        check_product(product, v)
+        if streamed.image is None:
+            v.add("image_chunk", "required: send the product image after the product message")
+        v.raise_if_any()
+        assert streamed.image is not None
+        created = await self.catalog.index(product, streamed.image)
+        return pb.IndexProductResponse(product=product_to_proto(product), created=created)
+
+    @maps_errors
+    async def GetProduct(
+        self, request: pb.GetProductRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetProductResponse:
+        _check_id(request.id)
+        return pb.GetProductResponse(product=product_to_proto(await self.catalog.get(request.id)))
+
+    @maps_errors
+    async def DeleteProduct(
+        self, request: pb.DeleteProductRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteProductResponse:
+        _check_id(request.id)
+        await self.catalog.delete(request.id)
+        return pb.DeleteProductResponse()
+
+    @maps_errors
+    async def GetServiceInfo(
+        self, request: pb.GetServiceInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetServiceInfoResponse:
+        encoder = self.catalog.encoder.encoder
+        cache = self.catalog.cache
+        s = self.settings
+        Info = pb.GetServiceInfoResponse
+        return Info(
+            server_version=server_version(),
+            model=Info.ModelInfo(
+                name=encoder.model_id,
+                embedding_dimension=encoder.dimension,
+                device=encoder.device,
+                image_size=encoder.image_size,
+            ),
+            store=Info.StoreInfo(backend=self.catalog.store.backend, product_count=await self.catalog.store.count()),
+            cache=Info.CacheInfo(
+                backend=cache.backend.name,
+                available=cache.backend.available,
+                embedding_hits=cache.stats.embedding_hits,
+                embedding_misses=cache.stats.embedding_misses,
+                result_hits=cache.stats.result_hits,
+                result_misses=cache.stats.result_misses,
+            ),
+            limits=Info.Limits(
+                max_image_bytes=s.max_image_bytes,
+                max_image_pixels=s.max_image_pixels,
+                max_chunk_bytes=s.max_chunk_bytes,
+                max_text_chars=s.max_text_chars,
+                max_top_k=s.max_top_k,
+            ),
+        )
+
+
+def _check_id(product_id: str) -> None:
+    v = Violations()
+    check_product_id(product_id, "id", v)
+    v.raise_if_any()

@@ -1,0 +1,269 @@
+"""The server backend: a Qdrant server or cluster through qdrant-client's async client (gRPC preferred)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.http.exceptions import ApiException
+
+from imagesearch.domain import Hit, Product, SearchFilter, point_id_for
+from imagesearch.errors import StoreConfigError, StoreUnavailable
+from imagesearch.store.base import (
+    ATTRIBUTE_PAIRS,
+    CATEGORY,
+    INDEXED_FIELDS,
+    PRICE,
+    Vector,
+    attribute_pair,
+    check_paging,
+    created_flags,
+    last_per_id,
+    product_from_payload,
+    product_to_payload,
+    vector_values,
+)
+
+# Collection metadata key under which the store records what the collection was created for.
+_META_KEY = "imagesearch"
+_SCHEMA_TYPES = {"keyword": models.PayloadSchemaType.KEYWORD, "float": models.PayloadSchemaType.FLOAT}
+# attribute_pairs is only ever matched, never read back (the `attributes` map is).
+_HIT_PAYLOAD = models.PayloadSelectorExclude(exclude=[ATTRIBUTE_PAIRS])
+
+
+class QdrantServerStore:
+    """VectorStore over a Qdrant server or cluster, for deployments that scale out.
+
+    Use `QdrantServerStore.open` (or `from_client` to bring a client configured your own way).
+    """
+
+    backend = "qdrant"
+
+    def __init__(
+        self, client: AsyncQdrantClient, collection: str, dimension: int, timeout_s: float, where: str
+    ) -> None:
+        self.dimension = dimension
+        self._client = client
+        self._collection = collection
+        self._timeout_s = timeout_s
+        self._where = where
+        self._closed = False
+        # Serialises this process's writes so that the created/replaced flags cannot race each other. Writers in
+        # other replicas can still race: then a flag may be wrong, never the stored data (upserts are idempotent).
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls,
+        url: str | None,
+        dimension: int,
+        model_id: str,
+        collection: str = "products",
+        api_key: str | None = None,
+        timeout_s: float = 5.0,
+        location: str | None = None,
+        *,
+        grpc_port: int = 6334,
+    ) -> QdrantServerStore:
+        """Connect to Qdrant at `url` (its REST address, e.g. http://qdrant:6333; gRPC is used, on `grpc_port`).
+
+        Creates `collection` (cosine distance, payload indexes) if it does not exist. Raises StoreConfigError if
+        it exists with another vector size or distance, or was created for another model; StoreUnavailable if
+        the server cannot be reached within `timeout_s` (which also bounds every later call).
+        `location=":memory:"` instead of `url` runs qdrant-client's in-process local mode: for tests only.
+        """
+        if (url is None) == (location is None):
+            raise ValueError("give exactly one of url or location")
+        client = AsyncQdrantClient(
+            url=url,
+            location=location,
+            api_key=api_key,
+            prefer_grpc=True,
+            grpc_port=grpc_port,
+            timeout=max(1, math.ceil(timeout_s)),
+            # The compatibility check is a blocking HTTP request made inside the constructor.
+            check_compatibility=False,
+        )
+        return await cls.from_client(client, dimension, model_id, collection, timeout_s, where=url or str(location))
+
+    @classmethod
+    async def from_client(
+        cls,
+        client: AsyncQdrantClient,
+        dimension: int,
+        model_id: str,
+        collection: str = "products",
+        timeout_s: float = 5.0,
+        where: str = "the configured Qdrant",
+    ) -> QdrantServerStore:
+        """Like `open`, over an existing client, which the store then owns (closes). `where` names it in errors."""
+        store = cls(client, collection, dimension, timeout_s, where)
+        try:
+            await store._prepare_collection(model_id)
+        except BaseException:
+            await client.close()
+            raise
+        return store
+
+    async def upsert(self, items: Sequence[tuple[Product, Vector]]) -> list[bool]:
+        """See VectorStore.upsert."""
+        if not items:
+            return []
+        latest = last_per_id(items)
+        points = [
+            models.PointStruct(
+                id=point_id_for(pid),
+                vector=vector_values(vector, self.dimension),
+                payload=product_to_payload(product),
+            )
+            for pid, (product, vector) in latest.items()
+        ]
+        product_ids = {point_id_for(pid): pid for pid in latest}
+        async with self._write_lock, self._guard("upsert"):
+            found = await self._client.retrieve(
+                self._collection, list(product_ids), with_payload=False, with_vectors=False
+            )
+            await self._client.upsert(self._collection, points, wait=True)
+        existing = {product_ids[str(record.id)] for record in found}
+        return created_flags([product.id for product, _ in items], existing)
+
+    async def get(self, product_id: str) -> Product | None:
+        """See VectorStore.get."""
+        async with self._guard("get"):
+            records = await self._client.retrieve(self._collection, [point_id_for(product_id)], with_payload=True)
+        if not records or records[0].payload is None:
+            return None
+        return product_from_payload(records[0].payload)
+
+    async def delete(self, product_id: str) -> bool:
+        """See VectorStore.delete."""
+        point_id = point_id_for(product_id)
+        async with self._write_lock, self._guard("delete"):
+            if not await self._client.retrieve(self._collection, [point_id], with_payload=False):
+                return False
+            await self._client.delete(self._collection, models.PointIdsList(points=[point_id]), wait=True)
+        return True
+
+    async def search(
+        self,
+        vector: Vector,
+        flt: SearchFilter,
+        limit: int,
+        offset: int = 0,
+        score_threshold: float | None = None,
+    ) -> list[Hit]:
+        """See VectorStore.search."""
+        check_paging(limit, offset)
+        query = vector_values(vector, self.dimension)
+        async with self._guard("search"):
+            response = await self._client.query_points(
+                self._collection,
+                query=query,
+                query_filter=_qdrant_filter(flt),
+                limit=limit,
+                offset=offset,
+                score_threshold=score_threshold,
+                with_payload=_HIT_PAYLOAD,
+            )
+        return [Hit(product_from_payload(p.payload or {}), p.score) for p in response.points]
+
+    async def count(self) -> int:
+        """See VectorStore.count."""
+        async with self._guard("count"):
+            result = await self._client.count(self._collection, exact=True)
+        return result.count
+
+    async def ping(self) -> None:
+        """See VectorStore.ping."""
+        async with self._guard("ping"):
+            exists = await self._client.collection_exists(self._collection)
+        if not exists:
+            raise StoreUnavailable(f"collection {self._collection!r} no longer exists at {self._where}")
+
+    async def close(self) -> None:
+        """Close the client; idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self._client.close()
+
+    async def _prepare_collection(self, model_id: str) -> None:
+        async with self._guard("open"):
+            if not await self._client.collection_exists(self._collection):
+                await self._create_collection(model_id)
+            info = await self._client.get_collection(self._collection)
+            self._check_compatible(info, model_id)
+            for field, kind in INDEXED_FIELDS.items():
+                if field not in info.payload_schema:
+                    await self._client.create_payload_index(
+                        self._collection, field, field_schema=_SCHEMA_TYPES[kind], wait=True
+                    )
+
+    async def _create_collection(self, model_id: str) -> None:
+        try:
+            await self._client.create_collection(
+                self._collection,
+                vectors_config=models.VectorParams(size=self.dimension, distance=models.Distance.COSINE),
+                metadata={_META_KEY: {"model_id": model_id, "dimension": self.dimension}},
+            )
+        except (ApiException, grpc.RpcError):
+            # Another replica starting at the same time may have created it first; that is fine.
+            if not await self._client.collection_exists(self._collection):
+                raise
+
+    def _check_compatible(self, info: models.CollectionInfo, model_id: str) -> None:
+        vectors = info.config.params.vectors
+        wanted = f"model {model_id!r} with {self.dimension}-d cosine vectors"
+        advice = "Use another collection name, or re-index the catalogue into a new collection."
+        if not isinstance(vectors, models.VectorParams):
+            raise StoreConfigError(
+                f"collection {self._collection!r} at {self._where} uses named vectors; this server needs one "
+                f"unnamed vector ({wanted}). {advice}"
+            )
+        if vectors.size != self.dimension or vectors.distance != models.Distance.COSINE:
+            raise StoreConfigError(
+                f"collection {self._collection!r} at {self._where} holds {vectors.size}-d "
+                f"{vectors.distance.value} vectors, but this server uses {wanted}. {advice}"
+            )
+        meta: Any = (info.config.metadata or {}).get(_META_KEY)
+        # A collection created by another tool has no record; only its vector size and distance can be checked.
+        if isinstance(meta, dict) and meta.get("model_id") not in (None, model_id):
+            raise StoreConfigError(
+                f"collection {self._collection!r} at {self._where} was created for model {meta['model_id']!r}, "
+                f"but this server uses {wanted}. {advice}"
+            )
+
+    @asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        # One place turns every way the server can fail into StoreUnavailable naming the server; the deadline
+        # also covers calls the client itself would let hang (e.g. a gRPC channel still connecting).
+        if self._closed:
+            raise StoreUnavailable(f"the store for {self._where} is closed")
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                yield
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"Qdrant at {self._where}: {what} timed out after {self._timeout_s:g} s") from exc
+        except grpc.aio.AioRpcError as exc:
+            raise StoreUnavailable(
+                f"Qdrant at {self._where}: {what} failed: {exc.code().name}: {exc.details()}"
+            ) from exc
+        except (ApiException, grpc.RpcError, OSError) as exc:
+            raise StoreUnavailable(f"Qdrant at {self._where}: {what} failed: {exc}") from exc
+
+
+def _qdrant_filter(flt: SearchFilter) -> models.Filter | None:
+    conditions: list[models.Condition] = []
+    if flt.categories:
+        conditions.append(models.FieldCondition(key=CATEGORY, match=models.MatchAny(any=list(flt.categories))))
+    if flt.price_min is not None or flt.price_max is not None:
+        conditions.append(models.FieldCondition(key=PRICE, range=models.Range(gte=flt.price_min, lte=flt.price_max)))
+    for key, value in flt.attributes:
+        conditions.append(
+            models.FieldCondition(key=ATTRIBUTE_PAIRS, match=models.MatchValue(value=attribute_pair(key, value)))
+        )
+    return models.Filter(must=conditions) if conditions else None

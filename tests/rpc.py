@@ -1,0 +1,98 @@
+"""Test helpers that build request streams and read error details, the way a client would."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from imagesearch.v1 import products_pb2
+
+CHUNK = 64 * 1024
+
+
+async def stream(*messages: object) -> AsyncIterator[object]:
+    for message in messages:
+        yield message
+
+
+def chunks(data: bytes, size: int = CHUNK) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def product(
+    product_id: str,
+    *,
+    name: str = "",
+    category: str = "",
+    price: float = 0.0,
+    currency: str = "EUR",
+    attributes: Mapping[str, str] | None = None,
+    description: str = "",
+    image_url: str = "",
+) -> products_pb2.Product:
+    return products_pb2.Product(
+        id=product_id,
+        name=name or product_id,
+        category=category,
+        price=price,
+        currency=currency,
+        attributes=dict(attributes or {}),
+        description=description,
+        image_url=image_url,
+    )
+
+
+async def index(
+    stub: pb_grpc.ImageSearchServiceStub, item: products_pb2.Product, image: bytes | None
+) -> pb.IndexProductResponse:
+    messages: list[object] = [pb.IndexProductRequest(product=item)]
+    messages += [pb.IndexProductRequest(image_chunk=c) for c in chunks(image or b"")]
+    response: pb.IndexProductResponse = await stub.IndexProduct(stream(*messages))
+    return response
+
+
+async def search(
+    stub: pb_grpc.ImageSearchServiceStub,
+    *,
+    text: str = "",
+    image: bytes | None = None,
+    top_k: int = 0,
+    categories: Sequence[str] = (),
+    price_min: float | None = None,
+    price_max: float | None = None,
+    attributes: Mapping[str, str] | None = None,
+    score_threshold: float | None = None,
+    text_weight: float | None = None,
+) -> pb.SearchResponse:
+    query = pb.SearchQuery(
+        text=text,
+        top_k=top_k,
+        filter=pb.SearchFilter(
+            categories=list(categories), price_min=price_min, price_max=price_max, attributes=dict(attributes or {})
+        ),
+        score_threshold=score_threshold,
+        text_weight=text_weight,
+    )
+    messages: list[object] = [pb.SearchRequest(query=query)]
+    if image is not None:
+        messages += [pb.SearchRequest(image_chunk=c) for c in chunks(image)] or [pb.SearchRequest(image_chunk=b"")]
+    response: pb.SearchResponse = await stub.Search(stream(*messages))
+    return response
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """Field names from the google.rpc.BadRequest detail of an INVALID_ARGUMENT error."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "INVALID_ARGUMENT without google.rpc.Status details"
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            fields += [v.field for v in bad_request.field_violations]
+    return fields
