@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,3 +100,70 @@ def jpeg_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, in
 @pytest.fixture
 def image_bytes() -> Iterator[bytes]:
     yield jpeg_bytes()
+
+
+class RedisProcess:
+    """A real redis-server on a free loopback port, owned by the test that uses it (so it can be stopped and
+    restarted to simulate an outage). Persistence off: nothing is written to disk."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed; run: bash tools/install.sh")
+        self._process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        pytest.fail(f"redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def redis_process() -> Iterator[RedisProcess]:
+    process = RedisProcess()
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def redis_url(redis_process: RedisProcess, request: pytest.FixtureRequest) -> str:
+    """The shared test Redis. Each test gets its own cache namespace (see `cache_namespace`), so tests never
+    see each other's entries."""
+    return redis_process.url
+
+
+@pytest.fixture
+def cache_namespace(request: pytest.FixtureRequest) -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"

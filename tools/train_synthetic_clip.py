@@ -4,7 +4,7 @@ The result is an open_clip `local-dir` model (open_clip_config.json + open_clip_
 the synthetic catalogue: 8 kinds x 10 colours x 3 patterns. It exists so that tests can check search relevance
 with a real CLIP without downloading pretrained weights.
 
-    .venv/bin/python tools/train_synthetic_clip.py --steps 2000 --seed 0 --threads 2
+    .venv/bin/python tools/train_synthetic_clip.py --steps 1800 --seed 0 --threads 2
 
 Same seed + same thread count -> bitwise-identical weights; another thread count drifts by ~1e-5.
 """
@@ -194,7 +194,7 @@ def check_saved(out: Path, model: open_clip.CLIP, pixels: torch.Tensor) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    parser.add_argument("--steps", type=int, default=1800, help="optimiser steps (default 1800)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, init and sampling (default 0)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="local-dir model folder to write")
     parser.add_argument("--threads", type=int, default=2, help="torch threads and render processes (default 2)")

@@ -47,6 +47,8 @@ class Settings:
     cache_embedding_ttl_s: int = 7 * 24 * 3600
     cache_result_ttl_s: int = 600
     cache_memory_max_entries: int = 10_000
+    # Extra key prefix, so deployments sharing one Redis (staging/production) never read each other's entries.
+    cache_namespace: str = ""
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     max_image_bytes: int = 10 * 1024 * 1024

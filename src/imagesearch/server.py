@@ -86,6 +86,7 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
         model_id=encoder.model_id,
         embedding_ttl_s=settings.cache_embedding_ttl_s,
         result_ttl_s=settings.cache_result_ttl_s,
+        namespace=settings.cache_namespace,
     )
     return Components(encoder=AsyncEncoder(encoder), store=store, cache=cache)
 

@@ -1,0 +1,148 @@
+"""Latency of the embedded store (EdgeStore over Qdrant Edge) on a synthetic catalogue.
+
+Fills a store in a temporary directory with random L2-normalised vectors, each with a category (one of 20), a
+price (1-1000) and a colour attribute, then times searches through the store's async API:
+plain, filtered by category + price range, filtered by an attribute pair, and offset paging (page 1 vs page 10,
+page size 20). Prints medians and p95; asserts nothing about time.
+
+    python benchmarks/store_edge.py [--n 100000] [--dim 512] [--queries 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+
+from imagesearch.domain import Product, SearchFilter
+from imagesearch.store import EdgeStore
+
+CATEGORIES = [f"cat-{i:02d}" for i in range(20)]
+COLOURS = ["red", "green", "blue", "black", "white", "grey", "yellow", "pink"]
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v
+
+
+async def fill(store: EdgeStore, rng: np.random.Generator, n: int, dim: int, batch: int) -> float:
+    started = time.perf_counter()
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        vectors = unit_rows(rng, size, dim)
+        products = [
+            Product(
+                id=f"sku-{start + i}",
+                name=f"product {start + i}",
+                category=CATEGORIES[int(rng.integers(len(CATEGORIES)))],
+                price=float(rng.integers(1, 1001)),
+                currency="EUR",
+                attributes={"color": COLOURS[int(rng.integers(len(COLOURS)))]},
+            )
+            for i in range(size)
+        ]
+        await store.upsert(list(zip(products, vectors)))
+    return time.perf_counter() - started
+
+
+async def timed(call: Callable[[], Awaitable[object]], repeats: int) -> np.ndarray:
+    await call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        await call()
+        times.append(time.perf_counter() - started)
+    return np.array(times) * 1e3
+
+
+async def loop_lag(call: Callable[[], Awaitable[object]], repeats: int) -> np.ndarray:
+    # How late a 1 ms timer fires while calls run: qdrant_edge holds the GIL during a call, so the event loop
+    # cannot run until it returns, worker thread or not.
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - started - 0.001)
+
+    task = asyncio.create_task(ticker())
+    for _ in range(repeats):
+        await call()
+    done.set()
+    await task
+    return np.array(lags) * 1e3
+
+
+def report(name: str, ms: np.ndarray) -> None:
+    print(f"  {name:<44} p50 {np.median(ms):8.2f} ms   p95 {np.percentile(ms, 95):8.2f} ms")
+
+
+async def main(n: int, dim: int, queries: int, batch: int) -> None:
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="store-edge-bench-") as tmp:
+        path = Path(tmp)
+        store = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None)
+        fill_s = await fill(store, rng, n, dim, batch)
+        print(f"EdgeStore, {n} x {dim}-d, batches of {batch}: fill {fill_s:.1f} s ({n / fill_s:,.0f} products/s)")
+
+        started = time.perf_counter()
+        await store.close()
+        close_s = time.perf_counter() - started
+        started = time.perf_counter()
+        store = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None)
+        print(f"  close (flush) {close_s:.2f} s, reopen {time.perf_counter() - started:.2f} s")
+
+        query_vectors = unit_rows(rng, 64, dim)
+        counter = iter(range(10**9))
+
+        def vector() -> np.ndarray:
+            return query_vectors[next(counter) % len(query_vectors)]
+
+        def category_price() -> SearchFilter:
+            low = float(rng.integers(1, 800))
+            return SearchFilter(categories=(CATEGORIES[int(rng.integers(20))],), price_min=low, price_max=low + 200)
+
+        colour = SearchFilter(attributes=(("color", "red"),))
+        cases: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("plain, top 20", lambda: store.search(vector(), SearchFilter(), 20)),
+            ("category + price range (~1%), top 20 = page 1", lambda: store.search(vector(), category_price(), 20)),
+            ("attribute color=red (~12%), top 20", lambda: store.search(vector(), colour, 20)),
+            ("page 1 (offset 0, limit 20)", lambda: store.search(vector(), SearchFilter(), 20, offset=0)),
+            ("page 10 (offset 180, limit 20)", lambda: store.search(vector(), SearchFilter(), 20, offset=180)),
+            ("filtered page 10 (category + price)", lambda: store.search(vector(), category_price(), 20, 180)),
+            ("get by id", lambda: store.get(f"sku-{int(rng.integers(n))}")),
+            ("count (exact)", store.count),
+            ("ping", store.ping),
+            ("upsert 1 product (replace)", lambda: store.upsert([(Product(id="sku-1"), vector())])),
+        ]
+        for name, call in cases:
+            report(name, await timed(call, queries))
+        lags = await loop_lag(cases[0][1], queries)
+        print(f"  event-loop timer lateness during plain searches: p50 {np.median(lags):.2f} ms, max {lags.max():.2f} ms")
+        await store.close()
+
+        synchronous = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None, flush_each_write=True)
+        report(
+            "upsert 1 product, flush_each_write=True",
+            await timed(lambda: synchronous.upsert([(Product(id="sku-1"), vector())]), max(20, queries // 5)),
+        )
+        await synchronous.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1000)
+    args = parser.parse_args()
+    asyncio.run(main(args.n, args.dim, args.queries, args.batch))

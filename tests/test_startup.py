@@ -1,0 +1,156 @@
+"""Configuration, model loading and the `imagesearch serve` process lifecycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import TEST_MODEL, RunningServer, free_port, jpeg_bytes
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rpc import index, product, search
+
+from imagesearch.cli import main
+from imagesearch.config import Settings, SettingsError
+from imagesearch.encoder import ClipEncoder, ModelSpec
+from imagesearch.errors import ModelLoadError
+from imagesearch.v1 import image_search_service_pb2 as pb
+
+
+def test_settings_read_prefixed_environment_and_overrides() -> None:
+    env = {"IMAGESEARCH_PORT": "6000", "IMAGESEARCH_CACHE": "NONE", "IMAGESEARCH_OFFLINE": "yes", "OTHER": "x"}
+    settings = Settings.from_env(env, data_dir=Path("/srv/data"), model=None)
+    assert (settings.port, settings.cache, settings.offline) == (6000, "none", True)
+    assert settings.data_dir == Path("/srv/data")
+    assert settings.model == Settings().model  # None overrides are ignored
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        pytest.param({"IMAGESEARCH_PORT": "http"}, "IMAGESEARCH_PORT", id="port-not-int"),
+        pytest.param({"IMAGESEARCH_PORT": "70000"}, "IMAGESEARCH_PORT", id="port-range"),
+        pytest.param({"IMAGESEARCH_CACHE": "memcached"}, "IMAGESEARCH_CACHE", id="cache-choice"),
+        pytest.param({"IMAGESEARCH_CACHE": "redis"}, "IMAGESEARCH_CACHE", id="redis-without-url"),
+        pytest.param({"IMAGESEARCH_OFFLINE": "maybe"}, "IMAGESEARCH_OFFLINE", id="bool"),
+        pytest.param({"IMAGESEARCH_MAX_TOP_K": "5"}, "IMAGESEARCH_DEFAULT_TOP_K", id="default-above-max"),
+    ],
+)
+def test_settings_reject_invalid_values_naming_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
+
+
+def test_cli_reports_configuration_errors_with_exit_code_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IMAGESEARCH_PORT", "not-a-port")
+    assert main(["serve"]) == 2
+    assert "IMAGESEARCH_PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "arch", "pretrained"),
+    [
+        pytest.param("ViT-B-32:laion2b_s34b_b79k", "pretrained", "ViT-B-32", "laion2b_s34b_b79k", id="tag"),
+        pytest.param("ViT-L-14:/models/l14.pt", "checkpoint", "ViT-L-14", "", id="checkpoint"),
+        pytest.param("local-dir:/models/x", "local-dir", "", "", id="local-dir"),
+        pytest.param("ViT-B-32:random", "random", "ViT-B-32", "", id="random"),
+        pytest.param("synthetic-clip", "local-dir", "", "", id="bundled"),
+    ],
+)
+def test_model_spec_parses_every_form(spec: str, kind: str, arch: str, pretrained: str) -> None:
+    parsed = ModelSpec.parse(spec)
+    assert (parsed.kind, parsed.arch, parsed.pretrained) == (kind, arch, pretrained)
+
+
+@pytest.mark.parametrize("spec", ["nonsense", "ViT-B-32:", "local-dir:/does/not/exist"])
+def test_unusable_model_spec_fails_with_instructions(spec: str) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        ClipEncoder.load(spec, device="cpu")
+    assert "local-dir" in str(err.value)
+
+
+def test_missing_pretrained_weights_fail_fast_offline() -> None:
+    # No hub is reachable here; offline mode must turn the download into an immediate, explained failure.
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError) as err:
+        ClipEncoder.load("RN50:openai", device="cpu", offline=True)
+    assert time.monotonic() - started < 30
+    assert "IMAGESEARCH_MODEL" in str(err.value)
+
+
+async def test_closed_store_gives_unavailable_with_retry_info(running: RunningServer) -> None:
+    await index(running.stub, product("a"), jpeg_bytes())
+    await running.components.store.close()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await search(running.stub, text="mug")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await running.stub.GetProduct(pb.GetProductRequest(id="a"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _serve(tmp_path: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESEARCH_")}
+    environ.update(
+        IMAGESEARCH_PORT=str(port),
+        IMAGESEARCH_HOST="127.0.0.1",
+        IMAGESEARCH_DATA_DIR=str(tmp_path / "data"),
+        IMAGESEARCH_MODEL=TEST_MODEL,
+        IMAGESEARCH_DEVICE="cpu",
+        **env,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagesearch.cli", "serve"],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait_serving(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise AssertionError("server did not become SERVING")
+
+
+def test_serve_process_drains_on_sigterm_and_exits_zero(tmp_path: Path) -> None:
+    port = free_port()
+    process = _serve(tmp_path, port)
+    try:
+        _wait_serving(port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            process.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        _, logs = process.communicate(timeout=30)
+        assert process.returncode == 0
+        assert b'"event": "stopped"' in logs
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_serve_refuses_unreachable_qdrant_with_exit_code_3(tmp_path: Path) -> None:
+    process = _serve(tmp_path, free_port(), IMAGESEARCH_QDRANT_URL=f"http://127.0.0.1:{free_port()}")
+    try:
+        _, logs = process.communicate(timeout=60)
+        assert process.returncode == 3
+        assert b"startup failed" in logs
+    finally:
+        process.kill()
+        process.communicate()
