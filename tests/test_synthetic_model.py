@@ -94,7 +94,8 @@ def test_catalogue_jpeg_is_a_jpeg() -> None:
 
 def test_model_loads_via_local_dir(eval_tool: ModuleType) -> None:
     model, preprocess, tokenizer = eval_tool.load_model(MODEL_DIR)
-    assert model.visual.image_size == (48, 48)
+    image = synthetic.make_catalogue(1, seed=0)[0].image()
+    assert preprocess(image).shape == (3, *model.visual.image_size)
     assert tokenizer(["a red mug"]).shape == (1, 16)
 
 

@@ -69,8 +69,13 @@ def _precision_at_5(scores: torch.Tensor, query_labels: torch.Tensor, gallery_la
     return gallery_labels[top5].eq(query_labels[:, None]).float().mean().item()
 
 
-def evaluate(model: open_clip.CLIP, preprocess: Preprocess, tokenizer: Tokenizer, images: Sequence[Image.Image],
-             labels: torch.Tensor) -> Metrics:
+def evaluate(
+    model: open_clip.CLIP,
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    images: Sequence[Image.Image],
+    labels: torch.Tensor,
+) -> Metrics:
     with torch.no_grad():
         image_features = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
         prompts = [PROMPT.format(colour=colour, kind=kind) for colour, kind in CLASSES]
@@ -90,8 +95,11 @@ def evaluate(model: open_clip.CLIP, preprocess: Preprocess, tokenizer: Tokenizer
 
 
 def failures(metrics: Metrics, bar: dict[str, float]) -> list[str]:
-    return [f"{name} {getattr(metrics, name):.3f} < {minimum}" for name, minimum in bar.items()
-            if getattr(metrics, name) < minimum]
+    return [
+        f"{name} {getattr(metrics, name):.3f} < {minimum}"
+        for name, minimum in bar.items()
+        if getattr(metrics, name) < minimum
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,14 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights = sorted(args.model_dir.glob("*.safetensors"))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: local-dir:{args.model_dir}")
-    print(f"parameters: {n_params:,} ({n_params / 1e6:.2f}M); weights file: "
-          + ", ".join(f"{w.name} {w.stat().st_size / 1e6:.1f} MB" for w in weights) + f"; load {load_s:.2f} s")
+    print(
+        f"parameters: {n_params:,} ({n_params / 1e6:.2f}M); weights file: "
+        + ", ".join(f"{w.name} {w.stat().st_size / 1e6:.1f} MB" for w in weights)
+        + f"; load {load_s:.2f} s"
+    )
 
     images, labels = gallery(args.images, args.seed)
     started = time.perf_counter()
     metrics = evaluate(model, preprocess, tokenizer, images, labels)
-    print(f"gallery: {metrics.n_images} fresh catalogue renders (seed {args.seed}, 128 px JPEG), "
-          f"{len(CLASSES)} colour x kind classes; encoded in {time.perf_counter() - started:.1f} s")
+    print(
+        f"gallery: {metrics.n_images} fresh catalogue renders (seed {args.seed}, 128 px JPEG), "
+        f"{len(CLASSES)} colour x kind classes; encoded in {time.perf_counter() - started:.1f} s"
+    )
     print(f"text->image P@5 (colour+kind), prompts '{PROMPT}': {metrics.text_to_image_p_at_5:.3f}")
     print(f"text->image top-1:                                  {metrics.text_to_image_top1:.3f}")
     print(f"image->image P@5 (same colour+kind, self excluded): {metrics.image_to_image_p_at_5:.3f}")

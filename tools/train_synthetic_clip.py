@@ -42,8 +42,7 @@ DEFAULT_OUT = REPO / "src" / "imagesearch" / "models" / "synthetic-clip"
 # in the token embedding, which the stock 49408-token SimpleTokenizer vocabulary forces on us.
 MODEL_CFG: dict[str, Any] = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 48, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32,
-                   "pool_type": "avg"},
+    "vision_cfg": {"image_size": 48, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32, "pool_type": "avg"},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
 
@@ -144,12 +143,15 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98), eps=1e-6,
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
     )
 
 
-def quick_eval(model: open_clip.CLIP, tokens: CaptionTokens, pixels: torch.Tensor, mean: torch.Tensor,
-               std: torch.Tensor) -> tuple[float, float]:
+def quick_eval(
+    model: open_clip.CLIP, tokens: CaptionTokens, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[float, float]:
     """(zero-shot accuracy, text->image P@5) on held-out renders, for the training log only."""
     model.eval()
     with torch.no_grad():
@@ -244,10 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         images[flip] = images[flip].flip(-1)
         images = (images - mean) / std
         # Captions are re-drawn every step, so the text tower sees every template and synonym for each class.
-        texts = tokens([
-            synthetic.caption(CLASSES[i % len(CLASSES)][1], CLASSES[i % len(CLASSES)][0], patterns[i], caption_rng)
-            for i in idx.tolist()
-        ])
+        texts = tokens(
+            [
+                synthetic.caption(CLASSES[i % len(CLASSES)][1], CLASSES[i % len(CLASSES)][0], patterns[i], caption_rng)
+                for i in idx.tolist()
+            ]
+        )
         image_features, text_features, logit_scale = model(images, texts)
         loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)
@@ -260,16 +264,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             zero_shot, p_at_5 = quick_eval(model, tokens, held_out, mean, std)
             elapsed = time.perf_counter() - train_started
-            print(f"step {step + 1}/{args.steps} loss {running / logged:.3f} "
-                  f"scale {model.logit_scale.exp().item():.1f} held-out zero-shot {zero_shot:.3f} "
-                  f"t2i P@5 {p_at_5:.3f} | {elapsed / (step + 1):.3f} s/step, {elapsed:.0f} s", flush=True)
+            print(
+                f"step {step + 1}/{args.steps} loss {running / logged:.3f} "
+                f"scale {model.logit_scale.exp().item():.1f} held-out zero-shot {zero_shot:.3f} "
+                f"t2i P@5 {p_at_5:.3f} | {elapsed / (step + 1):.3f} s/step, {elapsed:.0f} s",
+                flush=True,
+            )
             running, logged = 0.0, 0
 
     save_model(model, args.out)
     check_saved(args.out, model, held_out)
     size_mb = (args.out / "open_clip_model.safetensors").stat().st_size / 1e6
-    print(f"saved {args.out} ({size_mb:.1f} MB); training {time.perf_counter() - train_started:.0f} s, "
-          f"total {time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"saved {args.out} ({size_mb:.1f} MB); training {time.perf_counter() - train_started:.0f} s, "
+        f"total {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return 0
 
 

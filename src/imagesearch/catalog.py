@@ -87,10 +87,18 @@ class Catalog:
 
     async def index(self, product: Product, image: bytes) -> bool:
         """Embed the image and upsert the product. Returns True if it was created, False if replaced."""
-        vector = await self.encoder.encode_image_bytes(
+        [created] = await self.store_many([(product, await self.embed_image(image))])
+        return created
+
+    async def embed_image(self, image: bytes) -> np.ndarray:
+        return await self.encoder.encode_image_bytes(
             image, field="image_chunk", max_pixels=self.limits.max_image_pixels
         )
-        [created] = await self.store.upsert([(product, vector)])
+
+    async def store_many(self, items: list[tuple[Product, np.ndarray]]) -> list[bool]:
+        """Upsert embedded products, then invalidate cached results (after the write, so a search racing with
+        it can at worst cache the old catalogue under the old generation, never the reverse)."""
+        created = await self.store.upsert(items)
         await self.cache.bump_generation()
         return created
 
@@ -135,9 +143,7 @@ class Catalog:
         if kind == "text":
             vector = await self.encoder.encode_text(content.decode("utf-8"))
         else:
-            vector = await self.encoder.encode_image_bytes(
-                content, field="image_chunk", max_pixels=self.limits.max_image_pixels
-            )
+            vector = await self.embed_image(content)
         if key is not None:
             await self.cache.put_embedding(key, vector)
         return vector, "miss" if key is not None else "bypass"

@@ -7,8 +7,8 @@ the event loop so a slow forward pass never blocks health checks or other RPCs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagesearch.batching import MicroBatcher
 from imagesearch.errors import ModelLoadError
 from imagesearch.imaging import decode_image
 
@@ -89,6 +90,8 @@ class ClipEncoder:
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self.image_size = _image_size(model)
+        # Repeated queries ("red shoes") are common; BPE tokenizing is pure Python, so memoise it.
+        self._tokens = functools.lru_cache(maxsize=4096)(lambda text: tokenizer([text])[0])
         self.dimension = int(self.encode_texts(["warm-up"]).shape[1])
 
     @property
@@ -135,9 +138,30 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts -> (N, dim) float32, L2-normalised. Text past the context length is truncated."""
-        tokens = self._tokenizer(list(texts)).to(self.device)
-        features = self._model.encode_text(tokens, normalize=True)
+        tokens = torch.stack([self._tokens(text) for text in texts]).to(self.device)
+        if self.trims_text_padding:
+            features = _encode_text_unpadded(self._model, tokens)
+        else:
+            features = self._model.encode_text(tokens, normalize=True)
         return _to_numpy(features)
+
+    @torch.inference_mode()
+    def encode_texts_padded(self, texts: Sequence[str]) -> np.ndarray:
+        """open_clip's own text path over the full padded context (the reference for the fast path)."""
+        tokens = torch.stack([self._tokens(text) for text in texts]).to(self.device)
+        return _to_numpy(self._model.encode_text(tokens, normalize=True))
+
+    @property
+    def trims_text_padding(self) -> bool:
+        """Whether texts run on their real token length instead of the padded context. True for open_clip's
+        CLIP with a causal text mask and end-of-text pooling: there, positions after the end-of-text token
+        cannot influence it, so dropping them changes nothing but the cost."""
+        model = self._model
+        return (
+            type(model).__name__ == "CLIP"
+            and getattr(model, "text_pool_type", None) == "argmax"
+            and getattr(model, "attn_mask", None) is not None
+        )
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -145,37 +169,36 @@ class ClipEncoder:
 
 
 class AsyncEncoder:
-    """Runs a ClipEncoder off the event loop.
+    """Runs a ClipEncoder off the event loop, micro-batching concurrent requests.
 
     Model forwards go to one dedicated thread: torch already spreads one forward over all cores, so two
-    concurrent forwards would only fight for them. Image decoding runs in the loop's default pool, so it
-    overlaps with a forward in progress.
+    concurrent forwards would only fight for them; instead, requests that arrive during a forward share the
+    next one (see batching.py). Image decoding runs in the loop's default pool, so it overlaps with a forward.
     """
 
-    def __init__(self, encoder: ClipEncoder) -> None:
+    def __init__(self, encoder: ClipEncoder, *, max_batch: int = 32) -> None:
         self.encoder = encoder
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-forward")
-        self._closed = threading.Event()
+        self.images: MicroBatcher[torch.Tensor] = MicroBatcher(
+            lambda pixels: encoder.encode_pixels(torch.stack(list(pixels))), self._model_thread, max_batch
+        )
+        self.texts: MicroBatcher[str] = MicroBatcher(encoder.encode_texts, self._model_thread, max_batch)
 
     async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
         """Decode, preprocess and embed one image -> (dim,) float32."""
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(None, self._decode_and_preprocess, data, field, max_pixels)
-        vectors = await loop.run_in_executor(self._model_thread, self.encoder.encode_pixels, pixels)
-        return vectors[0]
+        return await self.images.submit(pixels)
 
     async def encode_text(self, text: str) -> np.ndarray:
         """Embed one text -> (dim,) float32."""
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._model_thread, self.encoder.encode_texts, [text])
-        return vectors[0]
+        return await self.texts.submit(text)
 
     def close(self) -> None:
         self._model_thread.shutdown(wait=True, cancel_futures=True)
 
     def _decode_and_preprocess(self, data: bytes, field: str, max_pixels: int) -> torch.Tensor:
-        image = self.encoder.decode(data, field=field, max_pixels=max_pixels)
-        return self.encoder.preprocess(image).unsqueeze(0)
+        return self.encoder.preprocess(self.encoder.decode(data, field=field, max_pixels=max_pixels))
 
 
 def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
@@ -234,6 +257,30 @@ def _load_failure_message(spec: ModelSpec, exc: Exception) -> str:
 def _image_size(model: Any) -> int:
     size = getattr(model.visual, "image_size", 224)
     return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def _encode_text_unpadded(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP.encode_text on the batch's longest real length instead of the full context.
+
+    Mirrors open_clip.model.CLIP.encode_text step by step, slicing the positional embedding and the causal mask
+    to that length; equality with the padded path is checked in the tests.
+    """
+    from open_clip.transformer import text_global_pool
+
+    length = int((tokens != 0).sum(dim=1).max())  # 0 is the pad token; every row has start and end tokens
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type)
+    if model.text_projection is not None:
+        x = (
+            model.text_projection(x)
+            if isinstance(model.text_projection, torch.nn.Linear)
+            else x @ model.text_projection
+        )
+    return torch.nn.functional.normalize(x, dim=-1)
 
 
 def _to_numpy(features: torch.Tensor) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -43,28 +43,69 @@ class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        # Streaming responses (health Watch, reflection) are long-lived; they are not logged per message.
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_streaming(handler.stream_stream, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_streaming(handler.unary_stream, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
 
 def _wrap(behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str) -> Callable[..., Awaitable[Any]]:
     async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-        started = time.perf_counter()
+        started = await _begin(context, method, request_id)
         code = grpc.StatusCode.OK
         try:
             return await behaviour(request, context)
         except BaseException:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            if code == grpc.StatusCode.OK:
-                code = grpc.StatusCode.CANCELLED
+            code = _failure_code(context)
             raise
         finally:
-            elapsed_ms = round((time.perf_counter() - started) * 1000.0, 2)
-            level = "warning" if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else "info"
-            getattr(log, level)("rpc", code=code.name, duration_ms=elapsed_ms)
-            structlog.contextvars.clear_contextvars()
+            _end(code, started)
 
     return logged
+
+
+def _wrap_streaming(
+    behaviour: Callable[..., AsyncIterator[Any]], method: str, request_id: str
+) -> Callable[..., AsyncIterator[Any]]:
+    async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        started = await _begin(context, method, request_id)
+        code = grpc.StatusCode.OK
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except BaseException:
+            code = _failure_code(context)
+            raise
+        finally:
+            _end(code, started)
+
+    return logged
+
+
+async def _begin(context: grpc.aio.ServicerContext[Any, Any], method: str, request_id: str) -> float:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+    return time.perf_counter()
+
+
+def _failure_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code = context.code() or grpc.StatusCode.UNKNOWN
+    # An exception with no status set means the RPC was cancelled (client gone, server stopping).
+    return grpc.StatusCode.CANCELLED if code == grpc.StatusCode.OK else code
+
+
+def _end(code: grpc.StatusCode, started: float) -> None:
+    elapsed_ms = round((time.perf_counter() - started) * 1000.0, 2)
+    level = "warning" if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else "info"
+    getattr(log, level)("rpc", code=code.name, duration_ms=elapsed_ms)
+    structlog.contextvars.clear_contextvars()

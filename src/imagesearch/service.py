@@ -3,8 +3,9 @@ convert back, and map domain errors onto status codes (one table, below)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
@@ -15,12 +16,14 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from imagesearch.bulk import BulkItem, index_many
 from imagesearch.catalog import Catalog, Query
 from imagesearch.config import Settings
 from imagesearch.domain import Hit, Product, SearchFilter
 from imagesearch.errors import (
     FieldViolation,
     ImageSearchError,
+    ImageTooLarge,
     InvalidArgument,
     NotFound,
     StoreUnavailable,
@@ -69,20 +72,26 @@ def maps_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
         except Exception:
-            log.exception("unhandled error")
-            request_id = structlog.contextvars.get_contextvars().get("request_id", "")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
+            await _abort_internal(context)
             raise
 
     return wrapper
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ImageSearchError) -> None:
+async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    # The traceback goes to the log, under the request id the caller is given; never to the caller.
+    log.exception("unhandled error")
+    request_id = structlog.contextvars.get_contextvars().get("request_id", "")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
+
+
+def status_for(exc: ImageSearchError) -> status_pb2.Status:
+    """The google.rpc.Status for a domain error: canonical code, message, and details a client can act on."""
     code = next((STATUS_FOR_ERROR[t] for t in type(exc).__mro__ if t in STATUS_FOR_ERROR), None)
     if code is None:
         log.error("unmapped domain error", error=repr(exc))
         code = grpc.StatusCode.INTERNAL
-    details = []
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc))
     if isinstance(exc, InvalidArgument):
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
@@ -90,14 +99,44 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ImageSearchEr
                 for v in exc.violations
             ]
         )
-        details.append(bad_request)
+        status.details.add().Pack(bad_request)
     if code == grpc.StatusCode.UNAVAILABLE:
-        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_S)))
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc))
-    for detail in details:
-        status.details.add().Pack(detail)
-    rich = rpc_status.to_status(status)
+        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_S))
+        status.details.add().Pack(retry)
+    return status
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ImageSearchError) -> None:
+    rich = rpc_status.to_status(status_for(exc))
     await context.abort(rich.code, rich.details, rich.trailing_metadata)
+
+
+class ImageChunks:
+    """Collects one image's chunks, enforcing the per-chunk and per-image byte limits as they arrive."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._chunks: list[bytes] = []
+        self._total = 0
+        self.seen = False
+
+    def add(self, chunk: bytes) -> None:
+        limit = self._settings.max_chunk_bytes
+        if len(chunk) > limit:
+            raise InvalidArgument(FieldViolation("image_chunk", f"a chunk of {len(chunk)} bytes; the limit is {limit}"))
+        self._total += len(chunk)
+        if self._total > self._settings.max_image_bytes:
+            self._chunks.clear()  # refused: free it now
+            raise ImageTooLarge(
+                FieldViolation("image_chunk", f"the image exceeds the limit of {self._settings.max_image_bytes} bytes")
+            )
+        self._chunks.append(chunk)
+        self.seen = True
+
+    @property
+    def image(self) -> bytes | None:
+        """The whole image; None when no chunk was sent (b"" when only empty chunks were)."""
+        return b"".join(self._chunks) if self.seen else None
 
 
 @dataclass
@@ -110,9 +149,7 @@ async def read_stream(requests: AsyncIterable[Any], head_field: str, settings: S
     """Read a "head message, then image chunks" stream. Refuses an oversized image as soon as the running
     total passes the limit, without reading (or buffering) the rest."""
     head: Any = None
-    chunks: list[bytes] = []
-    saw_chunk = False
-    total = 0
+    chunks = ImageChunks(settings)
     async for message in requests:
         which = message.WhichOneof("content")
         if which == head_field:
@@ -124,25 +161,53 @@ async def read_stream(requests: AsyncIterable[Any], head_field: str, settings: S
                 raise InvalidArgument(
                     FieldViolation("image_chunk", f"arrived before {head_field}: the first message must carry it")
                 )
-            chunk: bytes = message.image_chunk
-            if len(chunk) > settings.max_chunk_bytes:
-                raise InvalidArgument(
-                    FieldViolation(
-                        "image_chunk", f"a chunk of {len(chunk)} bytes; the limit is {settings.max_chunk_bytes}"
-                    )
-                )
-            total += len(chunk)
-            if total > settings.max_image_bytes:
-                raise InvalidArgument(
-                    FieldViolation("image_chunk", f"the image exceeds the limit of {settings.max_image_bytes} bytes")
-                )
-            chunks.append(chunk)
-            saw_chunk = True
+            chunks.add(message.image_chunk)
         else:
             raise InvalidArgument(FieldViolation("content", f"empty message: set {head_field} or image_chunk"))
     if head is None:
         raise InvalidArgument(FieldViolation(head_field, "required: the first message must carry it"))
-    return StreamedRequest(head=head, image=b"".join(chunks) if saw_chunk else None)
+    return StreamedRequest(head=head, image=chunks.image)
+
+
+async def read_bulk_stream(requests: AsyncIterable[Any], settings: Settings) -> AsyncIterator[BulkItem]:
+    """Split an IndexProducts stream into products. A problem with one product (bad field, oversized image)
+    becomes that product's error; only a stream that cannot be parsed at all raises."""
+    position = -1
+    current: products_pb2.Product | None = None
+    chunks = ImageChunks(settings)
+    chunk_error: InvalidArgument | None = None
+    async for message in requests:
+        which = message.WhichOneof("content")
+        if which == "product":
+            if current is not None:
+                yield _bulk_item(position, current, chunks.image, chunk_error)
+            position += 1
+            current, chunks, chunk_error = message.product, ImageChunks(settings), None
+        elif which == "image_chunk":
+            if current is None:
+                raise InvalidArgument(FieldViolation("image_chunk", "arrived before the first product message"))
+            if chunk_error is None:
+                try:
+                    chunks.add(message.image_chunk)
+                except InvalidArgument as exc:
+                    chunk_error = exc  # skip the rest of this image, keep reading the stream
+        else:
+            raise InvalidArgument(FieldViolation("content", "empty message: set product or image_chunk"))
+    if current is not None:
+        yield _bulk_item(position, current, chunks.image, chunk_error)
+
+
+def _bulk_item(
+    position: int, message: products_pb2.Product, image: bytes | None, error: InvalidArgument | None
+) -> BulkItem:
+    product = product_from_proto(message)
+    v = Violations()
+    check_product(product, v)
+    if image is None and error is None:
+        v.add("image_chunk", "required: send the product image after the product message")
+    if error is not None:
+        v.items += error.violations
+    return BulkItem(position, product, image, InvalidArgument(v.items) if v.items else None)
 
 
 def product_from_proto(message: products_pb2.Product) -> Product:
@@ -239,6 +304,25 @@ class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
         assert streamed.image is not None
         created = await self.catalog.index(product, streamed.image)
         return pb.IndexProductResponse(product=product_to_proto(product), created=created)
+
+    async def IndexProducts(
+        self, request_iterator: AsyncIterable[pb.IndexProductsRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.IndexProductsResponse]:
+        try:
+            items = read_bulk_stream(request_iterator, self.settings)
+            async for result in index_many(self.catalog, items):
+                yield pb.IndexProductsResponse(
+                    id=result.product_id,
+                    position=result.position,
+                    created=result.created,
+                    error=status_for(result.error) if result.error is not None else None,
+                )
+        except ImageSearchError as exc:
+            await _abort(context, exc)
+        except (grpc.aio.AbortError, grpc.aio.UsageError, asyncio.CancelledError):
+            raise
+        except Exception:
+            await _abort_internal(context)
 
     @maps_errors
     async def GetProduct(

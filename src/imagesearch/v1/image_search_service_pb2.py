@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from imagesearch.v1 import products_pb2 as imagesearch_dot_v1_dot_products__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)imagesearch/v1/image_search_service.proto\x12\x0eimagesearch.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1dimagesearch/v1/products.proto\"_\n\rSearchRequest\x12,\n\x05query\x18\x01 \x01(\x0b\x32\x1b.imagesearch.v1.SearchQueryH\x00\x12\x15\n\x0bimage_chunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"\xb4\x01\n\x0bSearchQuery\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.imagesearch.v1.SearchFilter\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x0btext_weight\x18\x05 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x0e\n\x0c_text_weight\"\xe3\x01\n\x0cSearchFilter\x12\x12\n\ncategories\x18\x01 \x03(\t\x12\x16\n\tprice_min\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tprice_max\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12@\n\nattributes\x18\x04 \x03(\x0b\x32,.imagesearch.v1.SearchFilter.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_price_minB\x0c\n\n_price_max\"P\n\tSearchHit\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductB\x04\xe2\x41\x01\x03\x12\x13\n\x05score\x18\x02 \x01(\x02\x42\x04\xe2\x41\x01\x03\"\x9f\x02\n\x0eSearchResponse\x12-\n\x04hits\x18\x01 \x03(\x0b\x32\x19.imagesearch.v1.SearchHitB\x04\xe2\x41\x01\x03\x12\x33\n\nquery_kind\x18\x02 \x01(\x0e\x32\x19.imagesearch.v1.QueryKindB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0eserver_time_ms\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12;\n\x0f\x65mbedding_cache\x18\x05 \x01(\x0e\x32\x1c.imagesearch.v1.CacheOutcomeB\x04\xe2\x41\x01\x03\x12\x38\n\x0cresult_cache\x18\x06 \x01(\x0e\x32\x1c.imagesearch.v1.CacheOutcomeB\x04\xe2\x41\x01\x03\"c\n\x13IndexProductRequest\x12*\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductH\x00\x12\x15\n\x0bimage_chunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"]\n\x14IndexProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reated\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\"%\n\x11GetProductRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"D\n\x12GetProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductB\x04\xe2\x41\x01\x03\"(\n\x14\x44\x65leteProductRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15\x44\x65leteProductResponse\"\x17\n\x15GetServiceInfoRequest\"\xd9\x06\n\x16GetServiceInfoResponse\x12\x1c\n\x0eserver_version\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x45\n\x05model\x18\x02 \x01(\x0b\x32\x30.imagesearch.v1.GetServiceInfoResponse.ModelInfoB\x04\xe2\x41\x01\x03\x12\x45\n\x05store\x18\x03 \x01(\x0b\x32\x30.imagesearch.v1.GetServiceInfoResponse.StoreInfoB\x04\xe2\x41\x01\x03\x12\x45\n\x05\x63\x61\x63he\x18\x04 \x01(\x0b\x32\x30.imagesearch.v1.GetServiceInfoResponse.CacheInfoB\x04\xe2\x41\x01\x03\x12\x43\n\x06limits\x18\x05 \x01(\x0b\x32-.imagesearch.v1.GetServiceInfoResponse.LimitsB\x04\xe2\x41\x01\x03\x1ar\n\tModelInfo\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12!\n\x13\x65mbedding_dimension\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06\x64\x65vice\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nimage_size\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x1a?\n\tStoreInfo\x12\x15\n\x07\x62\x61\x63kend\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rproduct_count\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a\xb1\x01\n\tCacheInfo\x12\x15\n\x07\x62\x61\x63kend\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tavailable\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x65mbedding_hits\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x65mbedding_misses\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bresult_hits\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rresult_misses\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a\x9d\x01\n\x06Limits\x12\x1d\n\x0fmax_image_bytes\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10max_image_pixels\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fmax_chunk_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0emax_text_chars\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\tmax_top_k\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03*m\n\tQueryKind\x12\x1a\n\x16QUERY_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fQUERY_KIND_TEXT\x10\x01\x12\x14\n\x10QUERY_KIND_IMAGE\x10\x02\x12\x19\n\x15QUERY_KIND_MULTIMODAL\x10\x03*v\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_OUTCOME_HIT\x10\x01\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_MISS\x10\x02\x12\x18\n\x14\x43\x41\x43HE_OUTCOME_BYPASS\x10\x03\x32\xd0\x03\n\x12ImageSearchService\x12I\n\x06Search\x12\x1d.imagesearch.v1.SearchRequest\x1a\x1e.imagesearch.v1.SearchResponse(\x01\x12[\n\x0cIndexProduct\x12#.imagesearch.v1.IndexProductRequest\x1a$.imagesearch.v1.IndexProductResponse(\x01\x12S\n\nGetProduct\x12!.imagesearch.v1.GetProductRequest\x1a\".imagesearch.v1.GetProductResponse\x12\\\n\rDeleteProduct\x12$.imagesearch.v1.DeleteProductRequest\x1a%.imagesearch.v1.DeleteProductResponse\x12_\n\x0eGetServiceInfo\x12%.imagesearch.v1.GetServiceInfoRequest\x1a&.imagesearch.v1.GetServiceInfoResponseB\x7f\n\x12\x64\x65v.imagesearch.v1B\x17ImageSearchServiceProtoP\x01ZNgithub.com/imagesearch/imagesearch/clients/go/gen/imagesearch/v1;imagesearchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)imagesearch/v1/image_search_service.proto\x12\x0eimagesearch.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\x1a\x1dimagesearch/v1/products.proto\"_\n\rSearchRequest\x12,\n\x05query\x18\x01 \x01(\x0b\x32\x1b.imagesearch.v1.SearchQueryH\x00\x12\x15\n\x0bimage_chunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"\xb4\x01\n\x0bSearchQuery\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1c.imagesearch.v1.SearchFilter\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x0btext_weight\x18\x05 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x0e\n\x0c_text_weight\"\xe3\x01\n\x0cSearchFilter\x12\x12\n\ncategories\x18\x01 \x03(\t\x12\x16\n\tprice_min\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tprice_max\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12@\n\nattributes\x18\x04 \x03(\x0b\x32,.imagesearch.v1.SearchFilter.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_price_minB\x0c\n\n_price_max\"P\n\tSearchHit\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductB\x04\xe2\x41\x01\x03\x12\x13\n\x05score\x18\x02 \x01(\x02\x42\x04\xe2\x41\x01\x03\"\x9f\x02\n\x0eSearchResponse\x12-\n\x04hits\x18\x01 \x03(\x0b\x32\x19.imagesearch.v1.SearchHitB\x04\xe2\x41\x01\x03\x12\x33\n\nquery_kind\x18\x02 \x01(\x0e\x32\x19.imagesearch.v1.QueryKindB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0eserver_time_ms\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12;\n\x0f\x65mbedding_cache\x18\x05 \x01(\x0e\x32\x1c.imagesearch.v1.CacheOutcomeB\x04\xe2\x41\x01\x03\x12\x38\n\x0cresult_cache\x18\x06 \x01(\x0e\x32\x1c.imagesearch.v1.CacheOutcomeB\x04\xe2\x41\x01\x03\"c\n\x13IndexProductRequest\x12*\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductH\x00\x12\x15\n\x0bimage_chunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"]\n\x14IndexProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reated\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\"d\n\x14IndexProductsRequest\x12*\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductH\x00\x12\x15\n\x0bimage_chunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"\x81\x01\n\x15IndexProductsResponse\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08position\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reated\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\"%\n\x11GetProductRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"D\n\x12GetProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x17.imagesearch.v1.ProductB\x04\xe2\x41\x01\x03\"(\n\x14\x44\x65leteProductRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15\x44\x65leteProductResponse\"\x17\n\x15GetServiceInfoRequest\"\xd9\x06\n\x16GetServiceInfoResponse\x12\x1c\n\x0eserver_version\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x45\n\x05model\x18\x02 \x01(\x0b\x32\x30.imagesearch.v1.GetServiceInfoResponse.ModelInfoB\x04\xe2\x41\x01\x03\x12\x45\n\x05store\x18\x03 \x01(\x0b\x32\x30.imagesearch.v1.GetServiceInfoResponse.StoreInfoB\x04\xe2\x41\x01\x03\x12\x45\n\x05\x63\x61\x63he\x18\x04 \x01(\x0b\x32\x30.imagesearch.v1.GetServiceInfoResponse.CacheInfoB\x04\xe2\x41\x01\x03\x12\x43\n\x06limits\x18\x05 \x01(\x0b\x32-.imagesearch.v1.GetServiceInfoResponse.LimitsB\x04\xe2\x41\x01\x03\x1ar\n\tModelInfo\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12!\n\x13\x65mbedding_dimension\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06\x64\x65vice\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nimage_size\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x1a?\n\tStoreInfo\x12\x15\n\x07\x62\x61\x63kend\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rproduct_count\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a\xb1\x01\n\tCacheInfo\x12\x15\n\x07\x62\x61\x63kend\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tavailable\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x65mbedding_hits\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x65mbedding_misses\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bresult_hits\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rresult_misses\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a\x9d\x01\n\x06Limits\x12\x1d\n\x0fmax_image_bytes\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10max_image_pixels\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fmax_chunk_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0emax_text_chars\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\tmax_top_k\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03*m\n\tQueryKind\x12\x1a\n\x16QUERY_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fQUERY_KIND_TEXT\x10\x01\x12\x14\n\x10QUERY_KIND_IMAGE\x10\x02\x12\x19\n\x15QUERY_KIND_MULTIMODAL\x10\x03*v\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_OUTCOME_HIT\x10\x01\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_MISS\x10\x02\x12\x18\n\x14\x43\x41\x43HE_OUTCOME_BYPASS\x10\x03\x32\xb2\x04\n\x12ImageSearchService\x12I\n\x06Search\x12\x1d.imagesearch.v1.SearchRequest\x1a\x1e.imagesearch.v1.SearchResponse(\x01\x12[\n\x0cIndexProduct\x12#.imagesearch.v1.IndexProductRequest\x1a$.imagesearch.v1.IndexProductResponse(\x01\x12`\n\rIndexProducts\x12$.imagesearch.v1.IndexProductsRequest\x1a%.imagesearch.v1.IndexProductsResponse(\x01\x30\x01\x12S\n\nGetProduct\x12!.imagesearch.v1.GetProductRequest\x1a\".imagesearch.v1.GetProductResponse\x12\\\n\rDeleteProduct\x12$.imagesearch.v1.DeleteProductRequest\x1a%.imagesearch.v1.DeleteProductResponse\x12_\n\x0eGetServiceInfo\x12%.imagesearch.v1.GetServiceInfoRequest\x1a&.imagesearch.v1.GetServiceInfoResponseB\x7f\n\x12\x64\x65v.imagesearch.v1B\x17ImageSearchServiceProtoP\x01ZNgithub.com/imagesearch/imagesearch/clients/go/gen/imagesearch/v1;imagesearchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,6 +57,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INDEXPRODUCTRESPONSE'].fields_by_name['product']._serialized_options = b'\342A\001\003'
   _globals['_INDEXPRODUCTRESPONSE'].fields_by_name['created']._loaded_options = None
   _globals['_INDEXPRODUCTRESPONSE'].fields_by_name['created']._serialized_options = b'\342A\001\003'
+  _globals['_INDEXPRODUCTSRESPONSE'].fields_by_name['id']._loaded_options = None
+  _globals['_INDEXPRODUCTSRESPONSE'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_INDEXPRODUCTSRESPONSE'].fields_by_name['position']._loaded_options = None
+  _globals['_INDEXPRODUCTSRESPONSE'].fields_by_name['position']._serialized_options = b'\342A\001\003'
+  _globals['_INDEXPRODUCTSRESPONSE'].fields_by_name['created']._loaded_options = None
+  _globals['_INDEXPRODUCTSRESPONSE'].fields_by_name['created']._serialized_options = b'\342A\001\003'
+  _globals['_INDEXPRODUCTSRESPONSE'].fields_by_name['error']._loaded_options = None
+  _globals['_INDEXPRODUCTSRESPONSE'].fields_by_name['error']._serialized_options = b'\342A\001\003'
   _globals['_GETPRODUCTREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_GETPRODUCTREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_GETPRODUCTRESPONSE'].fields_by_name['product']._loaded_options = None
@@ -106,46 +115,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVICEINFORESPONSE'].fields_by_name['cache']._serialized_options = b'\342A\001\003'
   _globals['_GETSERVICEINFORESPONSE'].fields_by_name['limits']._loaded_options = None
   _globals['_GETSERVICEINFORESPONSE'].fields_by_name['limits']._serialized_options = b'\342A\001\003'
-  _globals['_QUERYKIND']._serialized_start=2264
-  _globals['_QUERYKIND']._serialized_end=2373
-  _globals['_CACHEOUTCOME']._serialized_start=2375
-  _globals['_CACHEOUTCOME']._serialized_end=2493
-  _globals['_SEARCHREQUEST']._serialized_start=125
-  _globals['_SEARCHREQUEST']._serialized_end=220
-  _globals['_SEARCHQUERY']._serialized_start=223
-  _globals['_SEARCHQUERY']._serialized_end=403
-  _globals['_SEARCHFILTER']._serialized_start=406
-  _globals['_SEARCHFILTER']._serialized_end=633
-  _globals['_SEARCHFILTER_ATTRIBUTESENTRY']._serialized_start=556
-  _globals['_SEARCHFILTER_ATTRIBUTESENTRY']._serialized_end=605
-  _globals['_SEARCHHIT']._serialized_start=635
-  _globals['_SEARCHHIT']._serialized_end=715
-  _globals['_SEARCHRESPONSE']._serialized_start=718
-  _globals['_SEARCHRESPONSE']._serialized_end=1005
-  _globals['_INDEXPRODUCTREQUEST']._serialized_start=1007
-  _globals['_INDEXPRODUCTREQUEST']._serialized_end=1106
-  _globals['_INDEXPRODUCTRESPONSE']._serialized_start=1108
-  _globals['_INDEXPRODUCTRESPONSE']._serialized_end=1201
-  _globals['_GETPRODUCTREQUEST']._serialized_start=1203
-  _globals['_GETPRODUCTREQUEST']._serialized_end=1240
-  _globals['_GETPRODUCTRESPONSE']._serialized_start=1242
-  _globals['_GETPRODUCTRESPONSE']._serialized_end=1310
-  _globals['_DELETEPRODUCTREQUEST']._serialized_start=1312
-  _globals['_DELETEPRODUCTREQUEST']._serialized_end=1352
-  _globals['_DELETEPRODUCTRESPONSE']._serialized_start=1354
-  _globals['_DELETEPRODUCTRESPONSE']._serialized_end=1377
-  _globals['_GETSERVICEINFOREQUEST']._serialized_start=1379
-  _globals['_GETSERVICEINFOREQUEST']._serialized_end=1402
-  _globals['_GETSERVICEINFORESPONSE']._serialized_start=1405
-  _globals['_GETSERVICEINFORESPONSE']._serialized_end=2262
-  _globals['_GETSERVICEINFORESPONSE_MODELINFO']._serialized_start=1743
-  _globals['_GETSERVICEINFORESPONSE_MODELINFO']._serialized_end=1857
-  _globals['_GETSERVICEINFORESPONSE_STOREINFO']._serialized_start=1859
-  _globals['_GETSERVICEINFORESPONSE_STOREINFO']._serialized_end=1922
-  _globals['_GETSERVICEINFORESPONSE_CACHEINFO']._serialized_start=1925
-  _globals['_GETSERVICEINFORESPONSE_CACHEINFO']._serialized_end=2102
-  _globals['_GETSERVICEINFORESPONSE_LIMITS']._serialized_start=2105
-  _globals['_GETSERVICEINFORESPONSE_LIMITS']._serialized_end=2262
-  _globals['_IMAGESEARCHSERVICE']._serialized_start=2496
-  _globals['_IMAGESEARCHSERVICE']._serialized_end=2960
+  _globals['_QUERYKIND']._serialized_start=2523
+  _globals['_QUERYKIND']._serialized_end=2632
+  _globals['_CACHEOUTCOME']._serialized_start=2634
+  _globals['_CACHEOUTCOME']._serialized_end=2752
+  _globals['_SEARCHREQUEST']._serialized_start=150
+  _globals['_SEARCHREQUEST']._serialized_end=245
+  _globals['_SEARCHQUERY']._serialized_start=248
+  _globals['_SEARCHQUERY']._serialized_end=428
+  _globals['_SEARCHFILTER']._serialized_start=431
+  _globals['_SEARCHFILTER']._serialized_end=658
+  _globals['_SEARCHFILTER_ATTRIBUTESENTRY']._serialized_start=581
+  _globals['_SEARCHFILTER_ATTRIBUTESENTRY']._serialized_end=630
+  _globals['_SEARCHHIT']._serialized_start=660
+  _globals['_SEARCHHIT']._serialized_end=740
+  _globals['_SEARCHRESPONSE']._serialized_start=743
+  _globals['_SEARCHRESPONSE']._serialized_end=1030
+  _globals['_INDEXPRODUCTREQUEST']._serialized_start=1032
+  _globals['_INDEXPRODUCTREQUEST']._serialized_end=1131
+  _globals['_INDEXPRODUCTRESPONSE']._serialized_start=1133
+  _globals['_INDEXPRODUCTRESPONSE']._serialized_end=1226
+  _globals['_INDEXPRODUCTSREQUEST']._serialized_start=1228
+  _globals['_INDEXPRODUCTSREQUEST']._serialized_end=1328
+  _globals['_INDEXPRODUCTSRESPONSE']._serialized_start=1331
+  _globals['_INDEXPRODUCTSRESPONSE']._serialized_end=1460
+  _globals['_GETPRODUCTREQUEST']._serialized_start=1462
+  _globals['_GETPRODUCTREQUEST']._serialized_end=1499
+  _globals['_GETPRODUCTRESPONSE']._serialized_start=1501
+  _globals['_GETPRODUCTRESPONSE']._serialized_end=1569
+  _globals['_DELETEPRODUCTREQUEST']._serialized_start=1571
+  _globals['_DELETEPRODUCTREQUEST']._serialized_end=1611
+  _globals['_DELETEPRODUCTRESPONSE']._serialized_start=1613
+  _globals['_DELETEPRODUCTRESPONSE']._serialized_end=1636
+  _globals['_GETSERVICEINFOREQUEST']._serialized_start=1638
+  _globals['_GETSERVICEINFOREQUEST']._serialized_end=1661
+  _globals['_GETSERVICEINFORESPONSE']._serialized_start=1664
+  _globals['_GETSERVICEINFORESPONSE']._serialized_end=2521
+  _globals['_GETSERVICEINFORESPONSE_MODELINFO']._serialized_start=2002
+  _globals['_GETSERVICEINFORESPONSE_MODELINFO']._serialized_end=2116
+  _globals['_GETSERVICEINFORESPONSE_STOREINFO']._serialized_start=2118
+  _globals['_GETSERVICEINFORESPONSE_STOREINFO']._serialized_end=2181
+  _globals['_GETSERVICEINFORESPONSE_CACHEINFO']._serialized_start=2184
+  _globals['_GETSERVICEINFORESPONSE_CACHEINFO']._serialized_end=2361
+  _globals['_GETSERVICEINFORESPONSE_LIMITS']._serialized_start=2364
+  _globals['_GETSERVICEINFORESPONSE_LIMITS']._serialized_end=2521
+  _globals['_IMAGESEARCHSERVICE']._serialized_start=2755
+  _globals['_IMAGESEARCHSERVICE']._serialized_end=3317
 # @@protoc_insertion_point(module_scope)

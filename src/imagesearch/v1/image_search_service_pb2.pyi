@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 from imagesearch.v1 import products_pb2 as _products_pb2
 import builtins as _builtins
 import sys
@@ -359,6 +360,74 @@ class IndexProductResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IndexProductResponse: _TypeAlias = IndexProductResponse  # noqa: Y015
+
+@_typing.final
+class IndexProductsRequest(_message.Message):
+    """One message of the `IndexProducts` stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    IMAGE_CHUNK_FIELD_NUMBER: _builtins.int
+    image_chunk: _builtins.bytes
+    """The next chunk of the current product's image, in order. At most 1 MiB per chunk; 64 KiB recommended."""
+    @_builtins.property
+    def product(self) -> _products_pb2.Product:
+        """The next product to index (same rules as `IndexProductRequest.product`)."""
+
+    def __init__(
+        self,
+        *,
+        product: _products_pb2.Product | None = ...,
+        image_chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "product", b"product"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "product", b"product"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["product", "image_chunk"]  # noqa: Y015
+    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
+
+Global___IndexProductsRequest: _TypeAlias = IndexProductsRequest  # noqa: Y015
+
+@_typing.final
+class IndexProductsResponse(_message.Message):
+    """The outcome for one product of an `IndexProducts` stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Output only. The product's id, as sent."""
+    position: _builtins.int
+    """Output only. The product's position in the request stream, counting product messages from 0."""
+    created: _builtins.bool
+    """Output only. True if the id was new, false if an existing product was replaced. Unset on error."""
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Output only. Set when this product was not indexed: the same code, message and details (e.g.
+        google.rpc.BadRequest) that `IndexProduct` would have returned for it.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        position: _builtins.int = ...,
+        created: _builtins.bool = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "id", b"id", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexProductsResponse: _TypeAlias = IndexProductsResponse  # noqa: Y015
 
 @_typing.final
 class GetProductRequest(_message.Message):

@@ -53,6 +53,11 @@ class ImageSearchServiceStub:
                 request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductResponse.FromString,
                 _registered_method=True)
+        self.IndexProducts = channel.stream_stream(
+                '/imagesearch.v1.ImageSearchService/IndexProducts',
+                request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductsRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductsResponse.FromString,
+                _registered_method=True)
         self.GetProduct = channel.unary_unary(
                 '/imagesearch.v1.ImageSearchService/GetProduct',
                 request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.GetProductRequest.SerializeToString,
@@ -117,6 +122,24 @@ class ImageSearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IndexProducts(self, request_iterator, context):
+        """Indexes many products over one stream: a bulk import. Each product is a `product` message followed by
+        its image in `image_chunk` messages; the next `product` message starts the next product.
+
+        The server encodes products in batches and writes them in batches, and answers each product with one
+        `IndexProductsResponse`, in request order. A bad product gets a response with `error` set and does not
+        stop the stream; every product answered without an error is stored (durable) when its response is sent.
+        Clients may keep sending while responses arrive; the server reads at most a bounded number of products
+        ahead of its writes, so a fast client is slowed down (flow control) rather than buffered without limit.
+
+        Possible errors (ending the whole stream):
+        INVALID_ARGUMENT: an image chunk before the first product message.
+        DEADLINE_EXCEEDED: the caller's deadline passed; products answered so far are stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetProduct(self, request, context):
         """Returns one product by id.
 
@@ -163,6 +186,11 @@ def add_ImageSearchServiceServicer_to_server(servicer, server):
                     servicer.IndexProduct,
                     request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductResponse.SerializeToString,
+            ),
+            'IndexProducts': grpc.stream_stream_rpc_method_handler(
+                    servicer.IndexProducts,
+                    request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductsRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductsResponse.SerializeToString,
             ),
             'GetProduct': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProduct,
@@ -243,6 +271,33 @@ class ImageSearchService:
             '/imagesearch.v1.ImageSearchService/IndexProduct',
             imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductRequest.SerializeToString,
             imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IndexProducts(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imagesearch.v1.ImageSearchService/IndexProducts',
+            imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductsRequest.SerializeToString,
+            imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,20 @@ class ImageSearchServiceStub:
       DEADLINE_EXCEEDED: the caller's deadline passed; the product may or may not have been written, and
         retrying is safe because indexing is idempotent.
     """
+    IndexProducts: _grpc.StreamStreamMultiCallable[_image_search_service_pb2.IndexProductsRequest, _image_search_service_pb2.IndexProductsResponse]
+    """Indexes many products over one stream: a bulk import. Each product is a `product` message followed by
+    its image in `image_chunk` messages; the next `product` message starts the next product.
+
+    The server encodes products in batches and writes them in batches, and answers each product with one
+    `IndexProductsResponse`, in request order. A bad product gets a response with `error` set and does not
+    stop the stream; every product answered without an error is stored (durable) when its response is sent.
+    Clients may keep sending while responses arrive; the server reads at most a bounded number of products
+    ahead of its writes, so a fast client is slowed down (flow control) rather than buffered without limit.
+
+    Possible errors (ending the whole stream):
+      INVALID_ARGUMENT: an image chunk before the first product message.
+      DEADLINE_EXCEEDED: the caller's deadline passed; products answered so far are stored.
+    """
     GetProduct: _grpc.UnaryUnaryMultiCallable[_image_search_service_pb2.GetProductRequest, _image_search_service_pb2.GetProductResponse]
     """Returns one product by id.
 
@@ -132,6 +146,20 @@ class ImageSearchServiceAsyncStub(ImageSearchServiceStub):
       UNAVAILABLE: the vector store cannot be reached; nothing was written; retry with backoff.
       DEADLINE_EXCEEDED: the caller's deadline passed; the product may or may not have been written, and
         retrying is safe because indexing is idempotent.
+    """
+    IndexProducts: _aio.StreamStreamMultiCallable[_image_search_service_pb2.IndexProductsRequest, _image_search_service_pb2.IndexProductsResponse]  # type: ignore[assignment]
+    """Indexes many products over one stream: a bulk import. Each product is a `product` message followed by
+    its image in `image_chunk` messages; the next `product` message starts the next product.
+
+    The server encodes products in batches and writes them in batches, and answers each product with one
+    `IndexProductsResponse`, in request order. A bad product gets a response with `error` set and does not
+    stop the stream; every product answered without an error is stored (durable) when its response is sent.
+    Clients may keep sending while responses arrive; the server reads at most a bounded number of products
+    ahead of its writes, so a fast client is slowed down (flow control) rather than buffered without limit.
+
+    Possible errors (ending the whole stream):
+      INVALID_ARGUMENT: an image chunk before the first product message.
+      DEADLINE_EXCEEDED: the caller's deadline passed; products answered so far are stored.
     """
     GetProduct: _aio.UnaryUnaryMultiCallable[_image_search_service_pb2.GetProductRequest, _image_search_service_pb2.GetProductResponse]  # type: ignore[assignment]
     """Returns one product by id.
@@ -205,6 +233,26 @@ class ImageSearchServiceServicer(metaclass=_abc_1.ABCMeta):
           UNAVAILABLE: the vector store cannot be reached; nothing was written; retry with backoff.
           DEADLINE_EXCEEDED: the caller's deadline passed; the product may or may not have been written, and
             retrying is safe because indexing is idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def IndexProducts(
+        self,
+        request_iterator: _MaybeAsyncIterator[_image_search_service_pb2.IndexProductsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_image_search_service_pb2.IndexProductsResponse], _abc.AsyncIterator[_image_search_service_pb2.IndexProductsResponse]]:
+        """Indexes many products over one stream: a bulk import. Each product is a `product` message followed by
+        its image in `image_chunk` messages; the next `product` message starts the next product.
+
+        The server encodes products in batches and writes them in batches, and answers each product with one
+        `IndexProductsResponse`, in request order. A bad product gets a response with `error` set and does not
+        stop the stream; every product answered without an error is stored (durable) when its response is sent.
+        Clients may keep sending while responses arrive; the server reads at most a bounded number of products
+        ahead of its writes, so a fast client is slowed down (flow control) rather than buffered without limit.
+
+        Possible errors (ending the whole stream):
+          INVALID_ARGUMENT: an image chunk before the first product message.
+          DEADLINE_EXCEEDED: the caller's deadline passed; products answered so far are stored.
         """
 
     @_abc_1.abstractmethod

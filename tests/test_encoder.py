@@ -1,0 +1,132 @@
+"""The encoder outside gRPC: image decoding rules, the unpadded text path, micro-batching."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagesearch.batching import MicroBatcher
+from imagesearch.encoder import ClipEncoder
+from imagesearch.errors import ImageTooLarge, InvalidArgument
+from imagesearch.imaging import decode_image
+
+TEXTS = [
+    "a red mug",
+    "striped blue t-shirt on a white background, photographed from above, studio light",
+    "x",
+    "👟 زوج أحذية",  # emoji and right-to-left text
+    "word " * 200,  # longer than the context: truncated identically by both paths
+]
+
+
+def encoded(image: Image.Image, fmt: str, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [
+        pytest.param("RGB", "JPEG", id="jpeg"),
+        pytest.param("CMYK", "JPEG", id="cmyk-jpeg"),
+        pytest.param("RGBA", "PNG", id="alpha-png"),
+        pytest.param("P", "GIF", id="palette-gif"),
+        pytest.param("I;16", "PNG", id="16-bit-png"),
+        pytest.param("L", "WEBP", id="grey-webp"),
+        pytest.param("1", "BMP", id="bilevel-bmp"),
+        pytest.param("RGB", "TIFF", id="tiff"),
+    ],
+)
+def test_decode_accepts_common_modes_and_formats(mode: str, fmt: str) -> None:
+    image = decode_image(encoded(Image.new(mode, (300, 200)), fmt), field="f", max_pixels=10**7, target_size=48)
+    assert image.mode == "RGB"
+    assert min(image.size) >= 96  # shrunk cheaply, but never below twice the model input
+
+
+def test_decode_composites_transparency_on_white() -> None:
+    transparent = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    image = decode_image(encoded(transparent, "PNG"), field="f", max_pixels=10**7, target_size=16)
+    assert image.getpixel((10, 10)) == (255, 255, 255)
+
+
+def test_decode_honours_exif_orientation() -> None:
+    wide = Image.new("RGB", (120, 60), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when displayed
+    image = decode_image(encoded(wide, "JPEG", exif=exif), field="f", max_pixels=10**7, target_size=16)
+    assert image.size[0] < image.size[1]
+
+
+@pytest.mark.parametrize("side", [pytest.param(8000, id="over-our-limit"), pytest.param(20000, id="over-pil-limit")])
+def test_decode_refuses_pixel_bombs_before_decoding(side: int) -> None:
+    # A 20000 x 20000 PNG of one colour is ~400 KB on disk and would be 1.2 GB decoded as RGB.
+    bomb = encoded(Image.new("1", (side, side)), "PNG")
+    with pytest.raises(ImageTooLarge):
+        decode_image(bomb, field="image_chunk", max_pixels=40_000_000, target_size=224)
+
+
+def test_decode_accepts_a_one_pixel_image() -> None:
+    assert decode_image(encoded(Image.new("RGB", (1, 1)), "PNG"), field="f", max_pixels=10, target_size=224).size == (
+        1,
+        1,
+    )
+
+
+@pytest.mark.parametrize("data", [b"", b"GIF89a garbage", b"\x89PNG\r\n\x1a\n" + b"\0" * 50])
+def test_decode_rejects_non_images(data: bytes) -> None:
+    with pytest.raises(InvalidArgument):
+        decode_image(data, field="f", max_pixels=10**7, target_size=48)
+
+
+def test_unpadded_text_path_equals_open_clip_padded_path(encoder: ClipEncoder) -> None:
+    assert encoder.trims_text_padding
+    fast = encoder.encode_texts(TEXTS)
+    reference = encoder.encode_texts_padded(TEXTS)
+    assert np.abs(fast - reference).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_unpadded_text_path_equals_padded_path_on_vit_b_32() -> None:
+    # The real ViT-B-32 architecture (random weights: equality, not relevance, is what is tested here).
+    vit = ClipEncoder.load("ViT-B-32:random", device="cpu")
+    assert vit.trims_text_padding
+    assert np.abs(vit.encode_texts(TEXTS) - vit.encode_texts_padded(TEXTS)).max() < 1e-5
+
+
+def test_embeddings_are_normalised_float32(encoder: ClipEncoder) -> None:
+    vectors = encoder.encode_texts(["a red mug", "a blue shoe"])
+    assert vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+async def test_micro_batcher_runs_lone_request_alone_and_gathers_concurrent_ones() -> None:
+    seen: list[int] = []
+
+    def run(items: Sequence[int]) -> np.ndarray:
+        seen.append(len(items))
+        return np.array([[i * 2.0] for i in items], dtype=np.float32)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        batcher: MicroBatcher[int] = MicroBatcher(run, pool, max_batch=8)
+        assert float((await batcher.submit(21))[0]) == 42.0
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+    assert [float(r[0]) for r in results] == [i * 2.0 for i in range(20)]
+    assert seen[0] == 1  # the lone request did not wait for company
+    assert max(seen) == 8 and sum(seen) == 21
+
+
+async def test_micro_batcher_gives_every_caller_the_batch_error() -> None:
+    def run(items: Sequence[int]) -> np.ndarray:
+        raise RuntimeError("model failed")
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        batcher: MicroBatcher[int] = MicroBatcher(run, pool)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
