@@ -21,7 +21,8 @@ from PIL import Image
 
 from imagesearch.config import ENV_PREFIX, Settings
 from imagesearch.encoder import ClipEncoder
-from imagesearch.server import Components, build_server, open_components, set_serving
+from imagesearch.health import StoreHealth
+from imagesearch.server import Components, build_server, open_components
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 # The small CLIP the project trains itself (src/imagesearch/models/synthetic-clip): a real, learned open_clip
@@ -51,6 +52,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     components: Components
+    store_health: StoreHealth
     channel: grpc.aio.Channel
     stub: pb_grpc.ImageSearchServiceStub
     health: health_pb2_grpc.HealthStub
@@ -62,18 +64,25 @@ class RunningServer:
 
 async def start_server(settings: Settings, encoder: ClipEncoder) -> RunningServer:
     components = await open_components(settings, encoder=encoder)
-    server, port, health_servicer = build_server(settings, components)
+    server, port, store_health = build_server(settings, components)
     await server.start()
-    await set_serving(health_servicer)
+    await store_health.serving()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     return RunningServer(
-        server, port, components, channel, pb_grpc.ImageSearchServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+        server,
+        port,
+        components,
+        store_health,
+        channel,
+        pb_grpc.ImageSearchServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
     )
 
 
 async def stop_server(running: RunningServer) -> None:
     await running.channel.close()
     await running.server.stop(0)
+    await running.store_health.close()
     await running.components.close()
 
 

@@ -58,6 +58,8 @@ class Settings:
     max_top_k: int = 100
     default_top_k: int = 10
     shutdown_grace_s: float = 10.0
+    # Encoding RPCs (Search, IndexProduct, IndexProducts) in flight at once; more get RESOURCE_EXHAUSTED.
+    max_concurrent_requests: int = 64
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "must be 0..65535")
@@ -69,6 +71,7 @@ class Settings:
         _require(self.max_text_chars > 0, "max_text_chars", "must be > 0")
         _require(1 <= self.default_top_k <= self.max_top_k, "default_top_k", "must be 1..max_top_k")
         _require(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
+        _require(self.max_concurrent_requests > 0, "max_concurrent_requests", "must be > 0")
         _require(self.cache_memory_max_entries > 0, "cache_memory_max_entries", "must be > 0")
         _require(self.cache_embedding_ttl_s >= 0, "cache_embedding_ttl_s", "must be >= 0 (0 = no expiry)")
         _require(self.cache_result_ttl_s >= 0, "cache_result_ttl_s", "must be >= 0 (0 = no expiry)")

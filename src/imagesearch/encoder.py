@@ -182,7 +182,9 @@ class AsyncEncoder:
         self.images: MicroBatcher[torch.Tensor] = MicroBatcher(
             lambda pixels: encoder.encode_pixels(torch.stack(list(pixels))), self._model_thread, max_batch
         )
-        self.texts: MicroBatcher[str] = MicroBatcher(encoder.encode_texts, self._model_thread, max_batch)
+        self.texts: MicroBatcher[str] = MicroBatcher(
+            lambda texts: encoder.encode_texts(texts), self._model_thread, max_batch
+        )
 
     async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
         """Decode, preprocess and embed one image -> (dim,) float32."""

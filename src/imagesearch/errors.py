@@ -35,6 +35,14 @@ class StoreUnavailable(ImageSearchError):
     """The vector store cannot be reached or failed; the caller may retry later."""
 
 
+class Overloaded(ImageSearchError):
+    """Too many expensive requests are in flight; the caller should retry after a short delay."""
+
+
+class DeadlineExceeded(ImageSearchError):
+    """The caller's deadline passed before the work finished; the work was abandoned."""
+
+
 class StoreConfigError(ImageSearchError):
     """The store exists but is incompatible with this server (e.g. another embedding dimension). Fatal at start."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imagesearch.cache import CacheBackend, LruCache, NoCache, SearchCache
@@ -18,6 +18,7 @@ from imagesearch.catalog import Catalog, Limits
 from imagesearch.config import Settings
 from imagesearch.encoder import AsyncEncoder, ClipEncoder
 from imagesearch.errors import ModelLoadError, StoreConfigError, StoreUnavailable
+from imagesearch.health import StoreHealth
 from imagesearch.interceptors import RequestLoggingInterceptor
 from imagesearch.service import ImageSearchService
 from imagesearch.store import EdgeStore, QdrantServerStore, VectorStore
@@ -91,8 +92,8 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
     return Components(encoder=AsyncEncoder(encoder), store=store, cache=cache)
 
 
-def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Build (not start) the server. Returns it, the bound port (useful with port 0) and its health servicer."""
+def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.Server, int, StoreHealth]:
+    """Build (not start) the server. Returns it, the bound port (useful with port 0) and its health reporter."""
     interceptors = [
         # Outermost: binds request_id/method for every log line of the RPC and logs its final status.
         RequestLoggingInterceptor(),
@@ -105,21 +106,18 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
     catalog = Catalog(
         components.encoder, components.store, components.cache, Limits(max_image_pixels=settings.max_image_pixels)
     )
-    image_search_service_pb2_grpc.add_ImageSearchServiceServicer_to_server(
-        ImageSearchService(catalog, settings), server
-    )
     health_servicer = health.aio.HealthServicer()
+    # "" is the whole server; clients may also ask for the service by name.
+    store_health = StoreHealth(health_servicer, components.store, ("", SERVICE_NAME))
+    image_search_service_pb2_grpc.add_ImageSearchServiceServicer_to_server(
+        ImageSearchService(catalog, settings, store_health), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"could not bind {settings.address}")
-    return server, port, health_servicer
-
-
-async def set_serving(health_servicer: health.aio.HealthServicer) -> None:
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, store_health
 
 
 async def serve(settings: Settings) -> int:
@@ -130,7 +128,7 @@ async def serve(settings: Settings) -> int:
         log.error("startup failed", error=str(exc))
         return STARTUP_FAILURE
     try:
-        server, port, health_servicer = build_server(settings, components)
+        server, port, store_health = build_server(settings, components)
     except OSError as exc:
         log.error("startup failed", error=str(exc))
         await components.close()
@@ -139,7 +137,7 @@ async def serve(settings: Settings) -> int:
     force = asyncio.Event()
     with _signals_set(stop, force):
         await server.start()
-        await set_serving(health_servicer)
+        await store_health.serving()
         log.info(
             "serving",
             address=f"{settings.host}:{port}",
@@ -148,19 +146,20 @@ async def serve(settings: Settings) -> int:
             cache=components.cache.backend.name,
         )
         await stop.wait()
-        await shutdown(server, health_servicer, components, settings.shutdown_grace_s, force)
+        await shutdown(server, store_health, components, settings.shutdown_grace_s, force)
     return 0
 
 
 async def shutdown(
     server: grpc.aio.Server,
-    health_servicer: health.aio.HealthServicer,
+    store_health: StoreHealth,
     components: Components,
     grace_s: float,
     force: asyncio.Event,
 ) -> None:
     # 1. Health goes NOT_SERVING for good, so load balancers stop routing here while we drain.
-    await health_servicer.enter_graceful_shutdown()
+    await store_health.servicer.enter_graceful_shutdown()
+    await store_health.close()
     log.info("shutting down", grace_s=grace_s)
     # 2. Refuse new RPCs and let in-flight ones finish within the grace period; a second SIGINT cuts it short.
     stopping = asyncio.ensure_future(server.stop(grace_s))

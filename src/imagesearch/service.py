@@ -4,8 +4,9 @@ convert back, and map domain errors onto status codes (one table, below)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
@@ -20,12 +21,15 @@ from imagesearch.bulk import BulkItem, index_many
 from imagesearch.catalog import Catalog, Query
 from imagesearch.config import Settings
 from imagesearch.domain import Hit, Product, SearchFilter
+from imagesearch.health import StoreHealth
 from imagesearch.errors import (
     FieldViolation,
+    DeadlineExceeded,
     ImageSearchError,
     ImageTooLarge,
     InvalidArgument,
     NotFound,
+    Overloaded,
     StoreUnavailable,
 )
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -40,16 +44,20 @@ STATUS_FOR_ERROR: dict[type[ImageSearchError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-# How long a client should wait before retrying an UNAVAILABLE call (sent as google.rpc.RetryInfo).
+# How long a client should wait before retrying (sent as google.rpc.RetryInfo with UNAVAILABLE and
+# RESOURCE_EXHAUSTED).
 RETRY_DELAY_S = 1
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 _QUERY_KINDS = {"text": pb.QUERY_KIND_TEXT, "image": pb.QUERY_KIND_IMAGE, "multimodal": pb.QUERY_KIND_MULTIMODAL}
 _CACHE_OUTCOMES = {"hit": pb.CACHE_OUTCOME_HIT, "miss": pb.CACHE_OUTCOME_MISS, "bypass": pb.CACHE_OUTCOME_BYPASS}
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+Handler = Callable[["ImageSearchService", Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
 
 
 def server_version() -> str:
@@ -63,10 +71,11 @@ def maps_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Turn domain errors into statuses with details; never leak a traceback to the caller."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+    async def wrapper(self: ImageSearchService, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
-            return await handler(self, request, context)
+            return await _within_deadline(handler(self, request, context), context)
         except ImageSearchError as exc:
+            await self.on_error(exc)
             await _abort(context, exc)
             raise  # unreachable: abort raises
         except (grpc.aio.AbortError, grpc.aio.UsageError):
@@ -76,6 +85,18 @@ def maps_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             raise
 
     return wrapper
+
+
+async def _within_deadline(work: Awaitable[Resp], context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+    """Run the handler no longer than the caller's deadline: past it, nobody will read the answer, so the work
+    (queued encodes, store calls) is cancelled instead of finishing late."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return await work
+    try:
+        return await asyncio.wait_for(work, timeout=max(remaining, 0.0))
+    except TimeoutError:
+        raise DeadlineExceeded("the deadline passed before the request finished") from None
 
 
 async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -100,7 +121,7 @@ def status_for(exc: ImageSearchError) -> status_pb2.Status:
             ]
         )
         status.details.add().Pack(bad_request)
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code in _RETRYABLE:
         retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_S))
         status.details.add().Pack(retry)
     return status
@@ -269,18 +290,44 @@ def hits_to_proto(hits: list[Hit]) -> list[pb.SearchHit]:
     return [pb.SearchHit(product=product_to_proto(h.product), score=h.score) for h in hits]
 
 
+class Admission:
+    """Bounds the expensive RPCs (those that encode) in flight. Beyond the bound, callers get
+    RESOURCE_EXHAUSTED at once instead of queueing without limit (and holding their uploads in memory)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.in_flight >= self.limit:
+            raise Overloaded(f"the server is at its limit of {self.limit} concurrent encoding requests; retry shortly")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
 class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
-    def __init__(self, catalog: Catalog, settings: Settings) -> None:
+    def __init__(self, catalog: Catalog, settings: Settings, store_health: StoreHealth | None = None) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.store_health = store_health
+        self.admission = Admission(settings.max_concurrent_requests)
+
+    async def on_error(self, exc: ImageSearchError) -> None:
+        if isinstance(exc, StoreUnavailable) and self.store_health is not None:
+            await self.store_health.store_failed(exc)
 
     @maps_errors
     async def Search(
         self, request_iterator: AsyncIterable[pb.SearchRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SearchResponse:
-        streamed = await read_stream(request_iterator, "query", self.settings)
-        query = query_from_proto(streamed.head, streamed.image, self.settings)
-        outcome = await self.catalog.search(query)
+        with self.admission.slot():
+            streamed = await read_stream(request_iterator, "query", self.settings)
+            query = query_from_proto(streamed.head, streamed.image, self.settings)
+            outcome = await self.catalog.search(query)
         return pb.SearchResponse(
             hits=hits_to_proto(outcome.hits),
             query_kind=_QUERY_KINDS[outcome.kind],
@@ -294,30 +341,35 @@ class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
     async def IndexProduct(
         self, request_iterator: AsyncIterable[pb.IndexProductRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.IndexProductResponse:
-        streamed = await read_stream(request_iterator, "product", self.settings)
-        product = product_from_proto(streamed.head)
-        v = Violations()
-        check_product(product, v)
-        if streamed.image is None:
-            v.add("image_chunk", "required: send the product image after the product message")
-        v.raise_if_any()
-        assert streamed.image is not None
-        created = await self.catalog.index(product, streamed.image)
+        with self.admission.slot():
+            streamed = await read_stream(request_iterator, "product", self.settings)
+            product = product_from_proto(streamed.head)
+            v = Violations()
+            check_product(product, v)
+            if streamed.image is None:
+                v.add("image_chunk", "required: send the product image after the product message")
+            v.raise_if_any()
+            assert streamed.image is not None
+            created = await self.catalog.index(product, streamed.image)
         return pb.IndexProductResponse(product=product_to_proto(product), created=created)
 
     async def IndexProducts(
         self, request_iterator: AsyncIterable[pb.IndexProductsRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.IndexProductsResponse]:
         try:
-            items = read_bulk_stream(request_iterator, self.settings)
-            async for result in index_many(self.catalog, items):
-                yield pb.IndexProductsResponse(
-                    id=result.product_id,
-                    position=result.position,
-                    created=result.created,
-                    error=status_for(result.error) if result.error is not None else None,
-                )
+            with self.admission.slot():
+                items = read_bulk_stream(request_iterator, self.settings)
+                async for result in index_many(self.catalog, items):
+                    if isinstance(result.error, StoreUnavailable):
+                        await self.on_error(result.error)
+                    yield pb.IndexProductsResponse(
+                        id=result.product_id,
+                        position=result.position,
+                        created=result.created,
+                        error=status_for(result.error) if result.error is not None else None,
+                    )
         except ImageSearchError as exc:
+            await self.on_error(exc)
             await _abort(context, exc)
         except (grpc.aio.AbortError, grpc.aio.UsageError, asyncio.CancelledError):
             raise

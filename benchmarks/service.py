@@ -1,0 +1,351 @@
+"""End-to-end service benchmark: the real server (a subprocess) over real gRPC on loopback.
+
+    .venv/bin/python benchmarks/service.py                 # ViT-B-32 architecture, random weights, CPU
+    .venv/bin/python benchmarks/service.py --quick         # fewer iterations, smaller catalogue
+    .venv/bin/python benchmarks/service.py --device cuda   # on a GPU (fp16)
+
+Prints one table: p50/p95/p99 latency and throughput per path, next to the bare model floor measured in the same
+run (the model called directly, no server), and the ratio service/floor. Writes the table as JSON under
+benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are speed figures only:
+they say nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image, ImageDraw
+
+from imagesearch.client import ImageSearchClient, Product
+from imagesearch.domain import Product as DomainProduct
+from imagesearch.encoder import ClipEncoder
+from imagesearch.store import EdgeStore
+from imagesearch.v1 import image_search_service_pb2 as pb
+
+RESULTS_DIR = Path(__file__).parent / "results"
+CATEGORIES = ["mugs", "shoes", "bags", "lamps", "shirts", "hats", "bottles", "chairs"]
+
+
+@dataclass
+class Row:
+    path: str
+    n: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    per_s: float
+    floor_ms: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.p50_ms / self.floor_ms if self.floor_ms else None
+
+
+def percentiles(samples_s: list[float]) -> tuple[float, float, float]:
+    ms = np.array(samples_s) * 1000.0
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), float(np.percentile(ms, 99))
+
+
+def row(path: str, samples_s: list[float], floor_ms: float | None = None, wall_s: float | None = None) -> Row:
+    p50, p95, p99 = percentiles(samples_s)
+    per_s = len(samples_s) / wall_s if wall_s else 1.0 / statistics.mean(samples_s)
+    return Row(path, len(samples_s), p50, p95, p99, per_s, floor_ms)
+
+
+def photo_like_jpeg(seed: int, size: int = 400) -> bytes:
+    """A ~50 KB JPEG with texture (noise + shapes), different per seed so no two hash alike."""
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size, size, 3)) * 60 + rng.integers(60, 190, size=3)).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = rng.integers(0, size - 80, size=2)
+        draw.ellipse((int(x), int(y), int(x) + 80, int(y) + 60), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def measure_floor(encoder: ClipEncoder, image: bytes, repeats: int) -> dict[str, float]:
+    """The bare model, no server: one text, one image (decode + preprocess + forward), a batch of 32 images."""
+
+    def timed(fn: Callable[[], object], n: int) -> float:
+        fn()  # warm-up
+        samples = []
+        for _ in range(n):
+            started = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - started)
+        return float(np.median(samples)) * 1000.0
+
+    texts = iter(f"a photo of a red mug number {i}" for i in range(10**6))
+    text_ms = timed(lambda: encoder.encode_texts_padded([next(texts)]), repeats)
+    text_unpadded_ms = timed(lambda: encoder.encode_texts([next(texts)]), repeats)
+
+    def one_image() -> object:
+        pixels = encoder.preprocess(encoder.decode(image, field="image", max_pixels=10**8)).unsqueeze(0)
+        return encoder.encode_pixels(pixels)
+
+    image_ms = timed(one_image, repeats)
+    batch = torch.stack([encoder.preprocess(encoder.decode(image, field="image", max_pixels=10**8))] * 32)
+    batch_ms = timed(lambda: encoder.encode_pixels(batch), max(2, repeats // 6))
+    return {
+        "text_ms": text_ms,
+        "text_unpadded_ms": text_unpadded_ms,
+        "image_ms": image_ms,
+        "batch32_images_per_s": 32 / (batch_ms / 1000.0),
+    }
+
+
+async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: int) -> None:
+    # Random unit vectors stand in for indexed products: the store's cost depends on count and filters, not on
+    # what the vectors mean, and encoding 10k images with ViT-B-32 on 2 cores would take ~10 minutes.
+    store = await EdgeStore.open(data_dir / "qdrant-edge", dimension=dimension, model_id=model_id)
+    rng = np.random.default_rng(0)
+    try:
+        for start in range(0, size, 1000):
+            vectors = rng.standard_normal((min(1000, size - start), dimension)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            items = [
+                (
+                    DomainProduct(
+                        id=f"bench-{start + i}",
+                        name=f"product {start + i}",
+                        category=CATEGORIES[(start + i) % len(CATEGORIES)],
+                        price=float((start + i) % 200),
+                        attributes={"colour": ["red", "blue", "green"][(start + i) % 3]},
+                    ),
+                    vector,
+                )
+                for i, vector in enumerate(vectors)
+            ]
+            await store.upsert(items)
+    finally:
+        await store.close()
+
+
+def start_server(data_dir: Path, model: str, device: str, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESEARCH_")}
+    env.update(
+        IMAGESEARCH_PORT=str(port),
+        IMAGESEARCH_HOST="127.0.0.1",
+        IMAGESEARCH_DATA_DIR=str(data_dir),
+        IMAGESEARCH_MODEL=model,
+        IMAGESEARCH_DEVICE=device,
+        IMAGESEARCH_LOG_LEVEL="warning",
+    )
+    return subprocess.Popen([sys.executable, "-m", "imagesearch.cli", "serve"], env=env)
+
+
+async def wait_serving(target: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.2)
+    raise RuntimeError("server did not become SERVING")
+
+
+async def sequential(call: Callable[[int], Awaitable[object]], n: int) -> list[float]:
+    await call(-1)  # warm-up
+    samples = []
+    for i in range(n):
+        started = time.perf_counter()
+        await call(i)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def concurrent(call: Callable[[int], Awaitable[object]], clients: int, total: int) -> tuple[list[float], float]:
+    samples: list[float] = []
+    counter = iter(range(total))
+
+    async def worker() -> None:
+        for i in counter:
+            started = time.perf_counter()
+            await call(i)
+            samples.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return samples, time.perf_counter() - started
+
+
+async def run_paths(target: str, floor: dict[str, float], images: list[bytes], n: int, quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    async with ImageSearchClient(target, timeout_s=120) as client:
+        health = health_pb2_grpc.HealthStub(client._channel)
+        rows.append(row("health check", await sequential(lambda i: health.Check(health_pb2.HealthCheckRequest()), n)))
+        rows.append(
+            row(
+                "text search, uncached",
+                await sequential(lambda i: client.search(text=f"a red leather bag number {i}"), n),
+                floor["text_ms"],
+            )
+        )
+        rows.append(
+            row("text search, cached repeat", await sequential(lambda i: client.search(text="a red leather bag"), n))
+        )
+        rows.append(
+            row(
+                "text search + category/price filter",
+                await sequential(
+                    lambda i: client.search(text=f"blue shoes {i}", categories=["shoes"], price_min=10, price_max=90), n
+                ),
+                floor["text_ms"],
+            )
+        )
+        image_iter = iter(images)
+        rows.append(
+            row(
+                f"image search, uncached ({len(images[0]) // 1024} KB JPEG)",
+                await sequential(lambda i: client.search(image=next(image_iter)), n),
+                floor["image_ms"],
+            )
+        )
+        rows.append(row("image search, cached repeat", await sequential(lambda i: client.search(image=images[0]), n)))
+        index_iter = iter(images[n + 1 :])
+        rows.append(
+            row(
+                "IndexProduct (one product)",
+                await sequential(
+                    lambda i: client.index_product(Product(id=f"single-{i}", category="mugs"), next(index_iter)),
+                    max(5, n // 2),
+                ),
+                floor["image_ms"],
+            )
+        )
+        for clients in (1, 8, 32):
+            total = clients * (2 if quick else 4)
+            fresh = iter(photo_like_jpeg(10_000 * clients + i) for i in range(total))
+            batch = [next(fresh) for _ in range(total)]
+            samples, wall = await concurrent(lambda i, b=batch: client.search(image=b[i]), clients, total)
+            rows.append(row(f"image search, {clients} concurrent clients", samples, floor["image_ms"], wall))
+        rows.append(await bulk_import(client, 64 if quick else 256))
+    return rows
+
+
+async def bulk_import(client: ImageSearchClient, count: int) -> Row:
+    images = [photo_like_jpeg(50_000 + i) for i in range(count)]
+
+    async def requests():  # type: ignore[no-untyped-def]
+        for i, image in enumerate(images):
+            yield pb.IndexProductsRequest(product=Product(id=f"bulk-{i}", category="bags"))
+            for start in range(0, len(image), 64 * 1024):
+                yield pb.IndexProductsRequest(image_chunk=image[start : start + 64 * 1024])
+
+    started = time.perf_counter()
+    last = started
+    gaps: list[float] = []
+    async for response in client._stub.IndexProducts(requests()):
+        if response.HasField("error"):
+            raise RuntimeError(f"bulk import failed for {response.id}: {response.error.message}")
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    return row(f"bulk import, {count} products (IndexProducts)", gaps, None, time.perf_counter() - started)
+
+
+def print_table(rows: list[Row], floor: dict[str, float], header: str) -> None:
+    print()
+    print(header)
+    print(
+        f"floor (bare model, no server): text {floor['text_ms']:.1f} ms padded / {floor['text_unpadded_ms']:.1f} ms "
+        f"unpadded, image {floor['image_ms']:.1f} ms, batched images {floor['batch32_images_per_s']:.1f}/s"
+    )
+    print(f"{'path':<48} {'n':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'per s':>8} {'p50/floor':>10}")
+    for r in rows:
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
+        print(f"{r.path:<48} {r.n:>5} {r.p50_ms:>9.2f} {r.p95_ms:>9.2f} {r.p99_ms:>9.2f} {r.per_s:>8.1f} {ratio:>10}")
+    batched = floor["batch32_images_per_s"]
+    for r in rows:
+        if r.path.startswith(("image search, 32", "bulk import")):
+            print(f"  {r.path}: {r.per_s:.1f}/s = {r.per_s / batched:.2f} x the bare batched encoder ({batched:.1f}/s)")
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32:random", help="open_clip spec (default: ViT-B-32:random)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--catalogue", type=int, default=10_000, help="products in the store (default 10000)")
+    parser.add_argument("-n", type=int, default=30, help="sequential requests per path (default 30)")
+    parser.add_argument("--quick", action="store_true", help="n=10, catalogue 2000, smaller concurrency runs")
+    parser.add_argument("--port", type=int, default=50999)
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.catalogue = 10, 2000
+
+    print(
+        f"model: {args.model} on {args.device}"
+        + (" (random weights: speed only, no relevance)" * ("random" in args.model))
+    )
+    encoder = ClipEncoder.load(args.model, device=args.device)
+    images = [photo_like_jpeg(i) for i in range(2 * args.n + 2)]
+    floor = measure_floor(encoder, images[0], repeats=max(10, args.n // 2))
+    model_id, dimension = encoder.model_id, encoder.dimension
+    del encoder  # free its memory before the server loads its own copy
+
+    with tempfile.TemporaryDirectory(prefix="imagesearch-bench-") as tmp:
+        data_dir = Path(tmp)
+        await fill_catalogue(data_dir, model_id, dimension, args.catalogue)
+        server = start_server(data_dir, args.model, args.device, args.port)
+        try:
+            target = f"127.0.0.1:{args.port}"
+            await wait_serving(target)
+            rows = await run_paths(target, floor, images, args.n, args.quick)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    if args.device == "cuda":
+        machine += f", {torch.cuda.get_device_name(0)}"
+    header = f"imagesearch service benchmark: {args.model} on {args.device}; catalogue {args.catalogue}; {machine}"
+    print_table(rows, floor, header)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "device": args.device,
+                "catalogue": args.catalogue,
+                "machine": machine,
+                "floor": floor,
+                "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    sys.exit(asyncio.run(main()))
