@@ -60,6 +60,15 @@ class Settings:
     shutdown_grace_s: float = 10.0
     # Encoding RPCs (Search, IndexProduct, IndexProducts) in flight at once; more get RESOURCE_EXHAUSTED.
     max_concurrent_requests: int = 64
+    # TLS: server certificate chain and key (PEM). With a client CA as well, clients must present a
+    # certificate signed by it (mutual TLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # API keys ("read KEY" / "write KEY" per line); unset = no authentication.
+    api_keys_file: Path | None = None
+    # Also require a key for health and reflection (default: open, for probes and grpcurl).
+    auth_protect_all: bool = False
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "must be 0..65535")
@@ -72,6 +81,16 @@ class Settings:
         _require(1 <= self.default_top_k <= self.max_top_k, "default_top_k", "must be 1..max_top_k")
         _require(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
         _require(self.max_concurrent_requests > 0, "max_concurrent_requests", "must be > 0")
+        _require(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "tls_cert_file",
+            "and IMAGESEARCH_TLS_KEY_FILE must be set together",
+        )
+        _require(
+            self.tls_client_ca_file is None or self.tls_cert_file is not None,
+            "tls_client_ca_file",
+            "needs IMAGESEARCH_TLS_CERT_FILE and IMAGESEARCH_TLS_KEY_FILE (mutual TLS is TLS plus client certificates)",
+        )
         _require(self.cache_memory_max_entries > 0, "cache_memory_max_entries", "must be > 0")
         _require(self.cache_embedding_ttl_s >= 0, "cache_embedding_ttl_s", "must be >= 0 (0 = no expiry)")
         _require(self.cache_result_ttl_s >= 0, "cache_result_ttl_s", "must be >= 0 (0 = no expiry)")

@@ -51,7 +51,9 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, target_size: int) 
         raise
     except Image.DecompressionBombError as exc:
         # PIL's own, coarser guard (2x its MAX_IMAGE_PIXELS) fired before ours could read the size.
-        raise ImageTooLarge(FieldViolation(field, f"the image has too many pixels; the limit is {max_pixels}: {exc}"))
+        raise ImageTooLarge(
+            FieldViolation(field, f"the image has too many pixels; the limit is {max_pixels}: {exc}")
+        ) from None
     except UnidentifiedImageError as exc:
         raise InvalidArgument(
             FieldViolation(field, f"not a decodable image (supported: {', '.join(ALLOWED_FORMATS)}): {exc}")

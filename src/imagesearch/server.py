@@ -13,6 +13,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imagesearch.auth import ApiKeyFileError, ApiKeyInterceptor, load_api_keys
 from imagesearch.cache import CacheBackend, LruCache, NoCache, SearchCache
 from imagesearch.catalog import Catalog, Limits
 from imagesearch.config import Settings
@@ -94,10 +95,16 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
 
 def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.Server, int, StoreHealth]:
     """Build (not start) the server. Returns it, the bound port (useful with port 0) and its health reporter."""
-    interceptors = [
-        # Outermost: binds request_id/method for every log line of the RPC and logs its final status.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        # Outermost: binds request_id/method for every log line of the RPC and logs its final status, including
+        # the refusals of the interceptors after it.
         RequestLoggingInterceptor(),
     ]
+    if settings.api_keys_file is not None:
+        # Before any handler runs: an unauthenticated caller never reaches the model or the store.
+        interceptors.append(
+            ApiKeyInterceptor(load_api_keys(settings.api_keys_file), protect_all=settings.auth_protect_all)
+        )
     max_message = settings.max_chunk_bytes + _MESSAGE_OVERHEAD_BYTES
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -114,10 +121,23 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(settings.address)
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        port = server.add_secure_port(settings.address, server_credentials(settings))
+    else:
+        port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"could not bind {settings.address}")
     return server, port, store_health
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 async def serve(settings: Settings) -> int:
@@ -129,7 +149,7 @@ async def serve(settings: Settings) -> int:
         return STARTUP_FAILURE
     try:
         server, port, store_health = build_server(settings, components)
-    except OSError as exc:
+    except (OSError, ApiKeyFileError) as exc:
         log.error("startup failed", error=str(exc))
         await components.close()
         return STARTUP_FAILURE

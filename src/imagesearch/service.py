@@ -21,10 +21,9 @@ from imagesearch.bulk import BulkItem, index_many
 from imagesearch.catalog import Catalog, Query
 from imagesearch.config import Settings
 from imagesearch.domain import Hit, Product, SearchFilter
-from imagesearch.health import StoreHealth
 from imagesearch.errors import (
-    FieldViolation,
     DeadlineExceeded,
+    FieldViolation,
     ImageSearchError,
     ImageTooLarge,
     InvalidArgument,
@@ -32,6 +31,7 @@ from imagesearch.errors import (
     Overloaded,
     StoreUnavailable,
 )
+from imagesearch.health import StoreHealth
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from imagesearch.v1 import products_pb2
