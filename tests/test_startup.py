@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -20,6 +22,7 @@ from imagesearch.config import Settings, SettingsError
 from imagesearch.encoder import ClipEncoder, ModelSpec
 from imagesearch.errors import ModelLoadError
 from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 
 def test_settings_read_prefixed_environment_and_overrides() -> None:
@@ -151,6 +154,40 @@ def test_serve_refuses_unreachable_qdrant_with_exit_code_3(tmp_path: Path) -> No
         _, logs = process.communicate(timeout=60)
         assert process.returncode == 3
         assert b"startup failed" in logs
+    finally:
+        process.kill()
+        process.communicate()
+
+
+async def test_sigterm_under_load_finishes_in_flight_searches_and_refuses_new_ones(tmp_path: Path) -> None:
+    port = free_port()
+    process = _serve(tmp_path, port, IMAGESEARCH_SHUTDOWN_GRACE_S="20")
+    try:
+        await asyncio.to_thread(_wait_serving, port)
+        release = asyncio.Event()
+
+        async def held_search(i: int) -> AsyncIterator[pb.SearchRequest]:
+            yield pb.SearchRequest(query=pb.SearchQuery(top_k=3))
+            await release.wait()  # the call is in flight, its image not yet sent
+            yield pb.SearchRequest(image_chunk=jpeg_bytes((i * 10, 0, 0)))
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ImageSearchServiceStub(channel)
+            calls = [stub.Search(held_search(i), timeout=60) for i in range(20)]
+            await asyncio.sleep(1.0)  # all 20 streams open on the server
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as late_channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pb_grpc.ImageSearchServiceStub(late_channel).GetServiceInfo(
+                        pb.GetServiceInfoRequest(), timeout=5
+                    )
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            release.set()
+            responses = await asyncio.gather(*calls)
+        assert all(r.query_kind == pb.QUERY_KIND_IMAGE for r in responses)
+        _, logs = await asyncio.to_thread(process.communicate, timeout=30)
+        assert process.returncode == 0, logs.decode()[-2000:]
     finally:
         process.kill()
         process.communicate()

@@ -73,15 +73,17 @@ def _wrap(behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str
     return logged
 
 
-def _wrap_streaming(
-    behaviour: Callable[..., AsyncIterator[Any]], method: str, request_id: str
-) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_streaming(behaviour: Callable[..., Any], method: str, request_id: str) -> Callable[..., AsyncIterator[Any]]:
     async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started = await _begin(context, method, request_id)
         code = grpc.StatusCode.OK
         try:
-            async for response in behaviour(request, context):
-                yield response
+            result = behaviour(request, context)
+            if hasattr(result, "__aiter__"):
+                async for response in result:
+                    yield response
+            else:
+                await result  # a handler that writes with context.write() (e.g. health Watch)
         except BaseException:
             code = _failure_code(context)
             raise

@@ -6,6 +6,8 @@
 //
 //	example -target localhost:50051 -image mug.jpg [-id go-example-1] [-text "red mug"] [-keep]
 //
+// IMAGESEARCH_API_KEY, when set, is sent as "authorization: Bearer KEY" (plaintext connections only here).
+//
 // Exits 1 when the indexed product is not the first hit for its own image, or when the server's answers do not
 // have the documented shape; 2 on bad flags.
 package main
@@ -17,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -64,7 +67,7 @@ func run(target, imagePath, id, text string, keep bool) error {
 
 	// 1. Health: the empty service name is the whole server; the service name is the search service.
 	for _, service := range []string{"", "imagesearch.v1.ImageSearchService"} {
-		ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+		ctx, cancel := callContext()
 		resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: service})
 		cancel()
 		if err != nil {
@@ -111,7 +114,7 @@ func run(target, imagePath, id, text string, keep bool) error {
 	}
 
 	if !keep {
-		ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+		ctx, cancel := callContext()
 		_, err := client.DeleteProduct(ctx, &pb.DeleteProductRequest{Id: id})
 		cancel()
 		if err != nil {
@@ -127,9 +130,19 @@ func run(target, imagePath, id, text string, keep bool) error {
 	return nil
 }
 
+// callContext bounds one call by callTimeout and, when IMAGESEARCH_API_KEY is set, sends it as
+// "authorization: Bearer KEY" (servers started with IMAGESEARCH_API_KEYS_FILE require one).
+func callContext() (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	if key := os.Getenv("IMAGESEARCH_API_KEY"); key != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
+	}
+	return ctx, cancel
+}
+
 // indexProduct streams the product, then the file's bytes in chunkBytes pieces (never the whole file at once).
 func indexProduct(client pb.ImageSearchServiceClient, product *pb.Product, imagePath string) (*pb.IndexProductResponse, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	ctx, cancel := callContext()
 	defer cancel()
 	stream, err := client.IndexProduct(ctx)
 	if err != nil {
@@ -150,7 +163,7 @@ func indexProduct(client pb.ImageSearchServiceClient, product *pb.Product, image
 
 // search sends the query, then the image (if imagePath is set) in chunks.
 func search(client pb.ImageSearchServiceClient, query *pb.SearchQuery, imagePath string, opts ...grpc.CallOption) (*pb.SearchResponse, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	ctx, cancel := callContext()
 	defer cancel()
 	stream, err := client.Search(ctx, opts...)
 	if err != nil {
@@ -212,7 +225,8 @@ func showBadRequest(client pb.ImageSearchServiceClient) error {
 	if st.Code() != codes.InvalidArgument {
 		return fmt.Errorf("top_k 1000: got %v, want INVALID_ARGUMENT", err)
 	}
-	fmt.Printf("INVALID_ARGUMENT as expected: %s (x-request-id %s)\n", st.Message(), header.Get("x-request-id"))
+	fmt.Printf("INVALID_ARGUMENT as expected: %s\n", st.Message())
+	fmt.Printf("  x-request-id (to find the server's log line): %s\n", strings.Join(header.Get("x-request-id"), ","))
 	violations := 0
 	for _, detail := range st.Details() {
 		if badRequest, ok := detail.(*errdetails.BadRequest); ok {
