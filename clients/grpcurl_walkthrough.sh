@@ -7,6 +7,7 @@
 #
 # Usage: clients/grpcurl_walkthrough.sh TARGET IMAGE      e.g. clients/grpcurl_walkthrough.sh localhost:50051 mug.jpg
 #   WALKTHROUGH_ID   product id to index and delete again (default grpcurl-mug-1; it must not exist yet)
+#   IMAGESEARCH_API_KEY  sent as "authorization: Bearer KEY" when set (a write key: the walkthrough indexes)
 #   GRPCURL          grpcurl binary (default: the repo's .venv/bin/grpcurl, else grpcurl on PATH)
 # The script prints the last line "top hits: image=ID text=ID" for callers that check relevance.
 set -euo pipefail
@@ -23,9 +24,13 @@ SERVICE=imagesearch.v1.ImageSearchService
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# grpcurl with the options every call here uses: plaintext, a deadline, and default values in the JSON output
-# (so that e.g. "created": false is printed rather than left out).
-g() { "$GRPCURL" -plaintext -max-time 30 -emit-defaults "$@"; }
+# grpcurl with the options every call here uses: plaintext, a deadline, default values in the JSON output
+# (so that e.g. "created": false is printed rather than left out), and the API key if there is one.
+auth=()
+if [ -n "${IMAGESEARCH_API_KEY:-}" ]; then
+  auth=(-H "authorization: Bearer $IMAGESEARCH_API_KEY")
+fi
+g() { "$GRPCURL" -plaintext -max-time 30 -emit-defaults "${auth[@]}" "$@"; }
 
 step() { printf '\n--- %s\n' "$*"; }
 

@@ -93,8 +93,8 @@ async def _read(catalog: Catalog, items: AsyncIterator[BulkItem], queue: asyncio
     try:
         async for item in items:
             task = None
-            if item.error is None and item.image is not None:
-                task = asyncio.create_task(catalog.embed_image(item.image))
+            if item.error is None:
+                task = asyncio.create_task(catalog.embed_product_image(item.image, item.product))
             await queue.put((item, task))
     except Exception as exc:
         await queue.put(_EndOfStream(exc))

@@ -15,8 +15,9 @@ import numpy as np
 from imagesearch.cache import ResultKey, SearchCache
 from imagesearch.domain import Hit, Product, SearchFilter
 from imagesearch.encoder import AsyncEncoder
-from imagesearch.errors import NotFound
+from imagesearch.errors import FieldViolation, InvalidArgument, NotFound
 from imagesearch.store.base import VectorStore
+from imagesearch.urlfetch import ImageFetcher
 
 QueryKind = Literal["text", "image", "multimodal"]
 CacheOutcome = Literal["hit", "miss", "bypass"]
@@ -61,11 +62,34 @@ class Limits:
 
 
 class Catalog:
-    def __init__(self, encoder: AsyncEncoder, store: VectorStore, cache: SearchCache, limits: Limits) -> None:
+    def __init__(
+        self,
+        encoder: AsyncEncoder,
+        store: VectorStore,
+        cache: SearchCache,
+        limits: Limits,
+        fetcher: ImageFetcher | None = None,
+    ) -> None:
         self.encoder = encoder
         self.store = store
         self.cache = cache
         self.limits = limits
+        self.fetcher = fetcher
+
+    @property
+    def fetches_urls(self) -> bool:
+        return self.fetcher is not None and self.fetcher.policy.enabled
+
+    async def fetch_image(self, url: str, *, field: str) -> bytes:
+        if self.fetcher is None:
+            raise InvalidArgument(FieldViolation(field, "fetching images by URL is disabled on this server"))
+        return await self.fetcher.fetch(url, field=field)
+
+    async def embed_product_image(self, image: bytes | None, product: Product) -> np.ndarray:
+        """Embed the image sent with a product, or else the one at its image_url (when fetching is enabled)."""
+        if image is None:
+            image = await self.fetch_image(product.image_url, field="product.image_url")
+        return await self.embed_image(image)
 
     async def search(self, query: Query) -> SearchOutcome:
         started = time.perf_counter()
@@ -85,9 +109,9 @@ class Catalog:
         result_cache: CacheOutcome = "miss" if result_key is not None else "bypass"
         return SearchOutcome(hits, query.kind, embedding_cache, result_cache, _ms_since(started))
 
-    async def index(self, product: Product, image: bytes) -> bool:
-        """Embed the image and upsert the product. Returns True if it was created, False if replaced."""
-        [created] = await self.store_many([(product, await self.embed_image(image))])
+    async def index(self, product: Product, image: bytes | None) -> bool:
+        """Embed the image (or the one at product.image_url) and upsert the product. True if it was created."""
+        [created] = await self.store_many([(product, await self.embed_product_image(image, product))])
         return created
 
     async def embed_image(self, image: bytes) -> np.ndarray:

@@ -69,6 +69,13 @@ class Settings:
     api_keys_file: Path | None = None
     # Also require a key for health and reflection (default: open, for probes and grpcurl).
     auth_protect_all: bool = False
+    # Fetch images from caller-given URLs (SearchQuery.image_url, Product.image_url). Off: it makes the server
+    # open connections for callers; see urlfetch.py for the SSRF rules.
+    fetch_image_urls: bool = False
+    # Hosts or address ranges exempt from the public-address rule, comma-separated ("images.internal,10.0.0.0/8").
+    fetch_allowed_hosts: str = ""
+    fetch_timeout_s: float = 5.0
+    fetch_max_redirects: int = 3
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "must be 0..65535")
@@ -81,6 +88,8 @@ class Settings:
         _require(1 <= self.default_top_k <= self.max_top_k, "default_top_k", "must be 1..max_top_k")
         _require(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
         _require(self.max_concurrent_requests > 0, "max_concurrent_requests", "must be > 0")
+        _require(self.fetch_timeout_s > 0, "fetch_timeout_s", "must be > 0")
+        _require(self.fetch_max_redirects >= 0, "fetch_max_redirects", "must be >= 0")
         _require(
             (self.tls_cert_file is None) == (self.tls_key_file is None),
             "tls_cert_file",

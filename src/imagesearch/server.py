@@ -23,6 +23,7 @@ from imagesearch.health import StoreHealth
 from imagesearch.interceptors import RequestLoggingInterceptor
 from imagesearch.service import ImageSearchService
 from imagesearch.store import EdgeStore, QdrantServerStore, VectorStore
+from imagesearch.urlfetch import FetchPolicy, ImageFetcher
 from imagesearch.v1 import image_search_service_pb2, image_search_service_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -39,9 +40,11 @@ class Components:
     encoder: AsyncEncoder
     store: VectorStore
     cache: SearchCache
+    fetcher: ImageFetcher
 
     async def close(self) -> None:
         # Store last: it may flush to disk, and nothing must write to it after.
+        await self.fetcher.close()
         await self.cache.close()
         self.encoder.close()
         await self.store.close()
@@ -90,7 +93,18 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
         result_ttl_s=settings.cache_result_ttl_s,
         namespace=settings.cache_namespace,
     )
-    return Components(encoder=AsyncEncoder(encoder), store=store, cache=cache)
+    hosts, networks = FetchPolicy.parse_allow_list(settings.fetch_allowed_hosts)
+    fetcher = ImageFetcher(
+        FetchPolicy(
+            enabled=settings.fetch_image_urls,
+            max_bytes=settings.max_image_bytes,
+            timeout_s=settings.fetch_timeout_s,
+            max_redirects=settings.fetch_max_redirects,
+            allowed_hosts=hosts,
+            allowed_networks=networks,
+        )
+    )
+    return Components(encoder=AsyncEncoder(encoder), store=store, cache=cache, fetcher=fetcher)
 
 
 def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.Server, int, StoreHealth]:
@@ -111,7 +125,11 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
         options=[("grpc.max_receive_message_length", max_message), ("grpc.so_reuseport", 0)],
     )
     catalog = Catalog(
-        components.encoder, components.store, components.cache, Limits(max_image_pixels=settings.max_image_pixels)
+        components.encoder,
+        components.store,
+        components.cache,
+        Limits(max_image_pixels=settings.max_image_pixels),
+        components.fetcher,
     )
     health_servicer = health.aio.HealthServicer()
     # "" is the whole server; clients may also ask for the service by name.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -190,7 +191,9 @@ async def read_stream(requests: AsyncIterable[Any], head_field: str, settings: S
     return StreamedRequest(head=head, image=chunks.image)
 
 
-async def read_bulk_stream(requests: AsyncIterable[Any], settings: Settings) -> AsyncIterator[BulkItem]:
+async def read_bulk_stream(
+    requests: AsyncIterable[Any], settings: Settings, fetches_urls: bool
+) -> AsyncIterator[BulkItem]:
     """Split an IndexProducts stream into products. A problem with one product (bad field, oversized image)
     becomes that product's error; only a stream that cannot be parsed at all raises."""
     position = -1
@@ -201,7 +204,7 @@ async def read_bulk_stream(requests: AsyncIterable[Any], settings: Settings) -> 
         which = message.WhichOneof("content")
         if which == "product":
             if current is not None:
-                yield _bulk_item(position, current, chunks.image, chunk_error)
+                yield _bulk_item(position, current, chunks.image, chunk_error, fetches_urls)
             position += 1
             current, chunks, chunk_error = message.product, ImageChunks(settings), None
         elif which == "image_chunk":
@@ -215,18 +218,31 @@ async def read_bulk_stream(requests: AsyncIterable[Any], settings: Settings) -> 
         else:
             raise InvalidArgument(FieldViolation("content", "empty message: set product or image_chunk"))
     if current is not None:
-        yield _bulk_item(position, current, chunks.image, chunk_error)
+        yield _bulk_item(position, current, chunks.image, chunk_error, fetches_urls)
+
+
+def check_image_source(image: bytes | None, product: Product, fetches_urls: bool, v: Violations) -> None:
+    if image is not None:
+        return
+    if fetches_urls and product.image_url:
+        return  # fetched from product.image_url
+    hint = " (or set product.image_url)" if fetches_urls else ""
+    v.add("image_chunk", f"required: send the product image after the product message{hint}")
 
 
 def _bulk_item(
-    position: int, message: products_pb2.Product, image: bytes | None, error: InvalidArgument | None
+    position: int,
+    message: products_pb2.Product,
+    image: bytes | None,
+    error: InvalidArgument | None,
+    fetches_urls: bool,
 ) -> BulkItem:
     product = product_from_proto(message)
     v = Violations()
     check_product(product, v)
-    if image is None and error is None:
-        v.add("image_chunk", "required: send the product image after the product message")
-    if error is not None:
+    if error is None:
+        check_image_source(image, product, fetches_urls, v)
+    else:
         v.items += error.violations
     return BulkItem(position, product, image, InvalidArgument(v.items) if v.items else None)
 
@@ -268,9 +284,11 @@ def filter_from_proto(message: pb.SearchFilter) -> SearchFilter:
 
 def query_from_proto(message: pb.SearchQuery, image: bytes | None, settings: Settings) -> Query:
     v = Violations()
+    if message.image_url and image is not None:
+        v.add("query.image_url", "send the image either as image_chunk messages or as image_url, not both")
     text = normalise_query_text(message.text, "query.text", settings.max_text_chars, v)
-    if not text and image is None:
-        v.add("query.text", "a search needs text, an image (image_chunk messages), or both")
+    if not text and image is None and not message.image_url:
+        v.add("query.text", "a search needs text, an image (image_chunk messages or image_url), or both")
     flt = filter_from_proto(message.filter)
     check_filter(flt, v)
     top_k = message.top_k or settings.default_top_k
@@ -327,6 +345,9 @@ class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
         with self.admission.slot():
             streamed = await read_stream(request_iterator, "query", self.settings)
             query = query_from_proto(streamed.head, streamed.image, self.settings)
+            if streamed.head.image_url:
+                image = await self.catalog.fetch_image(streamed.head.image_url, field="query.image_url")
+                query = dataclasses.replace(query, image=image)
             outcome = await self.catalog.search(query)
         return pb.SearchResponse(
             hits=hits_to_proto(outcome.hits),
@@ -346,10 +367,8 @@ class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
             product = product_from_proto(streamed.head)
             v = Violations()
             check_product(product, v)
-            if streamed.image is None:
-                v.add("image_chunk", "required: send the product image after the product message")
+            check_image_source(streamed.image, product, self.catalog.fetches_urls, v)
             v.raise_if_any()
-            assert streamed.image is not None
             created = await self.catalog.index(product, streamed.image)
         return pb.IndexProductResponse(product=product_to_proto(product), created=created)
 
@@ -358,7 +377,7 @@ class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
     ) -> AsyncIterator[pb.IndexProductsResponse]:
         try:
             with self.admission.slot():
-                items = read_bulk_stream(request_iterator, self.settings)
+                items = read_bulk_stream(request_iterator, self.settings, self.catalog.fetches_urls)
                 async for result in index_many(self.catalog, items):
                     if isinstance(result.error, StoreUnavailable):
                         await self.on_error(result.error)

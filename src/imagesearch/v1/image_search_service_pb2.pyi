@@ -120,6 +120,7 @@ class SearchQuery(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
     TEXT_WEIGHT_FIELD_NUMBER: _builtins.int
+    IMAGE_URL_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text to search for, e.g. "red leather handbag". At most 1000 characters. Empty means an image-only
     search, which then needs image chunks. Text beyond the model's context (77 tokens for standard CLIP
@@ -134,6 +135,11 @@ class SearchQuery(_message.Message):
     normalize(text_weight * text_embedding + (1 - text_weight) * image_embedding), where both embeddings are
     L2-normalised first. Unset means 0.5. Ignored for a text-only or image-only query.
     """
+    image_url: _builtins.str
+    """An http(s) URL the server fetches the query image from, instead of image_chunk messages (sending both is
+    INVALID_ARGUMENT). Only when the server enables it (IMAGESEARCH_FETCH_IMAGE_URLS); URLs that resolve to
+    private, loopback or link-local addresses are refused unless allow-listed. Same size limits as chunks.
+    """
     @_builtins.property
     def filter(self) -> Global___SearchFilter:
         """Restricts the results. Unset: the whole catalogue."""
@@ -146,10 +152,11 @@ class SearchQuery(_message.Message):
         top_k: _builtins.int = ...,
         score_threshold: _builtins.float | None = ...,
         text_weight: _builtins.float | None = ...,
+        image_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "filter", b"filter", "score_threshold", b"score_threshold", "text_weight", b"text_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "filter", b"filter", "score_threshold", b"score_threshold", "text", b"text", "text_weight", b"text_weight", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "filter", b"filter", "image_url", b"image_url", "score_threshold", b"score_threshold", "text", b"text", "text_weight", b"text_weight", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score_threshold: _TypeAlias = _typing.Literal["score_threshold"]  # noqa: Y015
     _WhichOneofArgType__score_threshold: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold"]  # noqa: Y015

@@ -60,7 +60,8 @@ class ImageSearchServiceStub:
     embedding; the response says whether the product was created or updated.
 
     The first message must carry `product`; the following messages carry its image bytes in `image_chunk`.
-    An image is required.
+    An image is required: in chunks or, when the server enables URL fetching (IMAGESEARCH_FETCH_IMAGE_URLS)
+    and no chunk is sent, fetched from `product.image_url`.
 
     Possible errors:
       INVALID_ARGUMENT: a bad or missing product id or field; no image; an image that cannot be decoded or
@@ -138,7 +139,8 @@ class ImageSearchServiceAsyncStub(ImageSearchServiceStub):
     embedding; the response says whether the product was created or updated.
 
     The first message must carry `product`; the following messages carry its image bytes in `image_chunk`.
-    An image is required.
+    An image is required: in chunks or, when the server enables URL fetching (IMAGESEARCH_FETCH_IMAGE_URLS)
+    and no chunk is sent, fetched from `product.image_url`.
 
     Possible errors:
       INVALID_ARGUMENT: a bad or missing product id or field; no image; an image that cannot be decoded or
@@ -225,7 +227,8 @@ class ImageSearchServiceServicer(metaclass=_abc_1.ABCMeta):
         embedding; the response says whether the product was created or updated.
 
         The first message must carry `product`; the following messages carry its image bytes in `image_chunk`.
-        An image is required.
+        An image is required: in chunks or, when the server enables URL fetching (IMAGESEARCH_FETCH_IMAGE_URLS)
+        and no chunk is sent, fetched from `product.image_url`.
 
         Possible errors:
           INVALID_ARGUMENT: a bad or missing product id or field; no image; an image that cannot be decoded or

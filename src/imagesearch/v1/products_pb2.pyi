@@ -70,8 +70,9 @@ class Product(_message.Message):
     currency: _builtins.str
     """ISO 4217 currency code such as "EUR", or empty. Stored as given; the service does not convert currencies."""
     image_url: _builtins.str
-    """Where the caller keeps the product's image, stored as given and returned in results. The service does not
-    fetch it when indexing: the image bytes come in `IndexProductRequest.image_chunk`. At most 2048 characters.
+    """Where the caller keeps the product's image, stored as given and returned in results. At most 2048
+    characters. When indexing without image chunks, a server with URL fetching enabled fetches the image from
+    here (http/https, public addresses only unless allow-listed); otherwise the URL is not fetched.
     """
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:

@@ -13,6 +13,8 @@ import dev.imagesearch.v1.SearchHit;
 import dev.imagesearch.v1.SearchQuery;
 import dev.imagesearch.v1.SearchRequest;
 import dev.imagesearch.v1.SearchResponse;
+import io.grpc.Channel;
+import io.grpc.ClientInterceptors;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
@@ -40,7 +42,8 @@ import java.util.function.Function;
  * file in 64 KiB chunks, search by that image and by text, read the google.rpc.BadRequest of an INVALID_ARGUMENT,
  * and delete the product again.
  *
- * <p>Build and run it with {@code clients/java/run.sh TARGET IMAGE [--id ID] [--text TEXT] [--keep]}. Exits 1
+ * <p>Build and run it with {@code clients/java/run.sh TARGET IMAGE [--id ID] [--text TEXT] [--keep]}; set
+ * IMAGESEARCH_API_KEY to send an API key (plaintext connections only here). Exits 1
  * when the indexed product is not the first hit for its own image or an answer does not have the documented
  * shape, 2 on bad arguments.
  */
@@ -55,11 +58,25 @@ public final class Example {
       Metadata.Key.of("x-request-id", Metadata.ASCII_STRING_MARSHALLER);
 
   private final ImageSearchServiceGrpc.ImageSearchServiceStub async;
-  private final ManagedChannel channel;
+  private final Channel channel;
 
-  private Example(ManagedChannel channel) {
+  private Example(Channel channel) {
     this.channel = channel;
     this.async = ImageSearchServiceGrpc.newStub(channel);
+  }
+
+  /**
+   * The channel for every call: with IMAGESEARCH_API_KEY set, each call sends "authorization: Bearer KEY"
+   * (servers started with IMAGESEARCH_API_KEYS_FILE require one).
+   */
+  private static Channel withApiKey(ManagedChannel channel) {
+    String key = System.getenv("IMAGESEARCH_API_KEY");
+    if (key == null || key.isEmpty()) {
+      return channel;
+    }
+    Metadata headers = new Metadata();
+    headers.put(Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + key);
+    return ClientInterceptors.intercept(channel, MetadataUtils.newAttachHeadersInterceptor(headers));
   }
 
   public static void main(String[] args) throws Exception {
@@ -86,7 +103,7 @@ public final class Example {
     ManagedChannel channel = ManagedChannelBuilder.forTarget(target).usePlaintext().build();
     int code;
     try {
-      code = new Example(channel).run(image, id, text, keep);
+      code = new Example(withApiKey(channel)).run(image, id, text, keep);
     } catch (StatusRuntimeException | IOException e) {
       System.err.println("FAIL: " + e);
       code = 1;
