@@ -4,7 +4,7 @@ The result is an open_clip `local-dir` model (open_clip_config.json + open_clip_
 the synthetic catalogue: 8 kinds x 10 colours x 3 patterns. It exists so that tests can check search relevance
 with a real CLIP without downloading pretrained weights.
 
-    .venv/bin/python tools/train_synthetic_clip.py --steps 1800 --seed 0 --threads 2
+    .venv/bin/python tools/train_synthetic_clip.py --steps 1000 --seed 0 --threads 2
 
 Same seed + same thread count -> bitwise-identical weights; another thread count drifts by ~1e-5.
 """
@@ -185,22 +185,28 @@ def check_saved(out: Path, model: open_clip.CLIP, pixels: torch.Tensor) -> None:
     images = (pixels.float() / 255.0 - mean) / std
     texts = tokenizer([f"a photo of a {c} {k}" for c, k in CLASSES])
     with torch.no_grad():
-        ranks = [
-            (m.encode_image(images, normalize=True) @ m.encode_text(texts, normalize=True).T).argsort(dim=1)[:, -5:]
-            for m in (model, loaded)
+        scores = [
+            m.encode_image(images, normalize=True) @ m.encode_text(texts, normalize=True).T for m in (model, loaded)
         ]
-    same = ranks[0].eq(ranks[1]).float().mean().item()
+    # Compare what search returns: the best prompt per image and the top-5 images per prompt (as sets, since
+    # near-ties may swap places inside the top 5 without changing the results).
+    same_top1 = scores[0].argmax(dim=1).eq(scores[1].argmax(dim=1)).float().mean().item()
+    top5 = [{(i, frozenset(row)) for i, row in enumerate(s.T.topk(5, dim=1).indices.tolist())} for s in scores]
+    same_top5 = len(top5[0] & top5[1]) / len(top5[0])
     print(f"reloaded via local-dir: preprocess={preprocess}", flush=True)
-    print(f"fp16 vs fp32 top-5 zero-shot ranks identical: {same:.4f}", flush=True)
+    print(
+        f"fp16 vs fp32: zero-shot top-1 identical {same_top1:.4f}, text->image top-5 sets identical {same_top5:.4f}",
+        flush=True,
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1800, help="optimiser steps (default 1800)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, init and sampling (default 0)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="local-dir model folder to write")
     parser.add_argument("--threads", type=int, default=2, help="torch threads and render processes (default 2)")
-    parser.add_argument("--images", type=int, default=60_000, help="pre-rendered training images (default 60000)")
+    parser.add_argument("--images", type=int, default=40_000, help="pre-rendered training images (default 40000)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size, >= 80 classes (default 128)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")

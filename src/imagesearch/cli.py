@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,6 @@ EXIT_USAGE = 2
 # Same code as server.STARTUP_FAILURE (not imported: that would load torch for every client command).
 EXIT_STARTUP_FAILURE = 3
 EXIT_RPC_ERROR = 4
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,29 +86,54 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from imagesearch.client import ImageSearchClient, Product
+    from tqdm import tqdm
 
-    files = list(_image_files(args.paths))
-    if not files:
-        print("imagesearch: no image files found in the given paths", file=sys.stderr)
+    from imagesearch.catalogue_files import CatalogueError, Entry, read_entries
+    from imagesearch.client import ImageSearchClient
+
+    entries = list(read_entries([Path(p) for p in args.paths], args.category or ""))
+    unreadable = [e for e in entries if isinstance(e, CatalogueError)]
+    products = [e for e in entries if isinstance(e, Entry)]
+    for error in unreadable:
+        print(f"skipped  {error}", file=sys.stderr)
+    if not products:
+        print("imagesearch: nothing to index", file=sys.stderr)
         return EXIT_USAGE
 
     async def go() -> int:
-        failed = 0
+        created = updated = 0
+        failed: list[str] = []
+        started = time.monotonic()
         async with ImageSearchClient(args.target or client_target()) as client:
-            for path in files:
-                product = Product(id=path.stem, name=path.stem.replace("_", " "), category=args.category or "")
-                try:
-                    response = await client.index_product(product, path.read_bytes())
-                except grpc.aio.AioRpcError as exc:
-                    failed += 1
-                    print(f"failed   {path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                    continue
-                print(f"{'created' if response.created else 'updated'}  {product.id}  ({path})")
-        print(f"{len(files) - failed} indexed, {failed} failed")
-        return EXIT_RPC_ERROR if failed else 0
+            with tqdm(total=len(products), unit="product", file=sys.stderr, disable=args.quiet) as progress:
+                items = ((entry.product, entry.image_bytes()) for entry in products)
+                async for response in client.index_products(items):
+                    if response.HasField("error"):
+                        source = products[response.position].source
+                        failed.append(f"{source}: {response.id!r}: {response.error.message}")
+                    elif response.created:
+                        created += 1
+                    else:
+                        updated += 1
+                    progress.update(1)
+        for line in failed:
+            print(f"failed   {line}", file=sys.stderr)
+        elapsed = time.monotonic() - started
+        print(
+            f"{created} created, {updated} updated, {len(failed)} failed, {len(unreadable)} unreadable "
+            f"in {elapsed:.1f} s ({len(products) / max(elapsed, 1e-9):.1f} products/s)"
+        )
+        return EXIT_RPC_ERROR if failed or unreadable else 0
 
     return asyncio.run(go())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from imagesearch.demo import run_demo
+    from imagesearch.logs import configure_logging
+
+    configure_logging("console", "warning")
+    return asyncio.run(run_demo(products=args.products, port=args.port, keep_serving=args.serve))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -146,19 +171,6 @@ def _delete(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(go())
-
-
-def _image_files(paths: Sequence[str]) -> list[Path]:
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
-        elif path.is_file():
-            found.append(path)
-        else:
-            print(f"imagesearch: {path} does not exist", file=sys.stderr)
-    return found
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -201,10 +213,21 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the raw response as JSON")
     search.set_defaults(func=_search)
 
-    index = client_command("index", "index image files (or directories of them); the file stem is the id")
+    index = client_command(
+        "index", "bulk-index image files, folders of images, .jsonl or .csv catalogues (see catalogue_files.py)"
+    )
     index.add_argument("paths", nargs="+", metavar="PATH")
-    index.add_argument("--category", help="category for every product indexed")
+    index.add_argument("--category", help="category for products from bare image files")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.set_defaults(func=_index)
+
+    demo = commands.add_parser(
+        "demo", help="offline demo: serve the bundled test model, index a generated catalogue, run searches"
+    )
+    demo.add_argument("--products", type=int, default=240, help="catalogue size (default 240)")
+    demo.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    demo.add_argument("--serve", action="store_true", help="keep serving after the demo (Ctrl-C to stop)")
+    demo.set_defaults(func=_demo)
 
     info = client_command("info", "show the server's health, model, store, cache and limits")
     info.set_defaults(func=_info)

@@ -8,7 +8,7 @@ async with ImageSearchClient("localhost:50051") as client:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -23,6 +23,7 @@ from imagesearch.v1 import products_pb2
 CHUNK_BYTES = 64 * 1024
 Product = products_pb2.Product
 M = TypeVar("M")
+T = TypeVar("T")
 
 
 class ImageSearchClient:
@@ -79,6 +80,25 @@ class ImageSearchClient:
         response: pb.IndexProductResponse = await self._stub.IndexProduct(messages, timeout=self.timeout_s)
         return response
 
+    async def index_products(
+        self,
+        items: AsyncIterable[tuple[products_pb2.Product, bytes | None]]
+        | Iterable[tuple[products_pb2.Product, bytes | None]],
+    ) -> AsyncIterator[pb.IndexProductsResponse]:
+        """Bulk import over one IndexProducts stream: one response per product, in order. An item's image may be
+        None when the server fetches `product.image_url` itself."""
+
+        async def messages() -> AsyncIterator[pb.IndexProductsRequest]:
+            async for item, image in _aiter(items):
+                yield pb.IndexProductsRequest(product=item)
+                if image is not None:
+                    for start in range(0, len(image), CHUNK_BYTES):
+                        yield pb.IndexProductsRequest(image_chunk=image[start : start + CHUNK_BYTES])
+
+        # No overall timeout: a bulk import runs as long as its input; flow control paces it.
+        async for response in self._stub.IndexProducts(messages()):
+            yield response
+
     async def get_product(self, product_id: str) -> products_pb2.Product:
         response = await self._stub.GetProduct(pb.GetProductRequest(id=product_id), timeout=self.timeout_s)
         return response.product
@@ -96,6 +116,15 @@ class ImageSearchClient:
         """The health status name, e.g. "SERVING"."""
         response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 async def _stream(head: M, image: bytes | None, chunk_message: Callable[[bytes], M]) -> AsyncIterator[M]:

@@ -187,6 +187,6 @@ class MetricsEndpoint:
 
 
 def split_method(method: str) -> tuple[str, str]:
-    """"/imagesearch.v1.ImageSearchService/Search" -> ("imagesearch.v1.ImageSearchService", "Search")."""
+    """ "/imagesearch.v1.ImageSearchService/Search" -> ("imagesearch.v1.ImageSearchService", "Search")."""
     service, _, name = method.lstrip("/").rpartition("/")
     return service, name

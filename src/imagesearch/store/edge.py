@@ -120,20 +120,21 @@ class EdgeStore:
         """See VectorStore.upsert."""
         if not items:
             return []
-        latest = last_per_id(items)
-        points = [
-            qe.Point(point_id_for(pid), vector_values(vector, self.dimension), product_to_payload(product))
-            for pid, (product, vector) in latest.items()
-        ]
-        product_ids = {point_id_for(pid): pid for pid in latest}
         shard = self._open_shard()
 
         def write() -> set[str]:
+            # Building points costs ~75 us each in the binding (GIL held): doing it here rather than on the event
+            # loop lets the loop run at every GIL switch interval during a large batch.
+            latest = {point_id_for(pid): item for pid, item in last_per_id(items).items()}
+            points = [
+                qe.Point(point_id, vector_values(vector, self.dimension), product_to_payload(product))
+                for point_id, (product, vector) in latest.items()
+            ]
             # Checking and writing in one job on the single worker makes the created flags race-free.
-            found = shard.retrieve(list(product_ids), False, False)
+            found = shard.retrieve(list(latest), False, False)
             shard.update(qe.UpdateOperation.upsert_points(points))
             self._flush_if_synchronous(shard)
-            return {product_ids[str(record.id)] for record in found}
+            return {latest[str(record.id)][0].id for record in found}
 
         existing = await self._run(write, "upsert")
         self._dirty = True

@@ -114,22 +114,19 @@ class QdrantServerStore:
         """See VectorStore.upsert."""
         if not items:
             return []
-        latest = last_per_id(items)
+        latest = {point_id_for(pid): item for pid, item in last_per_id(items).items()}
         points = [
             models.PointStruct(
-                id=point_id_for(pid),
+                id=point_id,
                 vector=vector_values(vector, self.dimension),
                 payload=product_to_payload(product),
             )
-            for pid, (product, vector) in latest.items()
+            for point_id, (product, vector) in latest.items()
         ]
-        product_ids = {point_id_for(pid): pid for pid in latest}
         async with self._write_lock, self._guard("upsert"):
-            found = await self._client.retrieve(
-                self._collection, list(product_ids), with_payload=False, with_vectors=False
-            )
+            found = await self._client.retrieve(self._collection, list(latest), with_payload=False, with_vectors=False)
             await self._client.upsert(self._collection, points, wait=True)
-        existing = {product_ids[str(record.id)] for record in found}
+        existing = {latest[str(record.id)][0].id for record in found}
         return created_flags([product.id for product, _ in items], existing)
 
     async def get(self, product_id: str) -> Product | None:
