@@ -9,8 +9,9 @@
 #   project  the project from the current directory, `pip install .`, with its remaining dependencies
 #   all      both (default)
 # Environment:
-#   TORCH_INDEX_URL  index for torch/torchvision only (default: PyTorch's CPU wheels, which carry no CUDA
-#                    libraries: about 1.5 GB smaller). Empty = the ordinary index, e.g. where only PyPI is reachable.
+#   TORCH_INDEX_URL  index for torch/torchvision only (default: PyTorch's CPU wheels; the default Linux wheels
+#                    bring ~4 GB of CUDA libraries and Triton). Empty = the ordinary index, e.g. where only PyPI
+#                    is reachable.
 #   TORCH_PACKAGES   requirement specifiers to pin them (default "torch torchvision": the newest CPU build).
 #   PYTHON           interpreter that creates the venv (default python3).
 set -euo pipefail

@@ -273,3 +273,10 @@ async def test_get_product_rejects_empty_id(running: RunningServer) -> None:
         await running.stub.GetProduct(pb.GetProductRequest(id=""))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violated_fields(err.value) == ["id"]
+
+
+async def test_errors_carry_the_request_id_in_trailing_metadata(running: RunningServer) -> None:
+    call = running.stub.GetProduct(pb.GetProductRequest(id="missing"), metadata=(("x-request-id", "trace-404"),))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert ("x-request-id", "trace-404") in tuple(err.value.trailing_metadata() or ())

@@ -8,6 +8,7 @@ async with ImageSearchClient("localhost:50051") as client:
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
@@ -26,9 +27,47 @@ M = TypeVar("M")
 T = TypeVar("T")
 
 
+# Calls that are safe to repeat are retried by gRPC itself on UNAVAILABLE (server restarting, store outage), with
+# exponential backoff. IndexProduct is an upsert, so a retry cannot duplicate a product. DeleteProduct is not
+# retried: a retry after a delete that did happen would report NOT_FOUND.
+_SERVICE = "imagesearch.v1.ImageSearchService"
+RETRY_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": _SERVICE, "method": m} for m in ("Search", "GetProduct", "GetServiceInfo", "IndexProduct")
+            ]
+            + [{"service": "grpc.health.v1.Health", "method": "Check"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
 class ImageSearchClient:
-    def __init__(self, target: str, *, timeout_s: float | None = 30.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    """asyncio client. `timeout_s` is the deadline of each call (None: no deadline); `credentials` for TLS;
+    `api_key` is sent as `authorization: Bearer KEY`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        options = [("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)), ("grpc.enable_retries", 1)]
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._stub = pb_grpc.ImageSearchServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s = timeout_s
@@ -70,14 +109,16 @@ class ImageSearchClient:
             text_weight=text_weight,
         )
         messages = _stream(pb.SearchRequest(query=query), image, lambda c: pb.SearchRequest(image_chunk=c))
-        response: pb.SearchResponse = await self._stub.Search(messages, timeout=self.timeout_s)
+        response: pb.SearchResponse = await self._stub.Search(messages, timeout=self.timeout_s, metadata=self._metadata)
         return response
 
     async def index_product(self, product: products_pb2.Product, image: bytes) -> pb.IndexProductResponse:
         messages = _stream(
             pb.IndexProductRequest(product=product), image, lambda c: pb.IndexProductRequest(image_chunk=c)
         )
-        response: pb.IndexProductResponse = await self._stub.IndexProduct(messages, timeout=self.timeout_s)
+        response: pb.IndexProductResponse = await self._stub.IndexProduct(
+            messages, timeout=self.timeout_s, metadata=self._metadata
+        )
         return response
 
     async def index_products(
@@ -96,25 +137,31 @@ class ImageSearchClient:
                         yield pb.IndexProductsRequest(image_chunk=image[start : start + CHUNK_BYTES])
 
         # No overall timeout: a bulk import runs as long as its input; flow control paces it.
-        async for response in self._stub.IndexProducts(messages()):
+        async for response in self._stub.IndexProducts(messages(), metadata=self._metadata):
             yield response
 
     async def get_product(self, product_id: str) -> products_pb2.Product:
-        response = await self._stub.GetProduct(pb.GetProductRequest(id=product_id), timeout=self.timeout_s)
+        response = await self._stub.GetProduct(
+            pb.GetProductRequest(id=product_id), timeout=self.timeout_s, metadata=self._metadata
+        )
         return response.product
 
     async def delete_product(self, product_id: str) -> None:
-        await self._stub.DeleteProduct(pb.DeleteProductRequest(id=product_id), timeout=self.timeout_s)
+        await self._stub.DeleteProduct(
+            pb.DeleteProductRequest(id=product_id), timeout=self.timeout_s, metadata=self._metadata
+        )
 
     async def service_info(self) -> pb.GetServiceInfoResponse:
         response: pb.GetServiceInfoResponse = await self._stub.GetServiceInfo(
-            pb.GetServiceInfoRequest(), timeout=self.timeout_s
+            pb.GetServiceInfoRequest(), timeout=self.timeout_s, metadata=self._metadata
         )
         return response
 
     async def health(self, service: str = "") -> str:
         """The health status name, e.g. "SERVING"."""
-        response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s)
+        response = await self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s, metadata=self._metadata
+        )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 

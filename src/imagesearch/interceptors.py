@@ -60,10 +60,12 @@ class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
 
 def _wrap(behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str) -> Callable[..., Awaitable[Any]]:
     async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        started = await _begin(context, method, request_id)
+        started = _begin(method, request_id)
         code = grpc.StatusCode.OK
         try:
-            return await behaviour(request, context)
+            response = await behaviour(request, context)
+            await _echo_request_id(context, request_id)
+            return response
         except BaseException:
             code = _failure_code(context)
             raise
@@ -75,12 +77,16 @@ def _wrap(behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str
 
 def _wrap_streaming(behaviour: Callable[..., Any], method: str, request_id: str) -> Callable[..., AsyncIterator[Any]]:
     async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        started = await _begin(context, method, request_id)
+        started = _begin(method, request_id)
         code = grpc.StatusCode.OK
         try:
             result = behaviour(request, context)
             if hasattr(result, "__aiter__"):
+                echoed = False
                 async for response in result:
+                    if not echoed:
+                        await _echo_request_id(context, request_id)
+                        echoed = True
                     yield response
             else:
                 await result  # a handler that writes with context.write() (e.g. health Watch)
@@ -93,11 +99,17 @@ def _wrap_streaming(behaviour: Callable[..., Any], method: str, request_id: str)
     return logged
 
 
-async def _begin(context: grpc.aio.ServicerContext[Any, Any], method: str, request_id: str) -> float:
+def _begin(method: str, request_id: str) -> float:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
-    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
     return time.perf_counter()
+
+
+async def _echo_request_id(context: grpc.aio.ServicerContext[Any, Any], request_id: str) -> None:
+    # Only with the first response: headers sent earlier would commit the call, and gRPC clients do not retry
+    # a committed call (a store outage answered with UNAVAILABLE could then not be retried transparently).
+    # Errors carry the id in their trailing metadata instead (service._abort).
+    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
 
 
 def _failure_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:

@@ -33,6 +33,7 @@ from imagesearch.errors import (
     StoreUnavailable,
 )
 from imagesearch.health import StoreHealth
+from imagesearch.interceptors import REQUEST_ID_HEADER
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from imagesearch.v1 import products_pb2
@@ -104,7 +105,7 @@ async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     # The traceback goes to the log, under the request id the caller is given; never to the caller.
     log.exception("unhandled error")
     request_id = structlog.contextvars.get_contextvars().get("request_id", "")
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}", _request_id_metadata())
 
 
 def status_for(exc: ImageSearchError) -> status_pb2.Status:
@@ -130,7 +131,12 @@ def status_for(exc: ImageSearchError) -> status_pb2.Status:
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ImageSearchError) -> None:
     rich = rpc_status.to_status(status_for(exc))
-    await context.abort(rich.code, rich.details, rich.trailing_metadata)
+    await context.abort(rich.code, rich.details, (*rich.trailing_metadata, *_request_id_metadata()))
+
+
+def _request_id_metadata() -> tuple[tuple[str, str], ...]:
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    return ((REQUEST_ID_HEADER, str(request_id)),) if request_id else ()
 
 
 class ImageChunks:
