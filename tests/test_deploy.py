@@ -67,7 +67,7 @@ def env_example_names() -> list[str]:
 
 
 def k8s_documents() -> list[dict[str, Any]]:
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path in sorted(K8S.glob("*.yaml")):
         docs.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
     return docs
@@ -83,9 +83,9 @@ def the_deployment() -> dict[str, Any]:
 
 
 def the_container() -> dict[str, Any]:
-    [container] = the_deployment()["spec"]["template"]["spec"]["containers"]
-    container_: dict[str, Any] = container
-    return container_
+    containers: list[dict[str, Any]] = the_deployment()["spec"]["template"]["spec"]["containers"]
+    [container] = containers
+    return container
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -133,11 +133,13 @@ def test_compose_dependencies_exist_and_wait_until_healthy() -> None:
     depends_on = services["imagesearch"]["depends_on"]
     assert set(depends_on) == {"qdrant", "redis"}
     for name, service in services.items():
-        for dependency, rule in (service.get("depends_on") or {}).items():
+        dependencies = service.get("depends_on") or {}
+        # The short list form means "started", which for a database is not "ready".
+        assert isinstance(dependencies, dict), f"{name}: depends_on needs conditions"
+        for dependency, rule in dependencies.items():
             assert dependency in services, f"{name} depends on unknown service {dependency}"
-            assert rule == {"condition": "service_healthy"} or rule.get("condition") == "service_healthy", (
-                f"{name} -> {dependency} must wait for service_healthy (a started container is not a ready one)"
-            )
+            assert rule.get("condition") == "service_healthy", f"{name} -> {dependency} must wait for service_healthy"
+            assert services[dependency].get("healthcheck"), f"{dependency} has no healthcheck to wait for"
 
 
 def test_compose_named_volumes_are_declared() -> None:
@@ -329,7 +331,9 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
 def test_dockerfile_environment_volumes_and_model_argument() -> None:
     env: dict[str, str] = {}
     for args in dockerfile_args("ENV"):
-        env.update(item.split("=", 1) for item in shlex.split(args))
+        for item in shlex.split(args):
+            key, _, value = item.partition("=")
+            env[key] = value
     assert env["IMAGESEARCH_DATA_DIR"] == "/data"
     assert env["HF_HOME"] == "/models"
     unknown = {k for k in env if k.startswith(ENV_PREFIX)} - SETTING_NAMES

@@ -191,3 +191,44 @@ async def test_sigterm_under_load_finishes_in_flight_searches_and_refuses_new_on
     finally:
         process.kill()
         process.communicate()
+
+
+async def test_kill_9_during_bulk_index_loses_no_acknowledged_product(tmp_path: Path) -> None:
+    port = free_port()
+    process = _serve(tmp_path, port)
+    acknowledged: list[str] = []
+    try:
+        await asyncio.to_thread(_wait_serving, port)
+
+        async def products() -> AsyncIterator[pb.IndexProductsRequest]:
+            for i in range(400):
+                yield pb.IndexProductsRequest(product=product(f"crash-{i}"))
+                yield pb.IndexProductsRequest(image_chunk=jpeg_bytes((i % 256, 40, 90)))
+                await asyncio.sleep(0.005)  # a steady stream, so the kill lands mid-import
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ImageSearchServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError):  # the server dies under the stream
+                async for response in stub.IndexProducts(products()):
+                    assert not response.HasField("error")
+                    acknowledged.append(response.id)
+                    if len(acknowledged) == 60:
+                        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.communicate()
+    assert len(acknowledged) >= 60
+
+    restarted = _serve(tmp_path, port)
+    try:
+        await asyncio.to_thread(_wait_serving, port)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ImageSearchServiceStub(channel)
+            for product_id in acknowledged:
+                assert (await stub.GetProduct(pb.GetProductRequest(id=product_id))).product.id == product_id
+            info = await stub.GetServiceInfo(pb.GetServiceInfoRequest())
+            assert info.store.product_count >= len(acknowledged)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        restarted.communicate(timeout=30)

@@ -38,10 +38,16 @@ class Settings:
     offline: bool = False
     # 0 = let the encoder choose (all cores for the model's intra-op pool).
     torch_threads: int = 0
+    # A Qdrant server or cluster: its REST address (http://qdrant:6333); the service talks gRPC on qdrant_grpc_port.
     qdrant_url: str | None = None
+    qdrant_grpc_port: int = 6334
     qdrant_api_key: str | None = field(default=None, repr=False)
     qdrant_collection: str = "products"
     store_timeout_s: float = 5.0
+    # Embedded store: fsync every write before acknowledging it (survives power loss, ~10 ms per write). Off,
+    # an acknowledged write survives a crash of this process (the WAL is in the page cache) and is flushed to
+    # disk every few seconds and at shutdown, like a Qdrant server's default.
+    store_sync_writes: bool = False
     redis_url: str | None = field(default=None, repr=False)
     cache: CacheBackendName = "auto"
     cache_embedding_ttl_s: int = 7 * 24 * 3600

@@ -59,8 +59,14 @@ async def open_store(settings: Settings, dimension: int, model_id: str) -> Vecto
             collection=settings.qdrant_collection,
             api_key=settings.qdrant_api_key,
             timeout_s=settings.store_timeout_s,
+            grpc_port=settings.qdrant_grpc_port,
         )
-    return await EdgeStore.open(settings.data_dir / "qdrant-edge", dimension=dimension, model_id=model_id)
+    return await EdgeStore.open(
+        settings.data_dir / "qdrant-edge",
+        dimension=dimension,
+        model_id=model_id,
+        flush_each_write=settings.store_sync_writes,
+    )
 
 
 def open_cache_backend(settings: Settings) -> CacheBackend:

@@ -129,7 +129,9 @@ class SearchQuery(_message.Message):
     top_k: _builtins.int
     """How many results to return: 1 to 100. 0 (unset) means 10. Other values: INVALID_ARGUMENT."""
     score_threshold: _builtins.float
-    """Only return hits whose score (cosine similarity, -1 to 1) is at least this. Unset: no threshold."""
+    """Only return hits whose score (cosine similarity, -1 to 1) is above this (Qdrant's score_threshold).
+    Unset: no threshold.
+    """
     text_weight: _builtins.float
     """For a multimodal query (text and image): the weight of the text embedding, 0 to 1. The query vector is
     normalize(text_weight * text_embedding + (1 - text_weight) * image_embedding), where both embeddings are
