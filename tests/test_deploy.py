@@ -37,6 +37,7 @@ CLIENT_NAMES = {ENV_PREFIX + "TARGET"}
 ENV_NAME = re.compile(r"\b" + ENV_PREFIX + r"[A-Z0-9_]+")
 
 GRPC_PORT = 50051
+QDRANT_REST_PORT = 6333
 QDRANT_GRPC_PORT = 6334
 REDIS_PORT = 6379
 
@@ -165,9 +166,11 @@ def test_compose_points_the_service_at_the_other_containers() -> None:
     services = compose()["services"]
     env = service_env(services["imagesearch"])
 
+    # The URL is Qdrant's REST address; every call goes over gRPC, to the same host on the gRPC port.
     qdrant = urlsplit(env["IMAGESEARCH_QDRANT_URL"])
-    assert (qdrant.scheme, qdrant.hostname, qdrant.port) == ("http", "qdrant", QDRANT_GRPC_PORT)
+    assert (qdrant.scheme, qdrant.hostname, qdrant.port) == ("http", "qdrant", QDRANT_REST_PORT)
     assert qdrant.hostname in services
+    assert Settings.from_env(env).qdrant_grpc_port == QDRANT_GRPC_PORT
     redis = urlsplit(env["IMAGESEARCH_REDIS_URL"])
     assert (redis.scheme, redis.hostname, redis.port) == ("redis", "redis", REDIS_PORT)
     assert redis.hostname in services

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import urllib.request
+from wsgiref.simple_server import WSGIServer
 
+import grpc
+import prometheus_client
 import pytest
+from conftest import RunningServer, jpeg_bytes
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from rpc import index, product, search
 
 from imagesearch.metrics import Metrics, split_method
+from imagesearch.v1 import image_search_service_pb2 as pb
 
 SEARCH = "/imagesearch.v1.ImageSearchService/Search"
 SERVICE = "imagesearch.v1.ImageSearchService"
@@ -78,6 +87,24 @@ def test_store_calls_are_timed_and_failures_counted() -> None:
     # The failed call is timed too (a timeout is exactly the slow call one wants to see) and counted as an error.
     assert value(metrics, "imagesearch_store_duration_seconds_count", operation="upsert") == 2
     assert value(metrics, "imagesearch_store_errors_total", operation="upsert") == 1
+    assert metrics.registry.get_sample_value("imagesearch_store_errors_total", {"operation": "search"}) is None
+
+
+async def test_cancelled_store_calls_are_not_recorded() -> None:
+    metrics = Metrics()
+
+    async def slow_search() -> None:
+        with metrics.time_store("search"):
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(slow_search())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (
+        metrics.registry.get_sample_value("imagesearch_store_duration_seconds_count", {"operation": "search"}) is None
+    )
     assert metrics.registry.get_sample_value("imagesearch_store_errors_total", {"operation": "search"}) is None
 
 
@@ -153,6 +180,28 @@ def test_http_endpoint_accepts_the_grpc_host_forms() -> None:
         endpoint.stop()
 
 
+def test_http_endpoint_falls_back_to_ipv4_where_ipv6_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_start = prometheus_client.start_http_server
+    tried: list[str] = []
+
+    def no_ipv6(port: int, addr: str, registry: CollectorRegistry) -> tuple[WSGIServer, threading.Thread]:
+        tried.append(addr)
+        if ":" in addr:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_start(port, addr=addr, registry=registry)
+
+    monkeypatch.setattr(prometheus_client, "start_http_server", no_ipv6)
+    endpoint = Metrics(process_metrics=False).start_http_server(0, "[::]")
+    try:
+        assert tried == ["::", "0.0.0.0"]
+        assert "imagesearch_cache_lookups_total{outcome=hit,tier=result}" in scrape(endpoint.port)
+    finally:
+        endpoint.stop()
+    # Only the wildcard falls back: an explicit address that cannot be bound is an error.
+    with pytest.raises(OSError):
+        Metrics(process_metrics=False).start_http_server(0, "[::1]")
+
+
 def test_http_endpoint_refuses_a_port_in_use() -> None:
     metrics = Metrics(process_metrics=False)
     endpoint = metrics.start_http_server(0, "127.0.0.1")
@@ -161,3 +210,35 @@ def test_http_endpoint_refuses_a_port_in_use() -> None:
             Metrics(process_metrics=False).start_http_server(endpoint.port, "127.0.0.1")
     finally:
         endpoint.stop()
+
+
+async def test_server_metrics_move_with_real_rpcs(running: RunningServer) -> None:
+    endpoint = running.components.metrics.start_http_server(0, "127.0.0.1")
+    try:
+        await index(running.stub, product("m"), jpeg_bytes())
+        await search(running.stub, text="mug")
+        await search(running.stub, image=jpeg_bytes((1, 2, 3)))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await running.stub.GetProduct(pb.GetProductRequest(id="missing"))
+        body = await asyncio.to_thread(_scrape, endpoint.port)
+    finally:
+        endpoint.stop()
+    assert _sample(body, "imagesearch_rpcs_total", method="Search", code="OK") == 2
+    assert _sample(body, "imagesearch_rpcs_total", method="GetProduct", code="NOT_FOUND") == 1
+    assert _sample(body, "imagesearch_encoder_batch_size_count", kind="image") == 2  # index + image search
+    assert _sample(body, "imagesearch_encoder_batch_size_count", kind="text") == 1
+    assert _sample(body, "imagesearch_store_duration_seconds_count", operation="search") == 2
+    assert _sample(body, "imagesearch_store_duration_seconds_count", operation="upsert") == 1
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text: str = response.read().decode()
+        return text
+
+
+def _sample(body: str, name: str, **labels: str) -> float:
+    for line in body.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name}{labels}")

@@ -8,6 +8,7 @@ grow by themselves to the arrival rate times the forward time, which is what a f
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
@@ -19,9 +20,15 @@ Item = TypeVar("Item")
 
 class MicroBatcher(Generic[Item]):
     def __init__(
-        self, run_batch: Callable[[Sequence[Item]], np.ndarray], executor: Executor, max_batch: int = 32
+        self,
+        run_batch: Callable[[Sequence[Item]], np.ndarray],
+        executor: Executor,
+        max_batch: int = 32,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        # Told (batch size, seconds) after every forward pass, failed ones included: metrics.
+        self._on_batch = on_batch
         self._executor = executor
         self.max_batch = max_batch
         self._pending: list[tuple[Item, asyncio.Future[np.ndarray]]] = []
@@ -46,6 +53,7 @@ class MicroBatcher(Generic[Item]):
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
+            started = time.perf_counter()
             try:
                 rows = await loop.run_in_executor(self._executor, self._run_batch, [item for item, _ in batch])
             except Exception as exc:  # the model failed: every caller in the batch gets the error
@@ -53,6 +61,9 @@ class MicroBatcher(Generic[Item]):
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                if self._on_batch is not None:
+                    self._on_batch(len(batch), time.perf_counter() - started)
             for (_, future), row in zip(batch, rows, strict=True):
                 if not future.done():
                     future.set_result(row)

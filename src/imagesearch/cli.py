@@ -50,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         log_level=args.log_level,
         offline=True if args.offline else None,
+        metrics_port=args.metrics_port,
     )
     configure_logging(settings.log_format, settings.log_level)
     return server.run(settings)
@@ -195,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["json", "console"], help="IMAGESEARCH_LOG_FORMAT, default json")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="IMAGESEARCH_LOG_LEVEL")
     serve.add_argument("--offline", action="store_true", help="never download weights (IMAGESEARCH_OFFLINE)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port; 0 = off (IMAGESEARCH_METRICS_PORT)")
     serve.set_defaults(func=_serve)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -55,6 +55,8 @@ class Settings:
     cache_memory_max_entries: int = 10_000
     # Extra key prefix, so deployments sharing one Redis (staging/production) never read each other's entries.
     cache_namespace: str = ""
+    # Prometheus /metrics endpoint on host:metrics_port; 0 = off.
+    metrics_port: int = 0
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     max_image_bytes: int = 10 * 1024 * 1024
@@ -85,6 +87,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "must be 0..65535")
+        _require(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0 (off) to 65535")
+        _require(
+            self.metrics_port == 0 or self.metrics_port != self.port, "metrics_port", "must differ from the gRPC port"
+        )
         _require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = automatic)")
         _require(self.store_timeout_s > 0, "store_timeout_s", "must be > 0")
         _require(self.max_image_bytes > 0, "max_image_bytes", "must be > 0")

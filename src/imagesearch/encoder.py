@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,14 +176,26 @@ class AsyncEncoder:
     next one (see batching.py). Image decoding runs in the loop's default pool, so it overlaps with a forward.
     """
 
-    def __init__(self, encoder: ClipEncoder, *, max_batch: int = 32) -> None:
+    def __init__(
+        self,
+        encoder: ClipEncoder,
+        *,
+        max_batch: int = 32,
+        on_batch: Callable[[Literal["text", "image"], int, float], None] | None = None,
+    ) -> None:
         self.encoder = encoder
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-forward")
         self.images: MicroBatcher[torch.Tensor] = MicroBatcher(
-            lambda pixels: encoder.encode_pixels(torch.stack(list(pixels))), self._model_thread, max_batch
+            lambda pixels: encoder.encode_pixels(torch.stack(list(pixels))),
+            self._model_thread,
+            max_batch,
+            functools.partial(on_batch, "image") if on_batch else None,
         )
         self.texts: MicroBatcher[str] = MicroBatcher(
-            lambda texts: encoder.encode_texts(texts), self._model_thread, max_batch
+            lambda texts: encoder.encode_texts(texts),
+            self._model_thread,
+            max_batch,
+            functools.partial(on_batch, "text") if on_batch else None,
         )
 
     async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:

@@ -10,6 +10,8 @@ from typing import Any
 import grpc
 import structlog
 
+from imagesearch.metrics import Metrics
+
 log = structlog.get_logger("imagesearch.rpc")
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -18,7 +20,11 @@ _MAX_REQUEST_ID_CHARS = 128
 
 class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
     """Binds request_id (the caller's x-request-id, or a fresh one) and method to structlog's context for the
-    whole RPC, echoes the id back in the response metadata, and logs one line per RPC with status and time."""
+    whole RPC, echoes the id back in the response metadata, logs one line per RPC with status and time, and
+    records the same in the metrics."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -33,32 +39,34 @@ class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
         request_id = str(metadata.get(REQUEST_ID_HEADER, ""))[:_MAX_REQUEST_ID_CHARS] or uuid.uuid4().hex
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap(handler.unary_unary, method, request_id),
+                _wrap(handler.unary_unary, method, request_id, self._metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap(handler.stream_unary, method, request_id),
+                _wrap(handler.stream_unary, method, request_id, self._metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming(handler.stream_stream, method, request_id),
+                _wrap_streaming(handler.stream_stream, method, request_id, self._metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(handler.unary_stream, method, request_id),
+                _wrap_streaming(handler.unary_stream, method, request_id, self._metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _wrap(behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str) -> Callable[..., Awaitable[Any]]:
+def _wrap(
+    behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str, metrics: Metrics | None
+) -> Callable[..., Awaitable[Any]]:
     async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = _begin(method, request_id)
         code = grpc.StatusCode.OK
@@ -70,12 +78,14 @@ def _wrap(behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str
             code = _failure_code(context)
             raise
         finally:
-            _end(code, started)
+            _end(code, started, method, metrics)
 
     return logged
 
 
-def _wrap_streaming(behaviour: Callable[..., Any], method: str, request_id: str) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_streaming(
+    behaviour: Callable[..., Any], method: str, request_id: str, metrics: Metrics | None
+) -> Callable[..., AsyncIterator[Any]]:
     async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         started = _begin(method, request_id)
         code = grpc.StatusCode.OK
@@ -94,7 +104,7 @@ def _wrap_streaming(behaviour: Callable[..., Any], method: str, request_id: str)
             code = _failure_code(context)
             raise
         finally:
-            _end(code, started)
+            _end(code, started, method, metrics)
 
     return logged
 
@@ -118,8 +128,11 @@ def _failure_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
     return grpc.StatusCode.CANCELLED if code == grpc.StatusCode.OK else code
 
 
-def _end(code: grpc.StatusCode, started: float) -> None:
-    elapsed_ms = round((time.perf_counter() - started) * 1000.0, 2)
+def _end(code: grpc.StatusCode, started: float, method: str, metrics: Metrics | None) -> None:
+    elapsed_s = time.perf_counter() - started
+    if metrics is not None:
+        metrics.observe_rpc(method, code.name, elapsed_s)
+    elapsed_ms = round(elapsed_s * 1000.0, 2)
     level = "warning" if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else "info"
     getattr(log, level)("rpc", code=code.name, duration_ms=elapsed_ms)
     structlog.contextvars.clear_contextvars()

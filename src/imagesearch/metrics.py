@@ -147,14 +147,16 @@ class Metrics:
 
     @contextmanager
     def time_store(self, operation: str) -> Iterator[None]:
-        """`with metrics.time_store("search"): await store.search(...)`; an exception counts as a failed call."""
+        """`with metrics.time_store("search"): await store.search(...)`. An exception counts as a failed call; a
+        cancellation (the caller's deadline, a client gone) is not the store's doing and is not recorded at all,
+        since its cut-short time would understate the latency."""
         started = time.perf_counter()
-        failed = True
         try:
             yield
-            failed = False
-        finally:
-            self.observe_store(operation, time.perf_counter() - started, failed=failed)
+        except Exception:
+            self.observe_store(operation, time.perf_counter() - started, failed=True)
+            raise
+        self.observe_store(operation, time.perf_counter() - started)
 
     def start_http_server(self, port: int, addr: str = "[::]") -> MetricsEndpoint:
         """Serve these metrics over HTTP (any path, /metrics by convention) from a daemon thread.
@@ -164,7 +166,13 @@ class Metrics:
         """
         # prometheus_client resolves the address with getaddrinfo, which wants IPv6 literals without brackets.
         host = addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
-        server, thread = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
+        except OSError:
+            if host != "::":
+                raise
+            # "[::]" means every interface; on a host without IPv6 that is 0.0.0.0, as gRPC does for the same value.
+            server, thread = prometheus_client.start_http_server(port, addr="0.0.0.0", registry=self.registry)
         return MetricsEndpoint(port=int(server.server_port), _server=server, _thread=thread)
 
 

@@ -21,8 +21,10 @@ from imagesearch.encoder import AsyncEncoder, ClipEncoder
 from imagesearch.errors import ModelLoadError, StoreConfigError, StoreUnavailable
 from imagesearch.health import StoreHealth
 from imagesearch.interceptors import RequestLoggingInterceptor
+from imagesearch.metrics import Metrics
 from imagesearch.service import ImageSearchService
 from imagesearch.store import EdgeStore, QdrantServerStore, VectorStore
+from imagesearch.timed_store import TimedStore
 from imagesearch.urlfetch import FetchPolicy, ImageFetcher
 from imagesearch.v1 import image_search_service_pb2, image_search_service_pb2_grpc
 
@@ -41,6 +43,7 @@ class Components:
     store: VectorStore
     cache: SearchCache
     fetcher: ImageFetcher
+    metrics: Metrics
 
     async def close(self) -> None:
         # Store last: it may flush to disk, and nothing must write to it after.
@@ -91,7 +94,8 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
             offline=settings.offline,
             threads=settings.torch_threads,
         )
-    store = await open_store(settings, encoder.dimension, encoder.model_id)
+    metrics = Metrics()
+    store = TimedStore(await open_store(settings, encoder.dimension, encoder.model_id), metrics)
     cache = SearchCache(
         open_cache_backend(settings),
         model_id=encoder.model_id,
@@ -110,7 +114,13 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
             allowed_networks=networks,
         )
     )
-    return Components(encoder=AsyncEncoder(encoder), store=store, cache=cache, fetcher=fetcher)
+    return Components(
+        encoder=AsyncEncoder(encoder, on_batch=metrics.observe_batch),
+        store=store,  # type: ignore[arg-type]  # TimedStore delegates the whole VectorStore protocol
+        cache=cache,
+        fetcher=fetcher,
+        metrics=metrics,
+    )
 
 
 def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.Server, int, StoreHealth]:
@@ -118,7 +128,7 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
     interceptors: list[grpc.aio.ServerInterceptor] = [
         # Outermost: binds request_id/method for every log line of the RPC and logs its final status, including
         # the refusals of the interceptors after it.
-        RequestLoggingInterceptor(),
+        RequestLoggingInterceptor(components.metrics),
     ]
     if settings.api_keys_file is not None:
         # Before any handler runs: an unauthenticated caller never reaches the model or the store.
@@ -173,6 +183,11 @@ async def serve(settings: Settings) -> int:
         return STARTUP_FAILURE
     try:
         server, port, store_health = build_server(settings, components)
+        metrics_endpoint = (
+            components.metrics.start_http_server(settings.metrics_port, settings.host)
+            if settings.metrics_port
+            else None
+        )
     except (OSError, ApiKeyFileError) as exc:
         log.error("startup failed", error=str(exc))
         await components.close()
@@ -191,6 +206,8 @@ async def serve(settings: Settings) -> int:
         )
         await stop.wait()
         await shutdown(server, store_health, components, settings.shutdown_grace_s, force)
+        if metrics_endpoint is not None:
+            metrics_endpoint.stop()  # last: the drain itself can be watched
     return 0
 
 
