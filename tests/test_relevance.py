@@ -120,7 +120,13 @@ async def test_multimodal_query_moves_an_image_search_towards_the_text(catalogue
     # The documented weights: 0 is the image alone, 1 the text alone.
     assert await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=0.0, top_k=10) == image_only
     assert await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=1.0, top_k=10) == text_only
-    # "This shoe, but red": shoes stay on top, and red ones now lead.
-    mixed = await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=0.5, top_k=5)
-    assert all(label(pid)[1] == "shoe" for pid in mixed[:3])
-    assert label(mixed[0]) == ("red", "shoe")
+    # "This shoe, but red": shoes stay on top while red ones rise, and lead once the text weighs more.
+    def red_shoes(ids: list[str]) -> int:
+        return sum(1 for pid in ids if label(pid) == ("red", "shoe"))
+
+    balanced = await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=0.5, top_k=5)
+    assert all(label(pid)[1] == "shoe" for pid in balanced)
+    assert red_shoes(balanced) >= 2 > red_shoes(image_only[:5])
+    text_led = await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=0.7, top_k=5)
+    assert label(text_led[0]) == ("red", "shoe")
+    assert all(label(pid)[1] == "shoe" for pid in text_led[:3])
