@@ -92,7 +92,10 @@ class ClipEncoder:
         self.image_size = _image_size(model)
         # Repeated queries ("red shoes") are common; BPE tokenizing is pure Python, so memoise it.
         self._tokens = functools.lru_cache(maxsize=4096)(lambda text: tokenizer([text])[0])
+        # One pass through each tower at start: torch and oneDNN set up kernels on first use, which would
+        # otherwise land on the first caller (hundreds of ms on CPU).
         self.dimension = int(self.encode_texts(["warm-up"]).shape[1])
+        self.encode_images([Image.new("RGB", (self.image_size, self.image_size))])
 
     @property
     def model_id(self) -> str:
