@@ -48,7 +48,7 @@ async def fill(store: EdgeStore, rng: np.random.Generator, n: int, dim: int, bat
             )
             for i in range(size)
         ]
-        await store.upsert(list(zip(products, vectors)))
+        await store.upsert(list(zip(products, vectors, strict=True)))
     return time.perf_counter() - started
 
 

@@ -105,7 +105,7 @@ ls -l "$work"/*.png
 distractors=0
 for category in mugs other; do
   IMAGESEARCH_TARGET=$target .venv/bin/imagesearch index --category "$category" "$work/catalogue/$category"
-  distractors=$((distractors + $(ls "$work/catalogue/$category" | wc -l)))
+  distractors=$((distractors + $(find "$work/catalogue/$category" -name "*.jpg" | wc -l)))
 done
 echo "$distractors distractors indexed"
 

@@ -16,7 +16,7 @@ if [ $# -ne 2 ]; then
   exit 2
 fi
 target=$1
-image=$(realpath "$2")
+image=$(realpath -e "$2")
 cd "$(dirname "$0")/.."
 id=${WALKTHROUGH_ID:-grpcurl-mug-1}
 GRPCURL=${GRPCURL:-$( [ -x .venv/bin/grpcurl ] && echo .venv/bin/grpcurl || echo grpcurl )}
@@ -61,6 +61,7 @@ run_expect_code() {
 }
 
 # The image as IndexProduct/Search messages: one {"image_chunk": BASE64} line per 64 KiB of the file.
+# shellcheck disable=SC2016  # $(base64 -w0) runs in the filter shell, once per chunk
 image_chunks() { split -b 64K --filter='printf "{\"image_chunk\": \"%s\"}\n" "$(base64 -w0)"' "$1"; }
 
 step "list services (reflection)"

@@ -54,7 +54,7 @@ class RunningServer:
     components: Components
     store_health: StoreHealth
     channel: grpc.aio.Channel
-    stub: pb_grpc.ImageSearchServiceStub
+    stub: pb_grpc.ImageSearchServiceAsyncStub
     health: health_pb2_grpc.HealthStub
 
     @property
@@ -74,7 +74,7 @@ async def start_server(settings: Settings, encoder: ClipEncoder) -> RunningServe
         components,
         store_health,
         channel,
-        pb_grpc.ImageSearchServiceStub(channel),
+        pb_grpc.ImageSearchServiceAsyncStub(channel),
         health_pb2_grpc.HealthStub(channel),
     )
 
@@ -96,7 +96,7 @@ async def running(settings: Settings, encoder: ClipEncoder) -> AsyncIterator[Run
 
 
 @pytest.fixture
-def stub(running: RunningServer) -> pb_grpc.ImageSearchServiceStub:
+def stub(running: RunningServer) -> pb_grpc.ImageSearchServiceAsyncStub:
     return running.stub
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -15,7 +16,8 @@ from imagesearch.v1 import products_pb2
 CHUNK = 64 * 1024
 
 
-async def stream(*messages: object) -> AsyncIterator[object]:
+async def stream(*messages: Any) -> AsyncIterator[Any]:
+    """A client request stream of the given messages (any request type: tests mix valid and invalid ones)."""
     for message in messages:
         yield message
 
@@ -48,7 +50,7 @@ def product(
 
 
 async def index(
-    stub: pb_grpc.ImageSearchServiceStub, item: products_pb2.Product, image: bytes | None
+    stub: pb_grpc.ImageSearchServiceAsyncStub, item: products_pb2.Product, image: bytes | None
 ) -> pb.IndexProductResponse:
     messages: list[object] = [pb.IndexProductRequest(product=item)]
     messages += [pb.IndexProductRequest(image_chunk=c) for c in chunks(image or b"")]
@@ -57,7 +59,7 @@ async def index(
 
 
 async def search(
-    stub: pb_grpc.ImageSearchServiceStub,
+    stub: pb_grpc.ImageSearchServiceAsyncStub,
     *,
     text: str = "",
     image: bytes | None = None,
@@ -87,7 +89,7 @@ async def search(
 
 def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
     """Field names from the google.rpc.BadRequest detail of an INVALID_ARGUMENT error."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, "INVALID_ARGUMENT without google.rpc.Status details"
     fields: list[str] = []
     for detail in status.details:

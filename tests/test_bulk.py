@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import products_pb2
 
 
-def bulk_messages(items: list[tuple[products_pb2.Product, bytes | None]]) -> list[pb.IndexProductsRequest]:
+def bulk_messages(items: Sequence[tuple[products_pb2.Product, bytes | None]]) -> list[pb.IndexProductsRequest]:
     messages: list[pb.IndexProductsRequest] = []
     for item, image in items:
         messages.append(pb.IndexProductsRequest(product=item))
@@ -74,7 +75,7 @@ async def test_bulk_import_batches_encodes(running: RunningServer) -> None:
     batcher = running.components.encoder.images
     batcher.batch_sizes.clear()
     items = [(product(f"b{i}"), jpeg_bytes((i * 3, i, 255 - i))) for i in range(48)]
-    responses = await run_bulk(running, bulk_messages(items))  # type: ignore[arg-type]
+    responses = await run_bulk(running, bulk_messages(items))
     assert not any(r.HasField("error") for r in responses)
     assert sum(batcher.batch_sizes) == 48
     assert max(batcher.batch_sizes) > 1, f"no batching happened: {batcher.batch_sizes}"

@@ -30,7 +30,7 @@ async def health_status(running: RunningServer, service: str = "") -> int:
 
 
 def has_retry_info(error: grpc.aio.AioRpcError) -> bool:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     return status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Generates the stubs, builds the Go example offline and runs it against a server:
+# Generates the stubs, builds the Go example offline and runs it against a server.
+# Usage:
 #   clients/go/run.sh TARGET IMAGE [more example flags, e.g. -id my-product -text "red mug" -keep]
 # e.g. clients/go/run.sh localhost:50051 mug.jpg
 #
@@ -13,7 +14,7 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 target=$1
-image=$(realpath "$2")
+image=$(realpath -e "$2")
 shift 2
 cd "$(dirname "$0")"
 for tool in go protoc protoc-gen-go protoc-gen-go-grpc; do
@@ -25,6 +26,6 @@ done
 gopath=$PWD/.gopath
 mkdir -p "$gopath/src/github.com/imagesearch/imagesearch/clients"
 ln -sfn "$PWD" "$gopath/src/github.com/imagesearch/imagesearch/clients/go"
-GO111MODULE=off GOPATH="$gopath:/usr/share/gocode" GOFLAGS= \
+GO111MODULE=off GOPATH="$gopath:/usr/share/gocode" GOFLAGS='' \
   go build -o bin/example github.com/imagesearch/imagesearch/clients/go/example
 exec bin/example -target "$target" -image "$image" "$@"

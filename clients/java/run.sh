@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Generates the stubs, compiles the Java example offline and runs it against a server:
+# Generates the stubs, compiles the Java example offline and runs it against a server.
+# Usage:
 #   clients/java/run.sh TARGET IMAGE [--id ID] [--text TEXT] [--keep]
 # e.g. clients/java/run.sh localhost:50051 mug.jpg
 #
@@ -14,7 +15,7 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 target=$1
-image=$(realpath "$2")
+image=$(realpath -e "$2")
 shift 2
 cd "$(dirname "$0")"
 REPO=$(cd ../.. && pwd)

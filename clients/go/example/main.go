@@ -219,14 +219,16 @@ func showBadRequest(client pb.ImageSearchServiceClient) error {
 		TopK:   1000,
 		Filter: &pb.SearchFilter{PriceMin: &priceMin, PriceMax: &priceMax},
 	}
-	var header metadata.MD
-	_, err := search(client, query, "", grpc.Header(&header))
+	var header, trailer metadata.MD
+	_, err := search(client, query, "", grpc.Header(&header), grpc.Trailer(&trailer))
 	st, _ := status.FromError(err)
 	if st.Code() != codes.InvalidArgument {
 		return fmt.Errorf("top_k 1000: got %v, want INVALID_ARGUMENT", err)
 	}
 	fmt.Printf("INVALID_ARGUMENT as expected: %s\n", st.Message())
-	fmt.Printf("  x-request-id (to find the server's log line): %s\n", strings.Join(header.Get("x-request-id"), ","))
+	// An error before any response is a trailers-only response: the x-request-id header is in the trailers.
+	requestID := append(header.Get("x-request-id"), trailer.Get("x-request-id")...)
+	fmt.Printf("  x-request-id (to find the server's log line): %s\n", strings.Join(requestID, ","))
 	violations := 0
 	for _, detail := range st.Details() {
 		if badRequest, ok := detail.(*errdetails.BadRequest); ok {
