@@ -74,7 +74,7 @@ async def start_server(settings: Settings, encoder: ClipEncoder) -> RunningServe
         components,
         store_health,
         channel,
-        pb_grpc.ImageSearchServiceAsyncStub(channel),
+        pb_grpc.ImageSearchServiceStub(channel),
         health_pb2_grpc.HealthStub(channel),
     )
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import grpc
 import structlog
 
+from imagesearch.interceptors import with_behaviour
+
 log = structlog.get_logger(__name__)
 
 Scope = Literal["read", "write"]
@@ -25,6 +27,7 @@ _SERVICE = "/imagesearch.v1.ImageSearchService/"
 REQUIRED_SCOPE: dict[str, Scope] = {
     _SERVICE + "Search": "read",
     _SERVICE + "GetProduct": "read",
+    _SERVICE + "ListProducts": "read",
     _SERVICE + "GetServiceInfo": "read",
     _SERVICE + "IndexProduct": "write",
     _SERVICE + "IndexProducts": "write",
@@ -119,11 +122,4 @@ def _denied(
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers must be
 
-    kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_streaming, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(abort_streaming, **kwargs)
+    return with_behaviour(handler, single=abort, streaming=abort_streaming)

@@ -37,31 +37,38 @@ class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         metadata = dict(handler_call_details.invocation_metadata or ())
         request_id = str(metadata.get(REQUEST_ID_HEADER, ""))[:_MAX_REQUEST_ID_CHARS] or uuid.uuid4().hex
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap(handler.unary_unary, method, request_id, self._metrics),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap(handler.stream_unary, method, request_id, self._metrics),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming(handler.stream_stream, method, request_id, self._metrics),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(handler.unary_stream, method, request_id, self._metrics),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return with_behaviour(
+            handler,
+            single=_wrap(_behaviour(handler), method, request_id, self._metrics),
+            streaming=_wrap_streaming(_behaviour(handler), method, request_id, self._metrics),
+        )
+
+
+Behaviour = Callable[..., Any]
+
+
+def _behaviour(handler: grpc.RpcMethodHandler[Any, Any]) -> Behaviour:
+    behaviour = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+    assert behaviour is not None
+    return behaviour
+
+
+def with_behaviour(
+    handler: grpc.RpcMethodHandler[Any, Any], *, single: Behaviour, streaming: Behaviour
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind and (de)serializers as `handler`, running `single` for RPCs with one response
+    and `streaming` for RPCs with a response stream. Interceptors use it to wrap or replace a method's code."""
+    codecs: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(single, **codecs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(single, **codecs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **codecs)
+    return grpc.stream_stream_rpc_method_handler(streaming, **codecs)
 
 
 def _wrap(
