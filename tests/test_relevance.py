@@ -120,6 +120,7 @@ async def test_multimodal_query_moves_an_image_search_towards_the_text(catalogue
     # The documented weights: 0 is the image alone, 1 the text alone.
     assert await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=0.0, top_k=10) == image_only
     assert await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=1.0, top_k=10) == text_only
+
     # "This shoe, but red": shoes stay on top while red ones rise, and lead once the text weighs more.
     def red_shoes(ids: list[str]) -> int:
         return sum(1 for pid in ids if label(pid) == ("red", "shoe"))
