@@ -19,7 +19,7 @@ import pytest_asyncio
 from qdrant_client import AsyncQdrantClient
 
 import imagesearch
-from imagesearch.domain import Product, SearchFilter
+from imagesearch.domain import FacetCount, FacetSpec, Product, SearchFilter
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store import EdgeStore, QdrantServerStore, VectorStore
 from imagesearch.store.base import Vector
@@ -70,7 +70,7 @@ CATALOGUE = [
 async def seed(store: VectorStore) -> None:
     # Distinct similarities to unit(1), in catalogue order, so rankings are unambiguous.
     cosines = np.linspace(0.95, 0.55, len(CATALOGUE))
-    await store.upsert([(p, at_cosine(float(c))) for p, c in zip(CATALOGUE, cosines)])
+    await store.upsert([(p, at_cosine(float(c))) for p, c in zip(CATALOGUE, cosines, strict=True)])
 
 
 async def ids_for(store: VectorStore, flt: SearchFilter, limit: int = 10) -> list[str]:
@@ -216,7 +216,7 @@ async def test_search_matches_brute_force_on_1k_filtered_points(store: VectorSto
         Product(id=f"p{i}", category=str(categories[i]), price=float(prices[i]), attributes={"tier": str(i % 3)})
         for i in range(1000)
     ]
-    await store.upsert(list(zip(products, vectors)))
+    await store.upsert(list(zip(products, vectors, strict=True)))
     query = vectors[0]
     flt = SearchFilter(categories=("shoes", "hats"), price_min=50.0, price_max=150.0, attributes=(("tier", "1"),))
 
@@ -385,3 +385,137 @@ async def test_qdrant_open_raises_unavailable_when_server_never_answers() -> Non
         port = silent.getsockname()[1]
         with pytest.raises(StoreUnavailable, match="timed out"):
             await QdrantServerStore.open(f"http://127.0.0.1:{port}", DIM, MODEL, timeout_s=0.5, grpc_port=port)
+
+
+# --- search features: exclusions, diversity, example vectors, facets, listing (both backends) ---
+
+
+async def test_search_never_returns_excluded_products(store: VectorStore) -> None:
+    await seed(store)
+    hits = await store.search(unit(1), SearchFilter(), 10, exclude_ids={"red-shoe", "red-bag", "unknown"})
+    assert [h.product.id for h in hits] == ["blue-shoe", "blue-bag", "red-hat"]
+    filtered = await store.search(unit(1), SearchFilter(categories=("shoes",)), 10, exclude_ids={"red-shoe"})
+    assert [h.product.id for h in filtered] == ["blue-shoe"]
+
+
+def mmr_reference(query: Vector, vectors: dict[str, Vector], diversity: float, count: int) -> list[str]:
+    """Maximal Marginal Relevance by the book, over every product (fewer than DIVERSITY_CANDIDATES here)."""
+    pending = dict(vectors)
+    chosen: list[str] = []
+    while pending and len(chosen) < count:
+
+        def mmr(pid: str) -> float:
+            redundancy = max((float(pending[pid] @ vectors[c]) for c in chosen), default=0.0)
+            return (1 - diversity) * float(pending[pid] @ query) - diversity * redundancy
+
+        best = max(pending, key=mmr) if chosen else max(pending, key=lambda pid: float(pending[pid] @ query))
+        chosen.append(best)
+        del pending[best]
+    return chosen
+
+
+async def test_search_with_diversity_follows_mmr_and_keeps_similarity_scores(store: VectorStore) -> None:
+    rng = np.random.default_rng(3)
+    # Three tight clusters at decreasing similarity to the query: plain ranking returns the nearest cluster
+    # first; diversity should interleave the others.
+    centres = [at_cosine(0.9), unit(0.6, 0, 0.8), unit(0.3, 0, 0, 0.95)]
+    vectors: dict[str, Vector] = {}
+    for c, centre in enumerate(centres):
+        for i in range(6):
+            v = centre + 0.03 * rng.standard_normal(DIM).astype(np.float32)
+            vectors[f"c{c}-{i}"] = (v / np.linalg.norm(v)).astype(np.float32)
+    await store.upsert([(Product(id=pid), v) for pid, v in vectors.items()])
+    query = unit(1)
+
+    plain = await store.search(query, SearchFilter(), 6)
+    diverse = await store.search(query, SearchFilter(), 6, diversity=0.7)
+
+    assert {h.product.id[:2] for h in plain} == {"c0"}
+    assert [h.product.id for h in diverse] == mmr_reference(query, vectors, 0.7, 6)
+    assert {h.product.id[:2] for h in diverse[:3]} == {"c0", "c1", "c2"}
+    for hit in diverse:  # scores stay similarities to the query, not MMR scores
+        assert hit.score == pytest.approx(float(vectors[hit.product.id] @ query), abs=1e-4)
+    # Pages are slices of one diversified list.
+    pages = [await store.search(query, SearchFilter(), 4, offset=o, diversity=0.7) for o in (0, 4, 8)]
+    assert [h.product.id for page in pages for h in page] == mmr_reference(query, vectors, 0.7, 12)
+
+
+async def test_vectors_returns_stored_embeddings_of_known_products_only(store: VectorStore) -> None:
+    await store.upsert([(Product(id="a"), unit(1)), (Product(id="b/ü"), unit(0, 1))])
+    found = await store.vectors(["a", "b/ü", "missing"])
+    assert set(found) == {"a", "b/ü"}
+    np.testing.assert_allclose(found["a"], unit(1), atol=1e-6)
+    np.testing.assert_allclose(found["b/ü"], unit(0, 1), atol=1e-6)
+    assert found["a"].dtype == np.float32
+    assert await store.vectors([]) == {}
+
+
+async def test_facets_count_categories_and_attribute_values_under_the_filter(store: VectorStore) -> None:
+    await seed(store)
+    spec = FacetSpec(categories=True, attribute_keys=("color", "size", "absent"))
+
+    everything = await store.facets(SearchFilter(), spec)
+    assert everything.categories == (FacetCount("bags", 2), FacetCount("shoes", 2), FacetCount("hats", 1))
+    assert everything.attributes == (
+        ("color", (FacetCount("red", 3), FacetCount("blue", 2))),
+        ("size", (FacetCount("42", 2), FacetCount("L", 2))),
+        ("absent", ()),
+    )
+
+    cheap = await store.facets(SearchFilter(price_max=30.0), spec, exclude_ids={"red-shoe"})
+    assert cheap.categories == (FacetCount("bags", 1), FacetCount("shoes", 1))
+    assert dict(cheap.attributes)["color"] == (FacetCount("blue", 1), FacetCount("red", 1))
+
+    top_one = await store.facets(SearchFilter(), FacetSpec(categories=True, attribute_keys=("color",), max_values=1))
+    assert top_one.categories == (FacetCount("bags", 2),)  # ties broken by value
+    assert top_one.attributes == (("color", (FacetCount("red", 3),)),)
+
+
+async def test_facets_keep_attribute_keys_apart_when_keys_contain_equals(store: VectorStore) -> None:
+    await store.upsert(
+        [(Product(id="k", attributes={"a=b": "c"}), unit(1)), (Product(id="v", attributes={"a": "b=c"}), unit(1))]
+    )
+    facets = await store.facets(SearchFilter(), FacetSpec(attribute_keys=("a", "a=b")))
+    assert facets.attributes == (("a", (FacetCount("b=c", 1),)), ("a=b", (FacetCount("c", 1),)))
+    assert facets.categories == ()
+
+
+async def test_scroll_lists_every_matching_product_once_in_a_stable_order(store: VectorStore) -> None:
+    products = [Product(id=f"p{i:02d}", category="even" if i % 2 == 0 else "odd") for i in range(25)]
+    await store.upsert([(p, unit(1)) for p in products])
+
+    async def listing(flt: SearchFilter, size: int) -> list[list[str]]:
+        pages, cursor = [], None
+        while True:
+            page, cursor = await store.scroll(flt, size, cursor)
+            pages.append([p.id for p in page])
+            if cursor is None:
+                return pages
+
+    pages = await listing(SearchFilter(), 10)
+    assert [len(page) for page in pages] == [10, 10, 5]
+    flat = [pid for page in pages for pid in page]
+    assert sorted(flat) == sorted(p.id for p in products)
+    assert await listing(SearchFilter(), 25) == [flat]  # the same order whatever the page size
+    even = [pid for page in await listing(SearchFilter(categories=("even",)), 4) for pid in page]
+    assert even == [pid for pid in flat if int(pid[1:]) % 2 == 0]
+    first, _ = await store.scroll(SearchFilter(), 1)
+    assert first == [next(p for p in products if p.id == flat[0])]  # whole products come back
+
+
+async def test_scroll_stays_consistent_when_products_change_between_pages(store: VectorStore) -> None:
+    await store.upsert([(Product(id=f"p{i:02d}"), unit(1)) for i in range(20)])
+    first, cursor = await store.scroll(SearchFilter(), 10)
+    seen = [p.id for p in first]
+    await store.delete(seen[0])  # already listed
+    await store.upsert([(Product(id=seen[1], name="renamed"), unit(1))])
+    rest: list[str] = []
+    while cursor is not None:
+        page, cursor = await store.scroll(SearchFilter(), 10, cursor)
+        rest += [p.id for p in page]
+    assert sorted(seen + rest) == [f"p{i:02d}" for i in range(20)]
+
+
+async def test_scroll_rejects_a_cursor_that_is_not_a_point_id(store: VectorStore) -> None:
+    with pytest.raises(ValueError, match="cursor"):
+        await store.scroll(SearchFilter(), 10, "not-a-uuid")

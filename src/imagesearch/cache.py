@@ -6,8 +6,9 @@ Two layers:
 - `SearchCache`: the service's view: keys, value formats and the catalogue generation.
 
 Tier 1 (encodings): key = sha256(model id + kind + content) -> the embedding as raw little-endian float32 bytes.
-Tier 2 (results): key = sha256(model id + embedding bytes + canonical filter + top_k + threshold + generation)
--> the ranked hits with whole products (JSON), so a hit skips both the model and the store.
+Tier 2 (results): key = sha256(model id + embedding bytes + example product ids + canonical filter + page (offset,
+limit) + threshold + group_by + diversity + excluded ids + generation) -> the ranked hits with whole products
+(JSON), so a hit skips both the model and the store.
 The catalogue generation is a counter bumped after every successful write to the store; it is part of every
 result key, so a result cached before a change can never be served after it (no TTL-only staleness).
 """
@@ -27,6 +28,8 @@ from imagesearch.domain import Hit, Product, SearchFilter
 
 # Bump when a value format changes, so old entries are never misread by a new server.
 KEY_VERSION = "v1"
+# Backends whose counters every replica sees; the others (in-process) count this process's writes only.
+_SHARED_BACKENDS = frozenset({"redis"})
 
 
 class CacheBackend(Protocol):
@@ -127,12 +130,23 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class ResultKey:
-    """Everything a ranked result depends on besides the catalogue generation."""
+    """Everything a ranked result depends on besides the catalogue generation.
 
-    vector: np.ndarray
+    `vector` is the encoded text/image query (None for a search by example products only); example products
+    enter by id, which together with the generation pins their stored vectors. `top_k` is the number of hits
+    fetched from `offset` on.
+    """
+
+    vector: np.ndarray | None
     flt: SearchFilter
     top_k: int
     score_threshold: float | None
+    offset: int = 0
+    like_ids: tuple[str, ...] = ()
+    unlike_ids: tuple[str, ...] = ()
+    exclude_ids: tuple[str, ...] = ()
+    group_by: str = ""
+    diversity: float | None = None
 
 
 class SearchCache:
@@ -176,22 +190,37 @@ class SearchCache:
     async def result_key(self, key: ResultKey) -> str | None:
         """The tier-2 key for this query at the current generation; None when the generation is unknown
         (backend unavailable), in which case results must not be cached or served."""
-        generation = await self.backend.get_counter(self._generation_key)
+        generation = await self.generation()
         if generation is None:
             return None
         digest = hashlib.sha256()
-        threshold = "" if key.score_threshold is None else repr(float(key.score_threshold))
+        vector = b"" if key.vector is None else np.asarray(key.vector, dtype="<f4").tobytes()
         for part in (
             self._model_id.encode(),
-            np.asarray(key.vector, dtype="<f4").tobytes(),
+            vector,
             key.flt.canonical().encode(),
             str(key.top_k).encode(),
-            threshold.encode(),
+            _optional_float(key.score_threshold),
             str(generation).encode(),
+            str(key.offset).encode(),
+            _id_list(key.like_ids),
+            _id_list(key.unlike_ids),
+            _id_list(key.exclude_ids),
+            key.group_by.encode(),
+            _optional_float(key.diversity),
         ):
             digest.update(struct.pack("<Q", len(part)))
             digest.update(part)
         return f"{self._prefix}res:{digest.hexdigest()}"
+
+    async def generation(self) -> int | None:
+        """The catalogue generation (bumped by every write); None when the backend is unavailable."""
+        return await self.backend.get_counter(self._generation_key)
+
+    @property
+    def shared(self) -> bool:
+        """True when the generation is shared by every replica using this cache (Redis), not process-local."""
+        return self.backend.name in _SHARED_BACKENDS
 
     async def get_results(self, key: str) -> list[Hit] | None:
         hits = _decode_hits(await self.backend.get(key))
@@ -210,6 +239,16 @@ class SearchCache:
 
     async def close(self) -> None:
         await self.backend.close()
+
+
+def _optional_float(value: float | None) -> bytes:
+    return b"" if value is None else repr(float(value)).encode()
+
+
+def _id_list(ids: tuple[str, ...]) -> bytes:
+    # Sorted and deduplicated: the order of example ids does not change the result. NUL cannot occur in an id
+    # (control characters are refused), so it separates them unambiguously.
+    return "\0".join(sorted(set(ids))).encode()
 
 
 def _decode_vector(raw: bytes | None, dimension: int) -> np.ndarray | None:

@@ -6,28 +6,58 @@ status codes.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from imagesearch.cache import ResultKey, SearchCache
-from imagesearch.domain import Hit, Product, SearchFilter
+from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter
 from imagesearch.encoder import AsyncEncoder
 from imagesearch.errors import FieldViolation, InvalidArgument, NotFound
+from imagesearch.paging import (
+    MAX_SEARCH_DEPTH,
+    CatalogueVersion,
+    ListPage,
+    SearchPage,
+    check_list_page,
+    check_search_page,
+    encode_list_page,
+    encode_search_page,
+)
 from imagesearch.store.base import VectorStore
 from imagesearch.urlfetch import ImageFetcher
 
-QueryKind = Literal["text", "image", "multimodal"]
+QueryKind = Literal["text", "image", "multimodal", "recommend"]
 CacheOutcome = Literal["hit", "miss", "bypass"]
 
 DEFAULT_TEXT_WEIGHT = 0.5
+#: With group_by, families are collected from at most this many best matches.
+MAX_GROUP_SCAN = 5000
+SEARCH_PAGE_TOKEN_FIELD = "query.page_token"
+LIST_PAGE_TOKEN_FIELD = "page_token"
+
+
+class UnknownProducts(NotFound):
+    """Products named by id (to get, delete, or use as search examples) do not exist."""
+
+    def __init__(self, product_ids: list[str]) -> None:
+        self.product_ids = product_ids
+        names = ", ".join(repr(pid) for pid in product_ids)
+        super().__init__(f"no product with id {names}" if len(product_ids) == 1 else f"no products with ids {names}")
 
 
 @dataclass(frozen=True)
 class Query:
-    """A validated search. `text` is already normalised; `image` holds the raw bytes (or None)."""
+    """A validated search. `text` is already normalised; `image` holds the raw bytes (or None).
+
+    `top_k` is the page size. `like_ids`/`unlike_ids` are example products (deduplicated, disjoint); `page` is
+    the decoded page token (None: the first page).
+    """
 
     text: str
     image: bytes | None
@@ -35,12 +65,49 @@ class Query:
     top_k: int
     score_threshold: float | None = None
     text_weight: float = DEFAULT_TEXT_WEIGHT
+    like_ids: tuple[str, ...] = ()
+    unlike_ids: tuple[str, ...] = ()
+    include_liked: bool = False
+    group_by: str = ""
+    diversity: float | None = None
+    page: SearchPage | None = None
+    facets: FacetSpec = field(default_factory=FacetSpec)
 
     @property
     def kind(self) -> QueryKind:
+        if self.like_ids or self.unlike_ids:
+            return "recommend"
         if self.text and self.image is not None:
             return "multimodal"
         return "image" if self.image is not None else "text"
+
+    @property
+    def encodes(self) -> bool:
+        return bool(self.text) or self.image is not None
+
+    @property
+    def exclude_ids(self) -> tuple[str, ...]:
+        """Products never returned: the negative examples, and the positive ones unless asked for."""
+        excluded = set(self.unlike_ids) if self.include_liked else {*self.like_ids, *self.unlike_ids}
+        return tuple(sorted(excluded))
+
+    def digest(self) -> str:
+        """A fingerprint of everything that shapes the ranking (not the page token, not the facets): a page token
+        is only valid with a query of the same fingerprint."""
+        image = b"" if self.image is None else hashlib.sha256(self.image).digest()
+        return _digest(
+            self.text.encode(),
+            image,
+            repr(self.text_weight).encode(),
+            "\0".join(sorted(self.like_ids)).encode(),
+            "\0".join(sorted(self.unlike_ids)).encode(),
+            b"1" if self.include_liked else b"0",
+            self.flt.canonical().encode(),
+            b"" if self.score_threshold is None else repr(self.score_threshold).encode(),
+            str(self.top_k).encode(),
+            self.group_by.encode(),
+            b"" if self.diversity is None else repr(self.diversity).encode(),
+        )
 
 
 @dataclass(frozen=True)
@@ -50,10 +117,25 @@ class SearchOutcome:
     embedding_cache: CacheOutcome
     result_cache: CacheOutcome
     server_time_ms: float
+    next_page_token: str = ""
+    facets: Facets | None = None
 
     @property
     def cached(self) -> bool:
         return self.result_cache == "hit"
+
+
+@dataclass(frozen=True)
+class ProductPage:
+    products: list[Product]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class _RankedPage:
+    hits: list[Hit]
+    has_more: bool
+    result_cache: CacheOutcome
 
 
 @dataclass(frozen=True)
@@ -75,6 +157,7 @@ class Catalog:
         self.cache = cache
         self.limits = limits
         self.fetcher = fetcher
+        self.version = CatalogueVersion(cache)
 
     @property
     def fetches_urls(self) -> bool:
@@ -93,21 +176,39 @@ class Catalog:
 
     async def search(self, query: Query) -> SearchOutcome:
         started = time.perf_counter()
-        vector, embedding_cache = await self._query_vector(query)
-        result_key = None
-        if self.cache.enabled:
-            result_key = await self.cache.result_key(
-                ResultKey(vector=vector, flt=query.flt, top_k=query.top_k, score_threshold=query.score_threshold)
-            )
-        if result_key is not None:
-            cached_hits = await self.cache.get_results(result_key)
-            if cached_hits is not None:
-                return SearchOutcome(cached_hits, query.kind, embedding_cache, "hit", _ms_since(started))
-        hits = await self.store.search(vector, query.flt, limit=query.top_k, score_threshold=query.score_threshold)
-        if result_key is not None:
-            await self.cache.put_results(result_key, hits)
-        result_cache: CacheOutcome = "miss" if result_key is not None else "bypass"
-        return SearchOutcome(hits, query.kind, embedding_cache, result_cache, _ms_since(started))
+        # Read before searching: a write racing with this search then bumps the version after it was read, so
+        # the next page's token is refused, never accepted for a page computed from another catalogue.
+        version = await self.version.current()
+        digest = query.digest()
+        offset = 0
+        if query.page is not None:
+            check_search_page(query.page, digest, version, SEARCH_PAGE_TOKEN_FIELD)
+            offset = query.page.offset
+        encoded, embedding_cache = await self._encoded_vector(query)
+        page = await self._ranked_page(query, encoded, offset)
+        facets = None
+        if not query.facets.is_empty:
+            facets = await self.store.facets(query.flt, query.facets, exclude_ids=query.exclude_ids)
+        next_page_token = ""
+        if page.has_more:
+            next_page_token = encode_search_page(SearchPage(digest, version, offset + len(page.hits)))
+        return SearchOutcome(
+            page.hits,
+            query.kind,
+            embedding_cache,
+            page.result_cache,
+            _ms_since(started),
+            next_page_token=next_page_token,
+            facets=facets,
+        )
+
+    async def list_products(self, flt: SearchFilter, page_size: int, page: ListPage | None) -> ProductPage:
+        filter_digest = _digest(flt.canonical().encode())
+        if page is not None:
+            check_list_page(page, filter_digest, LIST_PAGE_TOKEN_FIELD)
+        products, cursor = await self.store.scroll(flt, page_size, None if page is None else page.cursor)
+        token = "" if cursor is None else encode_list_page(ListPage(filter_digest, cursor))
+        return ProductPage(products, token)
 
     async def index(self, product: Product, image: bytes | None) -> bool:
         """Embed the image (or the one at product.image_url) and upsert the product. True if it was created."""
@@ -123,21 +224,84 @@ class Catalog:
         """Upsert embedded products, then invalidate cached results (after the write, so a search racing with
         it can at worst cache the old catalogue under the old generation, never the reverse)."""
         created = await self.store.upsert(items)
-        await self.cache.bump_generation()
+        await self._changed()
         return created
 
     async def get(self, product_id: str) -> Product:
         product = await self.store.get(product_id)
         if product is None:
-            raise NotFound(f"no product with id {product_id!r}")
+            raise UnknownProducts([product_id])
         return product
 
     async def delete(self, product_id: str) -> None:
         if not await self.store.delete(product_id):
-            raise NotFound(f"no product with id {product_id!r}")
+            raise UnknownProducts([product_id])
+        await self._changed()
+
+    async def _changed(self) -> None:
+        self.version.bump()
         await self.cache.bump_generation()
 
-    async def _query_vector(self, query: Query) -> tuple[np.ndarray, CacheOutcome]:
+    async def _ranked_page(self, query: Query, encoded: np.ndarray | None, offset: int) -> _RankedPage:
+        limit = min(query.top_k, MAX_SEARCH_DEPTH - offset)
+        # One hit more than the page tells whether there is a next page (none past the paging limit).
+        fetch = limit + 1 if offset + limit < MAX_SEARCH_DEPTH else limit
+        key = None
+        if self.cache.enabled:
+            key = await self.cache.result_key(
+                ResultKey(
+                    vector=encoded,
+                    flt=query.flt,
+                    top_k=fetch,
+                    score_threshold=query.score_threshold,
+                    offset=offset,
+                    like_ids=query.like_ids,
+                    unlike_ids=query.unlike_ids,
+                    exclude_ids=query.exclude_ids,
+                    group_by=query.group_by,
+                    diversity=query.diversity,
+                )
+            )
+        ranked = None if key is None else await self.cache.get_results(key)
+        outcome: CacheOutcome = "hit"
+        if ranked is None:
+            ranked = await self._rank(await self._ranking_vector(query, encoded), query, offset, fetch)
+            if key is not None:
+                await self.cache.put_results(key, ranked)
+            outcome = "miss" if key is not None else "bypass"
+        return _RankedPage(ranked[:limit], len(ranked) > limit, outcome)
+
+    async def _rank(self, vector: np.ndarray, query: Query, offset: int, count: int) -> list[Hit]:
+        async def search(limit: int, start: int) -> list[Hit]:
+            return await self.store.search(
+                vector,
+                query.flt,
+                limit,
+                start,
+                query.score_threshold,
+                exclude_ids=query.exclude_ids,
+                diversity=query.diversity,
+            )
+
+        if not query.group_by:
+            return await search(count, offset)
+        return await best_per_group(search, query.group_by, offset, count)
+
+    async def _ranking_vector(self, query: Query, encoded: np.ndarray | None) -> np.ndarray:
+        if not (query.like_ids or query.unlike_ids):
+            assert encoded is not None  # validation guarantees text, an image or examples
+            return encoded
+        wanted = [*query.like_ids, *query.unlike_ids]
+        stored = await self.store.vectors(wanted)
+        missing = [pid for pid in wanted if pid not in stored]
+        if missing:
+            raise UnknownProducts(missing)
+        positives = [stored[pid] for pid in query.like_ids] + ([encoded] if encoded is not None else [])
+        return recommend_vector(positives, [stored[pid] for pid in query.unlike_ids])
+
+    async def _encoded_vector(self, query: Query) -> tuple[np.ndarray | None, CacheOutcome]:
+        if not query.encodes:
+            return None, "bypass"  # a search by example products only: nothing to encode
         outcomes: list[CacheOutcome] = []
         text_vector = image_vector = None
         if query.text:
@@ -146,11 +310,12 @@ class Catalog:
         if query.image is not None:
             image_vector, outcome = await self._cached_embedding("image", query.image)
             outcomes.append(outcome)
+        vector: np.ndarray | None
         if text_vector is not None and image_vector is not None:
             vector = _combine(text_vector, image_vector, query.text_weight)
         else:
             vector = text_vector if text_vector is not None else image_vector
-        assert vector is not None  # validation guarantees text or image
+        assert vector is not None  # query.encodes: text or an image
         combined: CacheOutcome = (
             "bypass" if "bypass" in outcomes else "hit" if all(o == "hit" for o in outcomes) else "miss"
         )
@@ -171,6 +336,58 @@ class Catalog:
         if key is not None:
             await self.cache.put_embedding(key, vector)
         return vector, "miss" if key is not None else "bypass"
+
+
+SearchPageFn = Callable[[int, int], Awaitable[list[Hit]]]
+
+
+async def best_per_group(search: SearchPageFn, group_by: str, offset: int, count: int) -> list[Hit]:
+    """Families `offset` to `offset + count` of a ranking: each family (products sharing the `group_by`
+    attribute value; a product without it is a family of its own) appears once, as its best-ranked hit.
+
+    `search(limit, start)` returns the ranking's hits from `start` on. The ranking is scanned from the top in
+    growing batches (so that every page is a slice of the same family list) until enough families are found,
+    the ranking ends, or MAX_GROUP_SCAN hits were scanned.
+    """
+    wanted = offset + count
+    families: list[Hit] = []
+    seen: set[tuple[bool, str]] = set()
+    scanned = 0
+    batch = max(4 * wanted, 64)  # families of a few variants each rarely need a second batch
+    while len(families) < wanted and scanned < MAX_GROUP_SCAN:
+        batch = min(batch, MAX_GROUP_SCAN - scanned)
+        hits = await search(batch, scanned)
+        for hit in hits:
+            value = hit.product.attributes.get(group_by)
+            family = (True, value) if value is not None else (False, hit.product.id)
+            if family not in seen:
+                seen.add(family)
+                families.append(hit)
+        scanned += len(hits)
+        if len(hits) < batch:
+            break  # the ranking has no more hits
+        batch *= 2
+    return families[offset:wanted]
+
+
+def recommend_vector(positives: list[np.ndarray], negatives: list[np.ndarray]) -> np.ndarray:
+    """The query vector for a search by examples: Qdrant's "average_vector" recommendation strategy,
+    avg_pos + (avg_pos - avg_neg), L2-normalised (avg_pos alone without negatives)."""
+    average = np.mean(positives, axis=0)
+    target = 2.0 * average - np.mean(negatives, axis=0) if negatives else average
+    norm = float(np.linalg.norm(target))
+    if norm < 1e-6:
+        # Examples that cancel out (e.g. opposite positives) leave no direction; fall back to the first one.
+        target, norm = positives[0], float(np.linalg.norm(positives[0]))
+    return (target / norm).astype(np.float32)
+
+
+def _digest(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(struct.pack("<Q", len(part)))  # length-prefixed: no ambiguity between parts
+        digest.update(part)
+    return digest.hexdigest()[:32]
 
 
 def _combine(text_vector: np.ndarray, image_vector: np.ndarray, text_weight: float) -> np.ndarray:

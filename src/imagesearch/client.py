@@ -35,7 +35,8 @@ RETRY_SERVICE_CONFIG = {
     "methodConfig": [
         {
             "name": [
-                {"service": _SERVICE, "method": m} for m in ("Search", "GetProduct", "GetServiceInfo", "IndexProduct")
+                {"service": _SERVICE, "method": m}
+                for m in ("Search", "GetProduct", "GetServiceInfo", "IndexProduct", "ListProducts")
             ]
             + [{"service": "grpc.health.v1.Health", "method": "Check"}],
             "retryPolicy": {

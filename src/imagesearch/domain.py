@@ -69,5 +69,32 @@ class Hit:
     score: float
 
 
+@dataclass(frozen=True)
+class FacetSpec:
+    """Which facet counts a search returns: per category, and per value of each attribute key."""
+
+    categories: bool = False
+    attribute_keys: tuple[str, ...] = ()
+    max_values: int = 20
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.categories or self.attribute_keys)
+
+
+@dataclass(frozen=True)
+class FacetCount:
+    value: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Facets:
+    """Counts over the products a filter admits. `attributes` follows the order of FacetSpec.attribute_keys."""
+
+    categories: tuple[FacetCount, ...] = ()
+    attributes: tuple[tuple[str, tuple[FacetCount, ...]], ...] = ()
+
+
 def is_finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))

@@ -19,9 +19,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from imagesearch.bulk import BulkItem, index_many
-from imagesearch.catalog import Catalog, Query
+from imagesearch.catalog import LIST_PAGE_TOKEN_FIELD, SEARCH_PAGE_TOKEN_FIELD, Catalog, Query, UnknownProducts
 from imagesearch.config import Settings
-from imagesearch.domain import Hit, Product, SearchFilter
+from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter
 from imagesearch.errors import (
     DeadlineExceeded,
     FieldViolation,
@@ -34,10 +34,20 @@ from imagesearch.errors import (
 )
 from imagesearch.health import StoreHealth
 from imagesearch.interceptors import REQUEST_ID_HEADER
+from imagesearch.paging import ListPage, SearchPage, decode_list_page, decode_search_page
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from imagesearch.v1 import products_pb2
-from imagesearch.validation import Violations, check_filter, check_product, check_product_id, normalise_query_text
+from imagesearch.validation import (
+    Violations,
+    check_attribute_key,
+    check_example_ids,
+    check_facet_spec,
+    check_filter,
+    check_product,
+    check_product_id,
+    normalise_query_text,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +64,16 @@ STATUS_FOR_ERROR: dict[type[ImageSearchError], grpc.StatusCode] = {
 RETRY_DELAY_S = 1
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
-_QUERY_KINDS = {"text": pb.QUERY_KIND_TEXT, "image": pb.QUERY_KIND_IMAGE, "multimodal": pb.QUERY_KIND_MULTIMODAL}
+_QUERY_KINDS = {
+    "text": pb.QUERY_KIND_TEXT,
+    "image": pb.QUERY_KIND_IMAGE,
+    "multimodal": pb.QUERY_KIND_MULTIMODAL,
+    "recommend": pb.QUERY_KIND_RECOMMEND,
+}
+# google.rpc.ResourceInfo.resource_type of a product, for NOT_FOUND details.
+PRODUCT_RESOURCE_TYPE = products_pb2.Product.DESCRIPTOR.full_name
+LIST_DEFAULT_PAGE_SIZE = 50
+LIST_MAX_PAGE_SIZE = 1000
 _CACHE_OUTCOMES = {"hit": pb.CACHE_OUTCOME_HIT, "miss": pb.CACHE_OUTCOME_MISS, "bypass": pb.CACHE_OUTCOME_BYPASS}
 
 Req = TypeVar("Req")
@@ -123,6 +142,12 @@ def status_for(exc: ImageSearchError) -> status_pb2.Status:
             ]
         )
         status.details.add().Pack(bad_request)
+    if isinstance(exc, UnknownProducts):
+        for product_id in exc.product_ids:
+            info = error_details_pb2.ResourceInfo(
+                resource_type=PRODUCT_RESOURCE_TYPE, resource_name=product_id, description="no product with this id"
+            )
+            status.details.add().Pack(info)
     if code in _RETRYABLE:
         retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_S))
         status.details.add().Pack(retry)
@@ -293,25 +318,120 @@ def query_from_proto(message: pb.SearchQuery, image: bytes | None, settings: Set
     if message.image_url and image is not None:
         v.add("query.image_url", "send the image either as image_chunk messages or as image_url, not both")
     text = normalise_query_text(message.text, "query.text", settings.max_text_chars, v)
-    if not text and image is None and not message.image_url:
-        v.add("query.text", "a search needs text, an image (image_chunk messages or image_url), or both")
+    like_ids, unlike_ids = _examples_from_proto(message, v)
+    if not text and image is None and not message.image_url and not like_ids:
+        v.add(
+            "query.text",
+            "a search needs text, an image (image_chunk messages or image_url), liked products "
+            "(like_product_ids), or a combination; unlike_product_ids alone are not enough",
+        )
     flt = filter_from_proto(message.filter)
     check_filter(flt, v)
-    top_k = message.top_k or settings.default_top_k
-    if not 1 <= top_k <= settings.max_top_k:
-        v.add("query.top_k", f"must be 1 to {settings.max_top_k} (0 means {settings.default_top_k}), got {top_k}")
+    page_size = _page_size_from_proto(message, settings, v)
     threshold = message.score_threshold if message.HasField("score_threshold") else None
     if threshold is not None and not -1.0 <= threshold <= 1.0:  # also false for NaN
         v.add("query.score_threshold", f"must be a cosine similarity from -1 to 1, got {threshold}")
     weight = message.text_weight if message.HasField("text_weight") else 0.5
     if not 0.0 <= weight <= 1.0:
         v.add("query.text_weight", f"must be 0 to 1, got {weight}")
+    if message.group_by:
+        check_attribute_key(message.group_by, "query.group_by", v)
+    diversity = message.diversity if message.HasField("diversity") else None
+    if diversity is not None and not 0.0 <= diversity <= 1.0:
+        v.add("query.diversity", f"must be 0 to 1, got {diversity}")
+    facets = _facet_spec_from_proto(message, v)
+    page = _search_page_from_proto(message.page_token, v)
     v.raise_if_any()
-    return Query(text=text, image=image, flt=flt, top_k=top_k, score_threshold=threshold, text_weight=weight)
+    return Query(
+        text=text,
+        image=image,
+        flt=flt,
+        top_k=page_size,
+        score_threshold=threshold,
+        text_weight=weight,
+        like_ids=like_ids,
+        unlike_ids=unlike_ids,
+        include_liked=message.include_liked_products,
+        group_by=message.group_by,
+        diversity=diversity or None,  # 0 is plain ranking
+        page=page,
+        facets=facets,
+    )
+
+
+def _examples_from_proto(message: pb.SearchQuery, v: Violations) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    like_ids = check_example_ids(message.like_product_ids, "query.like_product_ids", v)
+    unlike_ids = check_example_ids(message.unlike_product_ids, "query.unlike_product_ids", v)
+    liked = set(like_ids)
+    for i, product_id in enumerate(message.unlike_product_ids):
+        if product_id in liked:
+            v.add(f"query.unlike_product_ids[{i}]", "is also in like_product_ids: a product cannot be both")
+    return like_ids, unlike_ids
+
+
+def _page_size_from_proto(message: pb.SearchQuery, settings: Settings, v: Violations) -> int:
+    # page_size takes precedence; without it, top_k (or its default) is the page size.
+    if message.page_size:
+        if not 1 <= message.page_size <= settings.max_top_k:
+            v.add("query.page_size", f"must be 1 to {settings.max_top_k} (0 means top_k), got {message.page_size}")
+        return message.page_size
+    top_k = message.top_k or settings.default_top_k
+    if not 1 <= top_k <= settings.max_top_k:
+        v.add("query.top_k", f"must be 1 to {settings.max_top_k} (0 means {settings.default_top_k}), got {top_k}")
+    return top_k
+
+
+def _facet_spec_from_proto(message: pb.SearchQuery, v: Violations) -> FacetSpec:
+    if not message.HasField("facet_spec"):
+        return FacetSpec()
+    spec = message.facet_spec
+    keys, max_values = check_facet_spec(spec.attribute_keys, spec.max_values, "query.facet_spec", v)
+    return FacetSpec(categories=spec.categories, attribute_keys=keys, max_values=max_values)
+
+
+def _search_page_from_proto(token: str, v: Violations) -> SearchPage | None:
+    if not token:
+        return None
+    try:
+        return decode_search_page(token, SEARCH_PAGE_TOKEN_FIELD)
+    except InvalidArgument as exc:
+        v.items += exc.violations
+        return None
+
+
+def list_request_from_proto(request: pb.ListProductsRequest) -> tuple[SearchFilter, int, ListPage | None]:
+    v = Violations()
+    flt = filter_from_proto(request.filter)
+    check_filter(flt, v, prefix="filter")
+    if request.page_size < 0:
+        v.add("page_size", f"must be >= 0 (0 means {LIST_DEFAULT_PAGE_SIZE}), got {request.page_size}")
+    # googleapis convention: 0 means the default, and sizes above the maximum are coerced, not refused.
+    page_size = min(request.page_size or LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)
+    page = None
+    if request.page_token:
+        try:
+            page = decode_list_page(request.page_token, LIST_PAGE_TOKEN_FIELD)
+        except InvalidArgument as exc:
+            v.items += exc.violations
+    v.raise_if_any()
+    return flt, page_size, page
 
 
 def hits_to_proto(hits: list[Hit]) -> list[pb.SearchHit]:
     return [pb.SearchHit(product=product_to_proto(h.product), score=h.score) for h in hits]
+
+
+def facets_to_proto(facets: Facets | None) -> dict[str, Any]:
+    """The SearchResponse fields for facets (none when not requested)."""
+    if facets is None:
+        return {}
+    return {
+        "category_facets": [pb.FacetCount(value=c.value, count=c.count) for c in facets.categories],
+        "attribute_facets": [
+            pb.AttributeFacet(key=key, values=[pb.FacetCount(value=c.value, count=c.count) for c in counts])
+            for key, counts in facets.attributes
+        ],
+    }
 
 
 class Admission:
@@ -362,6 +482,8 @@ class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
             server_time_ms=outcome.server_time_ms,
             embedding_cache=_CACHE_OUTCOMES[outcome.embedding_cache],
             result_cache=_CACHE_OUTCOMES[outcome.result_cache],
+            next_page_token=outcome.next_page_token,
+            **facets_to_proto(outcome.facets),
         )
 
     @maps_errors
@@ -415,6 +537,16 @@ class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
         _check_id(request.id)
         await self.catalog.delete(request.id)
         return pb.DeleteProductResponse()
+
+    @maps_errors
+    async def ListProducts(
+        self, request: pb.ListProductsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListProductsResponse:
+        flt, page_size, page = list_request_from_proto(request)
+        listed = await self.catalog.list_products(flt, page_size, page)
+        return pb.ListProductsResponse(
+            products=[product_to_proto(p) for p in listed.products], next_page_token=listed.next_page_token
+        )
 
     @maps_errors
     async def GetServiceInfo(

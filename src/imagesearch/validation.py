@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from imagesearch.domain import Product, SearchFilter
 from imagesearch.errors import FieldViolation, InvalidArgument
@@ -20,6 +20,10 @@ MAX_ATTRIBUTES = 64
 MAX_ATTRIBUTE_KEY_CHARS = 128
 MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_FILTER_CATEGORIES = 100
+MAX_EXAMPLE_IDS = 16
+MAX_FACET_KEYS = 16
+MAX_FACET_VALUES = 100
+DEFAULT_FACET_VALUES = 20
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -76,14 +80,46 @@ def check_attributes(attributes: Mapping[str, str], field: str, v: Violations) -
         return
     for key, value in attributes.items():
         where = f"{field}[{key[:40]}]"
-        if not key or len(key) > MAX_ATTRIBUTE_KEY_CHARS:
-            v.add(where, f"keys must be 1 to {MAX_ATTRIBUTE_KEY_CHARS} characters")
-        if "=" in key:
-            v.add(where, "keys must not contain '='")
-        if has_control_chars(key) or has_control_chars(value):
-            v.add(where, "keys and values must not contain control characters")
+        check_attribute_key(key, where, v)
+        if has_control_chars(value):
+            v.add(where, "values must not contain control characters")
         if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
             v.add(where, f"values must be at most {MAX_ATTRIBUTE_VALUE_CHARS} characters")
+
+
+def check_attribute_key(key: str, field: str, v: Violations) -> None:
+    if not key or len(key) > MAX_ATTRIBUTE_KEY_CHARS:
+        v.add(field, f"keys must be 1 to {MAX_ATTRIBUTE_KEY_CHARS} characters")
+    if "=" in key:
+        v.add(field, "keys must not contain '='")
+    if has_control_chars(key):
+        v.add(field, "keys must not contain control characters")
+
+
+def check_example_ids(ids: Sequence[str], field: str, v: Violations) -> tuple[str, ...]:
+    """Example product ids for a search, deduplicated in order (a repeat counts once)."""
+    if len(ids) > MAX_EXAMPLE_IDS:
+        v.add(field, f"has {len(ids)} entries; the limit is {MAX_EXAMPLE_IDS}")
+        return ()
+    for i, product_id in enumerate(ids):
+        check_product_id(product_id, f"{field}[{i}]", v)
+    return tuple(dict.fromkeys(ids))
+
+
+def check_facet_spec(
+    attribute_keys: Sequence[str], max_values: int, field: str, v: Violations
+) -> tuple[tuple[str, ...], int]:
+    """The attribute keys (deduplicated in order) and the number of values per facet (0 means the default)."""
+    if len(attribute_keys) > MAX_FACET_KEYS:
+        v.add(f"{field}.attribute_keys", f"has {len(attribute_keys)} entries; the limit is {MAX_FACET_KEYS}")
+    for i, key in enumerate(attribute_keys[:MAX_FACET_KEYS]):
+        check_attribute_key(key, f"{field}.attribute_keys[{i}]", v)
+    if not 0 <= max_values <= MAX_FACET_VALUES:
+        v.add(
+            f"{field}.max_values",
+            f"must be 1 to {MAX_FACET_VALUES} (0 means {DEFAULT_FACET_VALUES}), got {max_values}",
+        )
+    return tuple(dict.fromkeys(attribute_keys)), max_values or DEFAULT_FACET_VALUES
 
 
 def check_filter(flt: SearchFilter, v: Violations, prefix: str = "query.filter") -> None:

@@ -24,27 +24,33 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import qdrant_edge as qe
 
-from imagesearch.domain import Hit, Product, SearchFilter, point_id_for
+from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter, point_id_for
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store.base import (
     ATTRIBUTE_PAIRS,
     CATEGORY,
+    DIVERSITY_CANDIDATES,
+    FACET_SCAN_VALUES,
     INDEXED_FIELDS,
     PRICE,
     Vector,
     attribute_pair,
+    check_cursor,
     check_paging,
     created_flags,
+    facets_from_counts,
     last_per_id,
+    point_ids_by_product,
     product_from_payload,
     product_to_payload,
+    stored_vector,
     vector_values,
 )
 
@@ -171,20 +177,67 @@ class EdgeStore:
         limit: int,
         offset: int = 0,
         score_threshold: float | None = None,
+        *,
+        exclude_ids: Collection[str] = (),
+        diversity: float | None = None,
     ) -> list[Hit]:
         """See VectorStore.search."""
         check_paging(limit, offset)
+        values = vector_values(vector, self.dimension)
+        query: qe.ScoringQueryType = (
+            # Edge's Mmr takes MMR's lambda (1 = relevance only); qdrant-client's takes diversity = 1 - lambda.
+            qe.Mmr(values, 1.0 - diversity, DIVERSITY_CANDIDATES) if diversity else qe.Query.Nearest(values)
+        )
         request = qe.QueryRequest(
             limit=limit,
             offset=offset,
-            query=qe.Query.Nearest(vector_values(vector, self.dimension)),
-            filter=_edge_filter(flt),
+            query=query,
+            filter=_edge_filter(flt, exclude_ids),
             with_payload=_HIT_PAYLOAD,
             score_threshold=score_threshold,
         )
         shard = self._open_shard()
         points = await self._run(lambda: shard.query(request), "search")
         return [Hit(product_from_payload(p.payload or {}), p.score) for p in points]
+
+    async def vectors(self, product_ids: Sequence[str]) -> dict[str, Vector]:
+        """See VectorStore.vectors."""
+        by_point = point_ids_by_product(product_ids)
+        shard = self._open_shard()
+        records = await self._run(lambda: shard.retrieve(list(by_point), False, True), "vectors")
+        return {by_point[str(r.id)]: stored_vector(r.vector, self.dimension) for r in records}
+
+    async def facets(self, flt: SearchFilter, spec: FacetSpec, *, exclude_ids: Collection[str] = ()) -> Facets:
+        """See VectorStore.facets."""
+        edge_filter = _edge_filter(flt, exclude_ids)
+        shard = self._open_shard()
+
+        def count(field: str, wanted: bool) -> list[tuple[str, int]]:
+            if not wanted:
+                return []
+            request = qe.FacetRequest(field, limit=FACET_SCAN_VALUES, exact=False, filter=edge_filter)
+            return [(str(hit.value), hit.count) for hit in shard.facet(request).hits]
+
+        # One job: both counts see the same state of the shard.
+        categories, pairs = await self._run(
+            lambda: (count(CATEGORY, spec.categories), count(ATTRIBUTE_PAIRS, bool(spec.attribute_keys))), "facets"
+        )
+        return facets_from_counts(spec, categories, pairs)
+
+    async def scroll(self, flt: SearchFilter, limit: int, after: str | None = None) -> tuple[list[Product], str | None]:
+        """See VectorStore.scroll."""
+        check_paging(limit, 0)
+        request = qe.ScrollRequest(
+            offset=None if after is None else check_cursor(after),
+            limit=limit,
+            filter=_edge_filter(flt),
+            with_payload=_HIT_PAYLOAD,
+            with_vector=False,
+        )
+        shard = self._open_shard()
+        records, next_offset = await self._run(lambda: shard.scroll(request), "scroll")
+        products = [product_from_payload(r.payload or {}) for r in records]
+        return products, None if next_offset is None else str(next_offset)
 
     async def count(self) -> int:
         """See VectorStore.count."""
@@ -248,7 +301,7 @@ class EdgeStore:
                 log.warning("periodic flush failed, will retry: %s", exc)
 
 
-def _edge_filter(flt: SearchFilter) -> qe.Filter | None:
+def _edge_filter(flt: SearchFilter, exclude_ids: Collection[str] = ()) -> qe.Filter | None:
     conditions: list[qe.ConditionType] = []
     if flt.categories:
         conditions.append(qe.FieldCondition(CATEGORY, match=qe.MatchAny(list(flt.categories))))
@@ -256,7 +309,12 @@ def _edge_filter(flt: SearchFilter) -> qe.Filter | None:
         conditions.append(qe.FieldCondition(PRICE, range=qe.RangeFloat(gte=flt.price_min, lte=flt.price_max)))
     for key, value in flt.attributes:
         conditions.append(qe.FieldCondition(ATTRIBUTE_PAIRS, match=qe.MatchValue(attribute_pair(key, value))))
-    return qe.Filter(must=conditions) if conditions else None
+    excluded: list[qe.ConditionType] = (
+        [qe.HasIdCondition({point_id_for(pid) for pid in exclude_ids})] if exclude_ids else []
+    )
+    if not (conditions or excluded):
+        return None
+    return qe.Filter(must=conditions or None, must_not=excluded or None)
 
 
 def _open_shard(path: Path, dimension: int, model_id: str) -> qe.EdgeShard:

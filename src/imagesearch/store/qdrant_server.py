@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,20 +12,26 @@ import grpc
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import ApiException
 
-from imagesearch.domain import Hit, Product, SearchFilter, point_id_for
+from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter, point_id_for
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store.base import (
     ATTRIBUTE_PAIRS,
     CATEGORY,
+    DIVERSITY_CANDIDATES,
+    FACET_SCAN_VALUES,
     INDEXED_FIELDS,
     PRICE,
     Vector,
     attribute_pair,
+    check_cursor,
     check_paging,
     created_flags,
+    facets_from_counts,
     last_per_id,
+    point_ids_by_product,
     product_from_payload,
     product_to_payload,
+    stored_vector,
     vector_values,
 )
 
@@ -153,21 +159,68 @@ class QdrantServerStore:
         limit: int,
         offset: int = 0,
         score_threshold: float | None = None,
+        *,
+        exclude_ids: Collection[str] = (),
+        diversity: float | None = None,
     ) -> list[Hit]:
         """See VectorStore.search."""
         check_paging(limit, offset)
-        query = vector_values(vector, self.dimension)
+        values = vector_values(vector, self.dimension)
+        mmr = models.Mmr(diversity=diversity, candidates_limit=DIVERSITY_CANDIDATES) if diversity else None
         async with self._guard("search"):
             response = await self._client.query_points(
                 self._collection,
-                query=query,
-                query_filter=_qdrant_filter(flt),
+                query=models.NearestQuery(nearest=values, mmr=mmr),
+                query_filter=_qdrant_filter(flt, exclude_ids),
                 limit=limit,
                 offset=offset,
                 score_threshold=score_threshold,
                 with_payload=_HIT_PAYLOAD,
             )
         return [Hit(product_from_payload(p.payload or {}), p.score) for p in response.points]
+
+    async def vectors(self, product_ids: Sequence[str]) -> dict[str, Vector]:
+        """See VectorStore.vectors."""
+        by_point = point_ids_by_product(product_ids)
+        async with self._guard("vectors"):
+            records = await self._client.retrieve(
+                self._collection, list(by_point), with_payload=False, with_vectors=True
+            )
+        return {by_point[str(r.id)]: stored_vector(r.vector, self.dimension) for r in records}
+
+    async def facets(self, flt: SearchFilter, spec: FacetSpec, *, exclude_ids: Collection[str] = ()) -> Facets:
+        """See VectorStore.facets."""
+        query_filter = _qdrant_filter(flt, exclude_ids)
+
+        async def count(field: str, wanted: bool) -> list[tuple[str, int]]:
+            if not wanted:
+                return []
+            response = await self._client.facet(
+                self._collection, field, facet_filter=query_filter, limit=FACET_SCAN_VALUES, exact=False
+            )
+            return [(str(hit.value), hit.count) for hit in response.hits]
+
+        async with self._guard("facets"):
+            categories, pairs = await asyncio.gather(
+                count(CATEGORY, spec.categories), count(ATTRIBUTE_PAIRS, bool(spec.attribute_keys))
+            )
+        return facets_from_counts(spec, categories, pairs)
+
+    async def scroll(self, flt: SearchFilter, limit: int, after: str | None = None) -> tuple[list[Product], str | None]:
+        """See VectorStore.scroll."""
+        check_paging(limit, 0)
+        offset = None if after is None else check_cursor(after)
+        async with self._guard("scroll"):
+            records, next_offset = await self._client.scroll(
+                self._collection,
+                scroll_filter=_qdrant_filter(flt),
+                limit=limit,
+                offset=offset,
+                with_payload=_HIT_PAYLOAD,
+                with_vectors=False,
+            )
+        products = [product_from_payload(r.payload or {}) for r in records]
+        return products, None if next_offset is None else str(next_offset)
 
     async def count(self) -> int:
         """See VectorStore.count."""
@@ -253,7 +306,7 @@ class QdrantServerStore:
             raise StoreUnavailable(f"Qdrant at {self._where}: {what} failed: {exc}") from exc
 
 
-def _qdrant_filter(flt: SearchFilter) -> models.Filter | None:
+def _qdrant_filter(flt: SearchFilter, exclude_ids: Collection[str] = ()) -> models.Filter | None:
     conditions: list[models.Condition] = []
     if flt.categories:
         conditions.append(models.FieldCondition(key=CATEGORY, match=models.MatchAny(any=list(flt.categories))))
@@ -263,4 +316,9 @@ def _qdrant_filter(flt: SearchFilter) -> models.Filter | None:
         conditions.append(
             models.FieldCondition(key=ATTRIBUTE_PAIRS, match=models.MatchValue(value=attribute_pair(key, value)))
         )
-    return models.Filter(must=conditions) if conditions else None
+    excluded: list[models.Condition] = (
+        [models.HasIdCondition(has_id=sorted(point_id_for(pid) for pid in exclude_ids))] if exclude_ids else []
+    )
+    if not (conditions or excluded):
+        return None
+    return models.Filter(must=conditions or None, must_not=excluded or None)

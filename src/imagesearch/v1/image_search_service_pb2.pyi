@@ -35,6 +35,10 @@ class _QueryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QueryKind.V
     """Image only."""
     QUERY_KIND_MULTIMODAL: _QueryKind.ValueType  # 3
     """Text and image combined with `SearchQuery.text_weight`."""
+    QUERY_KIND_RECOMMEND: _QueryKind.ValueType  # 4
+    """By example products (`SearchQuery.like_product_ids` / `unlike_product_ids`), with the text and/or image
+    query, if any, as one more positive example.
+    """
 
 class QueryKind(_QueryKind, metaclass=_QueryKindEnumTypeWrapper):
     """How a search's query was formed."""
@@ -47,6 +51,10 @@ QUERY_KIND_IMAGE: QueryKind.ValueType  # 2
 """Image only."""
 QUERY_KIND_MULTIMODAL: QueryKind.ValueType  # 3
 """Text and image combined with `SearchQuery.text_weight`."""
+QUERY_KIND_RECOMMEND: QueryKind.ValueType  # 4
+"""By example products (`SearchQuery.like_product_ids` / `unlike_product_ids`), with the text and/or image
+query, if any, as one more positive example.
+"""
 Global___QueryKind: _TypeAlias = QueryKind  # noqa: Y015
 
 class _CacheOutcome:
@@ -62,7 +70,9 @@ class _CacheOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheOut
     CACHE_OUTCOME_MISS: _CacheOutcome.ValueType  # 2
     """The tier did not hold the value; it was computed (and stored)."""
     CACHE_OUTCOME_BYPASS: _CacheOutcome.ValueType  # 3
-    """The tier was not consulted: caching is disabled or the cache backend is unreachable."""
+    """The tier was not consulted: caching is disabled or the cache backend is unreachable (or, for the encoding
+    cache, nothing needed encoding: a search by example products only).
+    """
 
 class CacheOutcome(_CacheOutcome, metaclass=_CacheOutcomeEnumTypeWrapper):
     """Whether a cache tier answered."""
@@ -74,7 +84,9 @@ CACHE_OUTCOME_HIT: CacheOutcome.ValueType  # 1
 CACHE_OUTCOME_MISS: CacheOutcome.ValueType  # 2
 """The tier did not hold the value; it was computed (and stored)."""
 CACHE_OUTCOME_BYPASS: CacheOutcome.ValueType  # 3
-"""The tier was not consulted: caching is disabled or the cache backend is unreachable."""
+"""The tier was not consulted: caching is disabled or the cache backend is unreachable (or, for the encoding
+cache, nothing needed encoding: a search by example products only).
+"""
 Global___CacheOutcome: _TypeAlias = CacheOutcome  # noqa: Y015
 
 @_typing.final
@@ -115,19 +127,69 @@ class SearchQuery(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class FacetSpec(_message.Message):
+        """Which facet counts to return. Counts are over every product the filter admits (minus the products the
+        query excludes: liked and unliked ones), not only those on the page: the vector query ranks all of them,
+        so score_threshold, group_by and diversity do not change the counts. Counts are exact for a settled
+        catalogue; a product that a concurrent write is rewriting may briefly count twice.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        CATEGORIES_FIELD_NUMBER: _builtins.int
+        ATTRIBUTE_KEYS_FIELD_NUMBER: _builtins.int
+        MAX_VALUES_FIELD_NUMBER: _builtins.int
+        categories: _builtins.bool
+        """Count products per `Product.category`."""
+        max_values: _builtins.int
+        """Most values returned per facet (the most frequent first): 1 to 100. 0 (unset) means 20. Other values:
+        INVALID_ARGUMENT.
+        """
+        @_builtins.property
+        def attribute_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+            """Count products per value of each of these `Product.attributes` keys (at most 16 keys, following the
+            rules for attribute keys). Values are counted among the 100,000 most frequent attribute key/value pairs
+            of the filtered products (all keys together), so only in catalogues with more distinct pairs than that
+            can a rare value be left out.
+            """
+
+        def __init__(
+            self,
+            *,
+            categories: _builtins.bool = ...,
+            attribute_keys: _abc.Iterable[_builtins.str] | None = ...,
+            max_values: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "categories", b"categories", "max_values", b"max_values"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TEXT_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
     TEXT_WEIGHT_FIELD_NUMBER: _builtins.int
     IMAGE_URL_FIELD_NUMBER: _builtins.int
+    LIKE_PRODUCT_IDS_FIELD_NUMBER: _builtins.int
+    UNLIKE_PRODUCT_IDS_FIELD_NUMBER: _builtins.int
+    INCLUDE_LIKED_PRODUCTS_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    DIVERSITY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FACET_SPEC_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text to search for, e.g. "red leather handbag". At most 1000 characters. Empty means an image-only
     search, which then needs image chunks. Text beyond the model's context (77 tokens for standard CLIP
     models) is truncated by the tokenizer.
     """
     top_k: _builtins.int
-    """How many results to return: 1 to 100. 0 (unset) means 10. Other values: INVALID_ARGUMENT."""
+    """How many results to return: 1 to 100. 0 (unset) means 10. Other values: INVALID_ARGUMENT. When paging,
+    the page size (unless `page_size` is set, which takes precedence).
+    """
     score_threshold: _builtins.float
     """Only return hits whose score (cosine similarity, -1 to 1) is above this (Qdrant's score_threshold).
     Unset: no threshold.
@@ -142,9 +204,66 @@ class SearchQuery(_message.Message):
     INVALID_ARGUMENT). Only when the server enables it (IMAGESEARCH_FETCH_IMAGE_URLS); URLs that resolve to
     private, loopback or link-local addresses are refused unless allow-listed. Same size limits as chunks.
     """
+    include_liked_products: _builtins.bool
+    """Return the products named in like_product_ids too, where they rank (a product is usually its own best
+    match, so it then comes first). Default false: they are left out.
+    """
+    group_by: _builtins.str
+    """Variants: the name of a `Product.attributes` key (e.g. "group_id") that groups products into families.
+    Each family then appears once, as its best-scoring product, ranked by that product's score; products
+    without this attribute form a family of their own. top_k / page_size count families, not products.
+    Families are found among the 5000 best matches at most (later ones are not returned). Empty: no
+    grouping. The key follows the rules for attribute keys (1 to 128 characters, no control characters,
+    no "=").
+    """
+    diversity: _builtins.float
+    """Result diversity by Maximal Marginal Relevance, 0 to 1: 0 (or unset) ranks by score alone; higher values
+    increasingly prefer products unlike those already ranked above them (each next result maximises
+    (1 - diversity) * similarity_to_query - diversity * max_similarity_to_results_above). The results are
+    picked from the 200 best matches, so a diversified search returns at most 200 results (over all pages).
+    Scores are still similarities to the query, so they are no longer sorted once diversity is set.
+    """
+    page_size: _builtins.int
+    """Results per page: 1 to 100. 0 (unset) means `top_k`, which then acts as the page size; when both are
+    set, page_size wins. Other values: INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """A `SearchResponse.next_page_token`, to get the next page. Empty: the first page. The rest of the query
+    (text, image, examples, filter, page size, threshold, weights, group_by, diversity) must be the same as
+    for the first page, and the catalogue unchanged since then; otherwise INVALID_ARGUMENT on
+    `query.page_token` (start again from the first page). facet_spec may differ between pages. Paging
+    reaches at most the first 1000 results (or families). Any replica sharing the server's Redis cache
+    honours a token; without a shared cache, only the replica that issued it (others refuse it as expired).
+    """
     @_builtins.property
     def filter(self) -> Global___SearchFilter:
         """Restricts the results. Unset: the whole catalogue."""
+
+    @_builtins.property
+    def like_product_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"More like this": ids of catalogue products to find similar products to, by their stored image
+        embeddings (nothing is uploaded or encoded). At most 16 ids, each a valid `Product.id`; repeats count
+        once. An unknown id is NOT_FOUND.
+
+        The query vector follows Qdrant's "average vector" recommendation: with the positive examples P (the
+        liked products, plus the text/image query when one is sent, which counts as one more example) and the
+        negative examples N (`unlike_product_ids`), it is normalize(2 * mean(P) - mean(N)), or normalize(mean(P))
+        without negatives. Scores stay cosine similarities to that vector, so score_threshold, group_by,
+        diversity, paging and facets work as for any search. The liked products themselves are left out of the
+        results unless `include_liked_products` is set.
+        """
+
+    @_builtins.property
+    def unlike_product_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of catalogue products to steer away from (negative examples, see `like_product_ids`). At most 16 ids,
+        each a valid `Product.id`; repeats count once; none may also be in like_product_ids. Needs a positive
+        example: like_product_ids, text or an image. These products are never returned. An unknown id is
+        NOT_FOUND.
+        """
+
+    @_builtins.property
+    def facet_spec(self) -> Global___SearchQuery.FacetSpec:
+        """Facet counts to return with the results. Unset: none."""
 
     def __init__(
         self,
@@ -155,15 +274,27 @@ class SearchQuery(_message.Message):
         score_threshold: _builtins.float | None = ...,
         text_weight: _builtins.float | None = ...,
         image_url: _builtins.str = ...,
+        like_product_ids: _abc.Iterable[_builtins.str] | None = ...,
+        unlike_product_ids: _abc.Iterable[_builtins.str] | None = ...,
+        include_liked_products: _builtins.bool = ...,
+        group_by: _builtins.str = ...,
+        diversity: _builtins.float | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        facet_spec: Global___SearchQuery.FacetSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "filter", b"filter", "score_threshold", b"score_threshold", "text_weight", b"text_weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "facet_spec", b"facet_spec", "filter", b"filter", "score_threshold", b"score_threshold", "text_weight", b"text_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "filter", b"filter", "image_url", b"image_url", "score_threshold", b"score_threshold", "text", b"text", "text_weight", b"text_weight", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "facet_spec", b"facet_spec", "filter", b"filter", "group_by", b"group_by", "image_url", b"image_url", "include_liked_products", b"include_liked_products", "like_product_ids", b"like_product_ids", "page_size", b"page_size", "page_token", b"page_token", "score_threshold", b"score_threshold", "text", b"text", "text_weight", b"text_weight", "top_k", b"top_k", "unlike_product_ids", b"unlike_product_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__diversity: _TypeAlias = _typing.Literal["diversity"]  # noqa: Y015
+    _WhichOneofArgType__diversity: _TypeAlias = _typing.Literal["_diversity", b"_diversity"]  # noqa: Y015
     _WhichOneofReturnType__score_threshold: _TypeAlias = _typing.Literal["score_threshold"]  # noqa: Y015
     _WhichOneofArgType__score_threshold: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold"]  # noqa: Y015
     _WhichOneofReturnType__text_weight: _TypeAlias = _typing.Literal["text_weight"]  # noqa: Y015
     _WhichOneofArgType__text_weight: _TypeAlias = _typing.Literal["_text_weight", b"_text_weight"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__diversity) -> _WhichOneofReturnType__diversity | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__score_threshold) -> _WhichOneofReturnType__score_threshold | None: ...
     @_typing.overload
@@ -267,6 +398,62 @@ class SearchHit(_message.Message):
 Global___SearchHit: _TypeAlias = SearchHit  # noqa: Y015
 
 @_typing.final
+class FacetCount(_message.Message):
+    """How many products have one facet value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    value: _builtins.str
+    """Output only. The value: a category, or an attribute value."""
+    count: _builtins.int
+    """Output only. Number of products with this value among those the query's filter admits."""
+    def __init__(
+        self,
+        *,
+        value: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FacetCount: _TypeAlias = FacetCount  # noqa: Y015
+
+@_typing.final
+class AttributeFacet(_message.Message):
+    """The facet counts of one attribute key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Output only. The attribute key, as requested in `SearchQuery.FacetSpec.attribute_keys`."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___FacetCount]:
+        """Output only. Its most frequent values, most frequent first (ties by value). Empty when no admitted
+        product has this attribute.
+        """
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        values: _abc.Iterable[Global___FacetCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeFacet: _TypeAlias = AttributeFacet  # noqa: Y015
+
+@_typing.final
 class SearchResponse(_message.Message):
     """Response message for the `Search` method."""
 
@@ -278,10 +465,15 @@ class SearchResponse(_message.Message):
     SERVER_TIME_MS_FIELD_NUMBER: _builtins.int
     EMBEDDING_CACHE_FIELD_NUMBER: _builtins.int
     RESULT_CACHE_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CATEGORY_FACETS_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_FACETS_FIELD_NUMBER: _builtins.int
     query_kind: Global___QueryKind.ValueType
     """Output only. How the query was formed."""
     cached: _builtins.bool
-    """Output only. True when the whole result came from the result cache (no encoding, no store query)."""
+    """Output only. True when the hits came from the result cache (no encoding, no store search). Facets, when
+    requested, are still counted by the store.
+    """
     server_time_ms: _builtins.float
     """Output only. Time the server spent on this search after the last request message arrived, in ms."""
     embedding_cache: Global___CacheOutcome.ValueType
@@ -289,10 +481,31 @@ class SearchResponse(_message.Message):
     when both embeddings were cached.
     """
     result_cache: Global___CacheOutcome.ValueType
-    """Output only. Outcome of the result cache (embedding + filter + top_k + threshold -> hits)."""
+    """Output only. Outcome of the result cache (embedding + example products + filter + page + threshold +
+    group_by + diversity -> hits).
+    """
+    next_page_token: _builtins.str
+    """Output only. Token for the next page: send it as `SearchQuery.page_token` with the same query. Empty on
+    the last page. Valid while the catalogue is unchanged; opaque, do not parse.
+    """
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]:
-        """Output only. The results, best first. At most `top_k`; fewer when the filter or threshold leaves fewer."""
+        """Output only. The results of this page, best first (by score, or in diversified order when
+        `SearchQuery.diversity` is set). At most the page size (`page_size`, else `top_k`); fewer when the filter
+        or threshold leaves fewer. With `group_by`, one hit per family.
+        """
+
+    @_builtins.property
+    def category_facets(self) -> _containers.RepeatedCompositeFieldContainer[Global___FacetCount]:
+        """Output only. Products per category (when `SearchQuery.facet_spec.categories` is set), most frequent
+        first (ties by value), at most `facet_spec.max_values`.
+        """
+
+    @_builtins.property
+    def attribute_facets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeFacet]:
+        """Output only. Products per attribute value: one entry per `SearchQuery.facet_spec.attribute_keys` key, in
+        the requested order.
+        """
 
     def __init__(
         self,
@@ -303,10 +516,13 @@ class SearchResponse(_message.Message):
         server_time_ms: _builtins.float = ...,
         embedding_cache: Global___CacheOutcome.ValueType = ...,
         result_cache: Global___CacheOutcome.ValueType = ...,
+        next_page_token: _builtins.str = ...,
+        category_facets: _abc.Iterable[Global___FacetCount] | None = ...,
+        attribute_facets: _abc.Iterable[Global___AttributeFacet] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "embedding_cache", b"embedding_cache", "hits", b"hits", "query_kind", b"query_kind", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_facets", b"attribute_facets", "cached", b"cached", "category_facets", b"category_facets", "embedding_cache", b"embedding_cache", "hits", b"hits", "next_page_token", b"next_page_token", "query_kind", b"query_kind", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,6 +738,70 @@ class DeleteProductResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteProductResponse: _TypeAlias = DeleteProductResponse  # noqa: Y015
+
+@_typing.final
+class ListProductsRequest(_message.Message):
+    """Request message for the `ListProducts` method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Products per page: 0 (unset) means 50; values above 1000 are coerced to 1000. Negative values:
+    INVALID_ARGUMENT. May change from page to page.
+    """
+    page_token: _builtins.str
+    """A `ListProductsResponse.next_page_token`, to get the next page. Empty: the first page. The filter must be
+    the same as for the first page; otherwise INVALID_ARGUMENT on `page_token`.
+    """
+    @_builtins.property
+    def filter(self) -> Global___SearchFilter:
+        """Restricts the listing (same rules as for `Search`). Unset: every product."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___SearchFilter | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProductsRequest: _TypeAlias = ListProductsRequest  # noqa: Y015
+
+@_typing.final
+class ListProductsResponse(_message.Message):
+    """Response message for the `ListProducts` method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. Token for the next page; empty on the last page. Opaque, do not parse."""
+    @_builtins.property
+    def products(self) -> _containers.RepeatedCompositeFieldContainer[_products_pb2.Product]:
+        """Output only. The products of this page, in the listing's stable order."""
+
+    def __init__(
+        self,
+        *,
+        products: _abc.Iterable[_products_pb2.Product] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "products", b"products"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProductsResponse: _TypeAlias = ListProductsResponse  # noqa: Y015
 
 @_typing.final
 class GetServiceInfoRequest(_message.Message):

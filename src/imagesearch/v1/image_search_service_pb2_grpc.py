@@ -68,6 +68,11 @@ class ImageSearchServiceStub:
                 request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.DeleteProductRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.DeleteProductResponse.FromString,
                 _registered_method=True)
+        self.ListProducts = channel.unary_unary(
+                '/imagesearch.v1.ImageSearchService/ListProducts',
+                request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.ListProductsRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.ListProductsResponse.FromString,
+                _registered_method=True)
         self.GetServiceInfo = channel.unary_unary(
                 '/imagesearch.v1.ImageSearchService/GetServiceInfo',
                 request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.GetServiceInfoRequest.SerializeToString,
@@ -88,15 +93,22 @@ class ImageSearchServiceServicer:
     """
 
     def Search(self, request_iterator, context):
-        """Searches the catalogue by text, by image, or by both (a multimodal query).
+        """Searches the catalogue by text, by image, by both (a multimodal query), or by example products ("more
+        like this": `SearchQuery.like_product_ids`), optionally grouping variants, diversifying, paging and
+        counting facets.
 
         The first message must carry `query`. For an image search, the following messages carry the image bytes
-        in `image_chunk`; a text-only search is that one message.
+        in `image_chunk`; a text-only or example-only search is that one message.
 
         Possible errors:
-        INVALID_ARGUMENT: no text and no image; the first message is an image chunk; `query` sent twice; text
-        too long; an image that cannot be decoded or is too large; a bad filter (price_min > price_max,
-        a non-finite price); top_k or score_threshold or text_weight out of range.
+        INVALID_ARGUMENT: no text, no image and no liked product; the first message is an image chunk; `query`
+        sent twice; text too long; an image that cannot be decoded or is too large; a bad filter
+        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold, text_weight or
+        diversity out of range; a malformed product id in like_product_ids/unlike_product_ids, one id in both,
+        or too many; a bad group_by or facet_spec; a page_token that is malformed, was issued for another
+        query, or was issued before the catalogue changed (field `query.page_token`: search again without it).
+        NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
+        it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
         UNAVAILABLE: the vector store cannot be reached; retry with backoff.
         DEADLINE_EXCEEDED: the caller's deadline passed before the search finished.
         """
@@ -165,6 +177,23 @@ class ImageSearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListProducts(self, request, context):
+        """Lists catalogue products, optionally filtered, page by page: for catalogue tooling (exports, audits,
+        re-indexing). Cheap; never touches the model.
+
+        The order is stable but not meaningful (the store's internal point order, not alphabetical). Paging is
+        keyset-based, so it stays consistent while the catalogue changes: no product appears twice and none
+        that exists throughout the listing is skipped; products added or deleted meanwhile may or may not appear.
+
+        Possible errors:
+        INVALID_ARGUMENT: a bad filter; a negative page_size; a page_token that is malformed or was issued for
+        another filter.
+        UNAVAILABLE: the vector store cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServiceInfo(self, request, context):
         """Describes the running service: model, store, cache, limits and version. Cheap; never touches the model.
 
@@ -202,6 +231,11 @@ def add_ImageSearchServiceServicer_to_server(servicer, server):
                     servicer.DeleteProduct,
                     request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.DeleteProductRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.DeleteProductResponse.SerializeToString,
+            ),
+            'ListProducts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProducts,
+                    request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.ListProductsRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.ListProductsResponse.SerializeToString,
             ),
             'GetServiceInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServiceInfo,
@@ -353,6 +387,33 @@ class ImageSearchService:
             '/imagesearch.v1.ImageSearchService/DeleteProduct',
             imagesearch_dot_v1_dot_image__search__service__pb2.DeleteProductRequest.SerializeToString,
             imagesearch_dot_v1_dot_image__search__service__pb2.DeleteProductResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProducts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.ImageSearchService/ListProducts',
+            imagesearch_dot_v1_dot_image__search__service__pb2.ListProductsRequest.SerializeToString,
+            imagesearch_dot_v1_dot_image__search__service__pb2.ListProductsResponse.FromString,
             options,
             channel_credentials,
             insecure,

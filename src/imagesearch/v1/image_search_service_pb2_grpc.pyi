@@ -43,15 +43,22 @@ class ImageSearchServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ImageSearchServiceAsyncStub: ...
     Search: _grpc.StreamUnaryMultiCallable[_image_search_service_pb2.SearchRequest, _image_search_service_pb2.SearchResponse]
-    """Searches the catalogue by text, by image, or by both (a multimodal query).
+    """Searches the catalogue by text, by image, by both (a multimodal query), or by example products ("more
+    like this": `SearchQuery.like_product_ids`), optionally grouping variants, diversifying, paging and
+    counting facets.
 
     The first message must carry `query`. For an image search, the following messages carry the image bytes
-    in `image_chunk`; a text-only search is that one message.
+    in `image_chunk`; a text-only or example-only search is that one message.
 
     Possible errors:
-      INVALID_ARGUMENT: no text and no image; the first message is an image chunk; `query` sent twice; text
-        too long; an image that cannot be decoded or is too large; a bad filter (price_min > price_max,
-        a non-finite price); top_k or score_threshold or text_weight out of range.
+      INVALID_ARGUMENT: no text, no image and no liked product; the first message is an image chunk; `query`
+        sent twice; text too long; an image that cannot be decoded or is too large; a bad filter
+        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold, text_weight or
+        diversity out of range; a malformed product id in like_product_ids/unlike_product_ids, one id in both,
+        or too many; a bad group_by or facet_spec; a page_token that is malformed, was issued for another
+        query, or was issued before the catalogue changed (field `query.page_token`: search again without it).
+      NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
+        it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
       UNAVAILABLE: the vector store cannot be reached; retry with backoff.
       DEADLINE_EXCEEDED: the caller's deadline passed before the search finished.
     """
@@ -100,6 +107,19 @@ class ImageSearchServiceStub:
       NOT_FOUND: no product has this id (so a retried delete that already succeeded reports NOT_FOUND).
       UNAVAILABLE: the vector store cannot be reached.
     """
+    ListProducts: _grpc.UnaryUnaryMultiCallable[_image_search_service_pb2.ListProductsRequest, _image_search_service_pb2.ListProductsResponse]
+    """Lists catalogue products, optionally filtered, page by page: for catalogue tooling (exports, audits,
+    re-indexing). Cheap; never touches the model.
+
+    The order is stable but not meaningful (the store's internal point order, not alphabetical). Paging is
+    keyset-based, so it stays consistent while the catalogue changes: no product appears twice and none
+    that exists throughout the listing is skipped; products added or deleted meanwhile may or may not appear.
+
+    Possible errors:
+      INVALID_ARGUMENT: a bad filter; a negative page_size; a page_token that is malformed or was issued for
+        another filter.
+      UNAVAILABLE: the vector store cannot be reached.
+    """
     GetServiceInfo: _grpc.UnaryUnaryMultiCallable[_image_search_service_pb2.GetServiceInfoRequest, _image_search_service_pb2.GetServiceInfoResponse]
     """Describes the running service: model, store, cache, limits and version. Cheap; never touches the model.
 
@@ -122,15 +142,22 @@ class ImageSearchServiceAsyncStub(ImageSearchServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Search: _aio.StreamUnaryMultiCallable[_image_search_service_pb2.SearchRequest, _image_search_service_pb2.SearchResponse]  # type: ignore[assignment]
-    """Searches the catalogue by text, by image, or by both (a multimodal query).
+    """Searches the catalogue by text, by image, by both (a multimodal query), or by example products ("more
+    like this": `SearchQuery.like_product_ids`), optionally grouping variants, diversifying, paging and
+    counting facets.
 
     The first message must carry `query`. For an image search, the following messages carry the image bytes
-    in `image_chunk`; a text-only search is that one message.
+    in `image_chunk`; a text-only or example-only search is that one message.
 
     Possible errors:
-      INVALID_ARGUMENT: no text and no image; the first message is an image chunk; `query` sent twice; text
-        too long; an image that cannot be decoded or is too large; a bad filter (price_min > price_max,
-        a non-finite price); top_k or score_threshold or text_weight out of range.
+      INVALID_ARGUMENT: no text, no image and no liked product; the first message is an image chunk; `query`
+        sent twice; text too long; an image that cannot be decoded or is too large; a bad filter
+        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold, text_weight or
+        diversity out of range; a malformed product id in like_product_ids/unlike_product_ids, one id in both,
+        or too many; a bad group_by or facet_spec; a page_token that is malformed, was issued for another
+        query, or was issued before the catalogue changed (field `query.page_token`: search again without it).
+      NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
+        it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
       UNAVAILABLE: the vector store cannot be reached; retry with backoff.
       DEADLINE_EXCEEDED: the caller's deadline passed before the search finished.
     """
@@ -179,6 +206,19 @@ class ImageSearchServiceAsyncStub(ImageSearchServiceStub):
       NOT_FOUND: no product has this id (so a retried delete that already succeeded reports NOT_FOUND).
       UNAVAILABLE: the vector store cannot be reached.
     """
+    ListProducts: _aio.UnaryUnaryMultiCallable[_image_search_service_pb2.ListProductsRequest, _image_search_service_pb2.ListProductsResponse]  # type: ignore[assignment]
+    """Lists catalogue products, optionally filtered, page by page: for catalogue tooling (exports, audits,
+    re-indexing). Cheap; never touches the model.
+
+    The order is stable but not meaningful (the store's internal point order, not alphabetical). Paging is
+    keyset-based, so it stays consistent while the catalogue changes: no product appears twice and none
+    that exists throughout the listing is skipped; products added or deleted meanwhile may or may not appear.
+
+    Possible errors:
+      INVALID_ARGUMENT: a bad filter; a negative page_size; a page_token that is malformed or was issued for
+        another filter.
+      UNAVAILABLE: the vector store cannot be reached.
+    """
     GetServiceInfo: _aio.UnaryUnaryMultiCallable[_image_search_service_pb2.GetServiceInfoRequest, _image_search_service_pb2.GetServiceInfoResponse]  # type: ignore[assignment]
     """Describes the running service: model, store, cache, limits and version. Cheap; never touches the model.
 
@@ -204,15 +244,22 @@ class ImageSearchServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_image_search_service_pb2.SearchRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_image_search_service_pb2.SearchResponse, _abc.Awaitable[_image_search_service_pb2.SearchResponse]]:
-        """Searches the catalogue by text, by image, or by both (a multimodal query).
+        """Searches the catalogue by text, by image, by both (a multimodal query), or by example products ("more
+        like this": `SearchQuery.like_product_ids`), optionally grouping variants, diversifying, paging and
+        counting facets.
 
         The first message must carry `query`. For an image search, the following messages carry the image bytes
-        in `image_chunk`; a text-only search is that one message.
+        in `image_chunk`; a text-only or example-only search is that one message.
 
         Possible errors:
-          INVALID_ARGUMENT: no text and no image; the first message is an image chunk; `query` sent twice; text
-            too long; an image that cannot be decoded or is too large; a bad filter (price_min > price_max,
-            a non-finite price); top_k or score_threshold or text_weight out of range.
+          INVALID_ARGUMENT: no text, no image and no liked product; the first message is an image chunk; `query`
+            sent twice; text too long; an image that cannot be decoded or is too large; a bad filter
+            (price_min > price_max, a non-finite price); top_k, page_size, score_threshold, text_weight or
+            diversity out of range; a malformed product id in like_product_ids/unlike_product_ids, one id in both,
+            or too many; a bad group_by or facet_spec; a page_token that is malformed, was issued for another
+            query, or was issued before the catalogue changed (field `query.page_token`: search again without it).
+          NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
+            it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
           UNAVAILABLE: the vector store cannot be reached; retry with backoff.
           DEADLINE_EXCEEDED: the caller's deadline passed before the search finished.
         """
@@ -283,6 +330,25 @@ class ImageSearchServiceServicer(metaclass=_abc_1.ABCMeta):
         Possible errors:
           INVALID_ARGUMENT: the id is empty or malformed.
           NOT_FOUND: no product has this id (so a retried delete that already succeeded reports NOT_FOUND).
+          UNAVAILABLE: the vector store cannot be reached.
+        """
+
+    @_abc_1.abstractmethod
+    def ListProducts(
+        self,
+        request: _image_search_service_pb2.ListProductsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_search_service_pb2.ListProductsResponse, _abc.Awaitable[_image_search_service_pb2.ListProductsResponse]]:
+        """Lists catalogue products, optionally filtered, page by page: for catalogue tooling (exports, audits,
+        re-indexing). Cheap; never touches the model.
+
+        The order is stable but not meaningful (the store's internal point order, not alphabetical). Paging is
+        keyset-based, so it stays consistent while the catalogue changes: no product appears twice and none
+        that exists throughout the listing is skipped; products added or deleted meanwhile may or may not appear.
+
+        Possible errors:
+          INVALID_ARGUMENT: a bad filter; a negative page_size; a page_token that is malformed or was issued for
+            another filter.
           UNAVAILABLE: the vector store cannot be reached.
         """
 
