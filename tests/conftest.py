@@ -23,6 +23,7 @@ from imagesearch.config import ENV_PREFIX, Settings
 from imagesearch.encoder import ClipEncoder
 from imagesearch.health import StoreHealth
 from imagesearch.server import Components, build_server, open_components
+from imagesearch.store import VectorStore
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 # The small CLIP the project trains itself (src/imagesearch/models/synthetic-clip): a real, learned open_clip
@@ -62,8 +63,12 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
 
-async def start_server(settings: Settings, encoder: ClipEncoder) -> RunningServer:
+async def start_server(settings: Settings, encoder: ClipEncoder, store: VectorStore | None = None) -> RunningServer:
+    """A real server on a free port; `store` replaces the embedded store the settings would open."""
     components = await open_components(settings, encoder=encoder)
+    if store is not None:
+        await components.store.close()
+        components.store = store
     server, port, store_health = build_server(settings, components)
     await server.start()
     await store_health.serving()

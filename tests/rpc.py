@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from imagesearch.client import search_query
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from imagesearch.v1 import products_pb2
@@ -59,28 +60,11 @@ async def index(
 
 
 async def search(
-    stub: pb_grpc.ImageSearchServiceAsyncStub,
-    *,
-    text: str = "",
-    image: bytes | None = None,
-    top_k: int = 0,
-    categories: Sequence[str] = (),
-    price_min: float | None = None,
-    price_max: float | None = None,
-    attributes: Mapping[str, str] | None = None,
-    score_threshold: float | None = None,
-    text_weight: float | None = None,
+    stub: pb_grpc.ImageSearchServiceAsyncStub, *, image: bytes | None = None, **query: Any
 ) -> pb.SearchResponse:
-    query = pb.SearchQuery(
-        text=text,
-        top_k=top_k,
-        filter=pb.SearchFilter(
-            categories=list(categories), price_min=price_min, price_max=price_max, attributes=dict(attributes or {})
-        ),
-        score_threshold=score_threshold,
-        text_weight=text_weight,
-    )
-    messages: list[object] = [pb.SearchRequest(query=query)]
+    """A search as the client sends it (imagesearch.client.search_query), over the given stub. An empty image is
+    sent as one empty chunk, so tests can send it."""
+    messages: list[object] = [pb.SearchRequest(query=search_query(**query))]
     if image is not None:
         messages += [pb.SearchRequest(image_chunk=c) for c in chunks(image)] or [pb.SearchRequest(image_chunk=b"")]
     response: pb.SearchResponse = await stub.Search(stream(*messages))

@@ -19,7 +19,6 @@ import pytest
 import pytest_asyncio
 from conftest import RunningServer, start_server, stop_server
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 from qdrant_client import AsyncQdrantClient
 from rpc import stream, violated_fields
@@ -27,12 +26,10 @@ from rpc import stream, violated_fields
 from imagesearch.catalog import recommend_vector
 from imagesearch.config import CacheBackendName, Settings
 from imagesearch.encoder import ClipEncoder
-from imagesearch.server import build_server, open_components
-from imagesearch.store import QdrantServerStore, VectorStore
+from imagesearch.store import QdrantServerStore
 from imagesearch.store.base import DIVERSITY_CANDIDATES
 from imagesearch.synthetic import CatalogueItem, make_catalogue
 from imagesearch.v1 import image_search_service_pb2 as pb
-from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from imagesearch.v1 import products_pb2
 
 pytestmark = [
@@ -71,26 +68,6 @@ def first_id(colour: str, kind: str, skip: int = 0) -> str:
 # --- servers ------------------------------------------------------------------------------------------------
 
 
-async def start_with_store(settings: Settings, encoder: ClipEncoder, store: VectorStore) -> RunningServer:
-    """Like conftest.start_server, over the given store instead of the embedded one the settings name."""
-    components = await open_components(settings, encoder=encoder)
-    await components.store.close()
-    components.store = store
-    server, port, store_health = build_server(settings, components)
-    await server.start()
-    await store_health.serving()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return RunningServer(
-        server,
-        port,
-        components,
-        store_health,
-        channel,
-        pb_grpc.ImageSearchServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
-
-
 async def start_backend(
     backend: str, settings: Settings, encoder: ClipEncoder, client: AsyncQdrantClient | None = None
 ) -> RunningServer:
@@ -99,7 +76,7 @@ async def start_backend(
     store = await QdrantServerStore.from_client(
         client or AsyncQdrantClient(location=":memory:"), encoder.dimension, encoder.model_id, where=":memory:"
     )
-    return await start_with_store(settings, encoder, store)
+    return await start_server(settings, encoder, store=store)
 
 
 async def index_all(running: RunningServer, products: Sequence[tuple[products_pb2.Product, bytes]]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -84,32 +84,11 @@ class ImageSearchClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def search(
-        self,
-        *,
-        text: str = "",
-        image: bytes | None = None,
-        top_k: int = 0,
-        categories: Sequence[str] = (),
-        price_min: float | None = None,
-        price_max: float | None = None,
-        attributes: Mapping[str, str] | None = None,
-        score_threshold: float | None = None,
-        text_weight: float | None = None,
-    ) -> pb.SearchResponse:
-        query = pb.SearchQuery(
-            text=text,
-            top_k=top_k,
-            filter=pb.SearchFilter(
-                categories=list(categories),
-                price_min=price_min,
-                price_max=price_max,
-                attributes=dict(attributes or {}),
-            ),
-            score_threshold=score_threshold,
-            text_weight=text_weight,
+    async def search(self, *, image: bytes | None = None, **query: Any) -> pb.SearchResponse:
+        """Search. `image` is streamed in chunks; every other keyword goes to `search_query`."""
+        messages = _stream(
+            pb.SearchRequest(query=search_query(**query)), image, lambda c: pb.SearchRequest(image_chunk=c)
         )
-        messages = _stream(pb.SearchRequest(query=query), image, lambda c: pb.SearchRequest(image_chunk=c))
         response: pb.SearchResponse = await self._stub.Search(messages, timeout=self.timeout_s, metadata=self._metadata)
         return response
 
@@ -164,6 +143,31 @@ class ImageSearchClient:
             health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s, metadata=self._metadata
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def search_query(
+    *,
+    text: str = "",
+    top_k: int = 0,
+    categories: Sequence[str] = (),
+    price_min: float | None = None,
+    price_max: float | None = None,
+    attributes: Mapping[str, str] | None = None,
+    **fields: Any,
+) -> pb.SearchQuery:
+    """A SearchQuery with the filter given as flat keywords; other keywords are SearchQuery fields as they are
+    (score_threshold, text_weight, like_product_ids, page_size, page_token, group_by, diversity, ...)."""
+    return pb.SearchQuery(
+        text=text,
+        top_k=top_k,
+        filter=pb.SearchFilter(
+            categories=list(categories),
+            price_min=price_min,
+            price_max=price_max,
+            attributes=dict(attributes or {}),
+        ),
+        **fields,
+    )
 
 
 async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -75,17 +76,10 @@ def _wrap(
     behaviour: Callable[..., Awaitable[Any]], method: str, request_id: str, metrics: Metrics | None
 ) -> Callable[..., Awaitable[Any]]:
     async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        started = _begin(method, request_id)
-        code = grpc.StatusCode.OK
-        try:
+        with _logged_rpc(context, method, request_id, metrics):
             response = await behaviour(request, context)
             await _echo_request_id(context, request_id)
             return response
-        except BaseException:
-            code = _failure_code(context)
-            raise
-        finally:
-            _end(code, started, method, metrics)
 
     return logged
 
@@ -94,26 +88,35 @@ def _wrap_streaming(
     behaviour: Callable[..., Any], method: str, request_id: str, metrics: Metrics | None
 ) -> Callable[..., AsyncIterator[Any]]:
     async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        started = _begin(method, request_id)
-        code = grpc.StatusCode.OK
-        try:
+        with _logged_rpc(context, method, request_id, metrics):
             result = behaviour(request, context)
-            if hasattr(result, "__aiter__"):
-                echoed = False
-                async for response in result:
-                    if not echoed:
-                        await _echo_request_id(context, request_id)
-                        echoed = True
-                    yield response
-            else:
+            if not hasattr(result, "__aiter__"):
                 await result  # a handler that writes with context.write() (e.g. health Watch)
-        except BaseException:
-            code = _failure_code(context)
-            raise
-        finally:
-            _end(code, started, method, metrics)
+                return
+            echoed = False
+            async for response in result:
+                if not echoed:
+                    await _echo_request_id(context, request_id)
+                    echoed = True
+                yield response
 
     return logged
+
+
+@contextlib.contextmanager
+def _logged_rpc(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, request_id: str, metrics: Metrics | None
+) -> Iterator[None]:
+    """The RPC's log context while it runs; one log line and the metrics when it ends, however it ends."""
+    started = _begin(method, request_id)
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except BaseException:
+        code = _failure_code(context)
+        raise
+    finally:
+        _end(code, started, method, metrics)
 
 
 def _begin(method: str, request_id: str) -> float:

@@ -278,29 +278,17 @@ def _bulk_item(
     return BulkItem(position, product, image, InvalidArgument(v.items) if v.items else None)
 
 
+# Product fields that map one to one between the proto and the domain type (attributes is a map on both sides).
+_PRODUCT_SCALARS = ("id", "name", "description", "category", "price", "currency", "image_url")
+
+
 def product_from_proto(message: products_pb2.Product) -> Product:
-    return Product(
-        id=message.id,
-        name=message.name,
-        description=message.description,
-        category=message.category,
-        price=message.price,
-        currency=message.currency,
-        attributes=dict(message.attributes),
-        image_url=message.image_url,
-    )
+    return Product(**{f: getattr(message, f) for f in _PRODUCT_SCALARS}, attributes=dict(message.attributes))
 
 
 def product_to_proto(product: Product) -> products_pb2.Product:
     return products_pb2.Product(
-        id=product.id,
-        name=product.name,
-        description=product.description,
-        category=product.category,
-        price=product.price,
-        currency=product.currency,
-        attributes=dict(product.attributes),
-        image_url=product.image_url,
+        **{f: getattr(product, f) for f in _PRODUCT_SCALARS}, attributes=dict(product.attributes)
     )
 
 
