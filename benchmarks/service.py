@@ -143,7 +143,7 @@ async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: in
         await store.close()
 
 
-def start_server(data_dir: Path, model: str, device: str, port: int) -> subprocess.Popen[bytes]:
+def start_server(data_dir: Path, model: str, device: str, port: int, int8: bool) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESEARCH_")}
     env.update(
         IMAGESEARCH_PORT=str(port),
@@ -152,6 +152,8 @@ def start_server(data_dir: Path, model: str, device: str, port: int) -> subproce
         IMAGESEARCH_MODEL=model,
         IMAGESEARCH_DEVICE=device,
         IMAGESEARCH_LOG_LEVEL="warning",
+        IMAGESEARCH_QUANTIZE_IMAGE_TOWER=str(int8).lower(),
+        IMAGESEARCH_QUANTIZE_TEXT_TOWER=str(int8).lower(),
     )
     return subprocess.Popen([sys.executable, "-m", "imagesearch.cli", "serve"], env=env)
 
@@ -298,6 +300,7 @@ async def main() -> int:
     parser.add_argument("-n", type=int, default=30, help="sequential requests per path (default 30)")
     parser.add_argument("--quick", action="store_true", help="n=10, catalogue 2000, smaller concurrency runs")
     parser.add_argument("--port", type=int, default=50999)
+    parser.add_argument("--int8", action="store_true", help="int8 image and text towers (CPU), floor included")
     args = parser.parse_args()
     if args.quick:
         args.n, args.catalogue = 10, 2000
@@ -306,7 +309,9 @@ async def main() -> int:
         f"model: {args.model} on {args.device}"
         + (" (random weights: speed only, no relevance)" * ("random" in args.model))
     )
-    encoder = ClipEncoder.load(args.model, device=args.device)
+    encoder = ClipEncoder.load(
+        args.model, device=args.device, quantize_image_tower=args.int8, quantize_text_tower=args.int8
+    )
     images = [photo_like_jpeg(i) for i in range(2 * args.n + 2)]
     floor = measure_floor(encoder, images[0], repeats=max(10, args.n // 2))
     model_id, dimension = encoder.model_id, encoder.dimension
@@ -315,7 +320,7 @@ async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="imagesearch-bench-") as tmp:
         data_dir = Path(tmp)
         await fill_catalogue(data_dir, model_id, dimension, args.catalogue)
-        server = start_server(data_dir, args.model, args.device, args.port)
+        server = start_server(data_dir, args.model, args.device, args.port, args.int8)
         try:
             target = f"127.0.0.1:{args.port}"
             await wait_serving(target)
@@ -329,7 +334,11 @@ async def main() -> int:
     )
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name(0)}"
-    header = f"imagesearch service benchmark: {args.model} on {args.device}; catalogue {args.catalogue}; {machine}"
+    towers = "int8 image and text towers" if args.int8 else "fp32" if args.device == "cpu" else "fp16"
+    header = (
+        f"imagesearch service benchmark: {args.model} ({towers}) on {args.device}; "
+        f"catalogue {args.catalogue}; {machine}"
+    )
     print_table(rows, floor, header)
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -338,6 +347,7 @@ async def main() -> int:
             {
                 "model": args.model,
                 "device": args.device,
+                "int8": args.int8,
                 "catalogue": args.catalogue,
                 "machine": machine,
                 "floor": floor,

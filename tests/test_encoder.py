@@ -130,3 +130,12 @@ async def test_micro_batcher_gives_every_caller_the_batch_error() -> None:
         batcher: MicroBatcher[int] = MicroBatcher(run, pool)
         results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_int8_towers_agree_with_fp32(encoder: ClipEncoder) -> None:
+    int8 = ClipEncoder.load("synthetic-clip", device="cpu", quantize_image_tower=True, quantize_text_tower=True)
+    images = [Image.new("RGB", (64, 64), (i * 40 % 256, 90, 200 - i * 20)) for i in range(8)]
+    text_cosines = np.sum(encoder.encode_texts(TEXTS) * int8.encode_texts(TEXTS), axis=1)
+    image_cosines = np.sum(encoder.encode_images(images) * int8.encode_images(images), axis=1)
+    assert text_cosines.min() >= 0.999
+    assert image_cosines.min() >= 0.999

@@ -38,6 +38,9 @@ class Settings:
     offline: bool = False
     # 0 = let the encoder choose (all cores for the model's intra-op pool).
     torch_threads: int = 0
+    # CPU only: int8 dynamic quantisation of a tower (faster; agreement with fp32 in the README).
+    quantize_image_tower: bool = False
+    quantize_text_tower: bool = False
     # A Qdrant server or cluster: its REST address (http://qdrant:6333); the service talks gRPC on qdrant_grpc_port.
     qdrant_url: str | None = None
     qdrant_grpc_port: int = 6334

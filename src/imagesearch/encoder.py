@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class ClipEncoder:
 
     def __init__(self, spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, device: str) -> None:
         self.spec = spec
+        # Quantised layers compute in fp32; otherwise the tower's own dtype (fp16 on CUDA).
+        self._text_dtype = torch.float32 if _is_int8(model.transformer) else model.transformer.get_cast_dtype()
         self.device = device
         self._model = model
         self._preprocess = preprocess
@@ -103,8 +106,24 @@ class ClipEncoder:
         return self.spec.raw
 
     @classmethod
-    def load(cls, spec: str, *, device: str = "auto", offline: bool = False, threads: int = 0) -> ClipEncoder:
-        """Load a model by spec. Raises ModelLoadError with instructions when the weights cannot be had."""
+    def load(
+        cls,
+        spec: str,
+        *,
+        device: str = "auto",
+        offline: bool = False,
+        threads: int = 0,
+        quantize_image_tower: bool = False,
+        quantize_text_tower: bool = False,
+    ) -> ClipEncoder:
+        """Load a model by spec. Raises ModelLoadError with instructions when the weights cannot be had.
+
+        `quantize_image_tower` / `quantize_text_tower` (CPU only): int8 dynamic quantisation of the tower's
+        linear layers. Faster on CPU (a one-query text forward is bound by reading the weights, which int8
+        quarters) at a small cost in precision; benchmarks/quantization.py measures both. The text tower can only
+        be quantised on the unpadded path (open_clip's own encode_text reads a weight dtype that quantised
+        layers lack).
+        """
         parsed = ModelSpec.parse(spec)
         resolved_device = resolve_device(device)
         if threads > 0:
@@ -113,6 +132,14 @@ class ClipEncoder:
             _enable_hub_offline_mode()
         try:
             model, preprocess, tokenizer = _create(parsed, resolved_device)
+            if (quantize_image_tower or quantize_text_tower) and resolved_device != "cpu":
+                raise ModelLoadError(f"int8 quantisation is a CPU option; the device is {resolved_device}")
+            if quantize_image_tower:
+                model.visual = _int8_linears(model.visual)
+            if quantize_text_tower:
+                if not _unpadded_text_supported(model):
+                    raise ModelLoadError(f"{spec}: int8 text quantisation needs a CLIP with end-of-text pooling")
+                model.transformer = _int8_linears(model.transformer)
         except ModelLoadError:
             raise
         except Exception as exc:  # open_clip / huggingface_hub raise many unrelated types
@@ -143,7 +170,7 @@ class ClipEncoder:
         """Embed texts -> (N, dim) float32, L2-normalised. Text past the context length is truncated."""
         tokens = torch.stack([self._tokens(text) for text in texts]).to(self.device)
         if self.trims_text_padding:
-            features = _encode_text_unpadded(self._model, tokens)
+            features = _encode_text_unpadded(self._model, tokens, self._text_dtype)
         else:
             features = self._model.encode_text(tokens, normalize=True)
         return _to_numpy(features)
@@ -159,12 +186,7 @@ class ClipEncoder:
         """Whether texts run on their real token length instead of the padded context. True for open_clip's
         CLIP with a causal text mask and end-of-text pooling: there, positions after the end-of-text token
         cannot influence it, so dropping them changes nothing but the cost."""
-        model = self._model
-        return (
-            type(model).__name__ == "CLIP"
-            and getattr(model, "text_pool_type", None) == "argmax"
-            and getattr(model, "attn_mask", None) is not None
-        )
+        return _unpadded_text_supported(self._model)
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -276,7 +298,31 @@ def _image_size(model: Any) -> int:
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
-def _encode_text_unpadded(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+def _unpadded_text_supported(model: Any) -> bool:
+    return (
+        type(model).__name__ == "CLIP"
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+    )
+
+
+def _int8_linears(module: torch.nn.Module) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which we do not depend on; the eager API
+        # still works on the torch versions we support, and this is an opt-in.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        quantized: torch.nn.Module = torch.ao.quantization.quantize_dynamic(
+            module, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return quantized
+
+
+def _is_int8(module: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+
+
+def _encode_text_unpadded(model: Any, tokens: torch.Tensor, cast_dtype: torch.dtype) -> torch.Tensor:
     """CLIP.encode_text on the batch's longest real length instead of the full context.
 
     Mirrors open_clip.model.CLIP.encode_text step by step, slicing the positional embedding and the causal mask
@@ -286,7 +332,6 @@ def _encode_text_unpadded(model: Any, tokens: torch.Tensor) -> torch.Tensor:
 
     length = int((tokens != 0).sum(dim=1).max())  # 0 is the pad token; every row has start and end tokens
     tokens = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)

@@ -93,6 +93,8 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
             device=settings.device,
             offline=settings.offline,
             threads=settings.torch_threads,
+            quantize_image_tower=settings.quantize_image_tower,
+            quantize_text_tower=settings.quantize_text_tower,
         )
     metrics = Metrics()
     store = TimedStore(await open_store(settings, encoder.dimension, encoder.model_id), metrics)
