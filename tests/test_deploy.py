@@ -443,3 +443,9 @@ def test_qdrant_healthcheck_fails_when_nothing_listens() -> None:
     test = compose()["services"]["qdrant"]["healthcheck"]["test"]
     command = test[3].replace("$$", "$").replace("/6333", f"/{free_port()}")
     assert subprocess.run(["bash", "-c", command], capture_output=True, timeout=10).returncode != 0
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(Settings) if f"IMAGESEARCH_{f.name.upper()}" not in readme]
+    assert not missing, f"settings missing from the README's configuration table: {missing}"
