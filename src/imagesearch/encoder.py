@@ -182,6 +182,10 @@ class ClipEncoder:
         return _to_numpy(self._model.encode_text(tokens, normalize=True))
 
     @property
+    def text_tower_int8(self) -> bool:
+        return bool(self._text_dtype == torch.float32 and _is_int8(self._model.transformer))
+
+    @property
     def trims_text_padding(self) -> bool:
         """Whether texts run on their real token length instead of the padded context. True for open_clip's
         CLIP with a causal text mask and end-of-text pooling: there, positions after the end-of-text token
