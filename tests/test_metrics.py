@@ -229,6 +229,8 @@ async def test_server_metrics_move_with_real_rpcs(running: RunningServer) -> Non
     assert _sample(body, "imagesearch_encoder_batch_size_count", kind="text") == 1
     assert _sample(body, "imagesearch_store_duration_seconds_count", operation="search") == 2
     assert _sample(body, "imagesearch_store_duration_seconds_count", operation="upsert") == 1
+    assert _sample(body, "imagesearch_cache_lookups_total", tier="embedding", outcome="miss") == 2
+    assert _sample(body, "imagesearch_cache_lookups_total", tier="result", outcome="miss") == 2
 
 
 def _scrape(port: int) -> str:

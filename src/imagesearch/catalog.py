@@ -151,6 +151,7 @@ class Catalog:
         cache: SearchCache,
         limits: Limits,
         fetcher: ImageFetcher | None = None,
+        on_cache_outcome: Callable[[Literal["embedding", "result"], CacheOutcome], None] | None = None,
     ) -> None:
         self.encoder = encoder
         self.store = store
@@ -158,6 +159,8 @@ class Catalog:
         self.limits = limits
         self.fetcher = fetcher
         self.version = CatalogueVersion(cache)
+        # Told each search's cache outcome per tier (metrics), so the cache itself stays free of metrics.
+        self._on_cache_outcome = on_cache_outcome
 
     @property
     def fetches_urls(self) -> bool:
@@ -192,6 +195,9 @@ class Catalog:
         next_page_token = ""
         if page.has_more:
             next_page_token = encode_search_page(SearchPage(digest, version, offset + len(page.hits)))
+        if self._on_cache_outcome is not None:
+            self._on_cache_outcome("embedding", embedding_cache)
+            self._on_cache_outcome("result", page.result_cache)
         return SearchOutcome(
             page.hits,
             query.kind,

@@ -148,6 +148,7 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
         components.cache,
         Limits(max_image_pixels=settings.max_image_pixels),
         components.fetcher,
+        on_cache_outcome=components.metrics.observe_cache,
     )
     health_servicer = health.aio.HealthServicer()
     # "" is the whole server; clients may also ask for the service by name.
