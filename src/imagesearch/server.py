@@ -85,19 +85,26 @@ def open_cache_backend(settings: Settings) -> CacheBackend:
 
 
 async def open_components(settings: Settings, encoder: ClipEncoder | None = None) -> Components:
-    """Load the model (unless given one), open the store and the cache."""
+    """Load the model (unless given one: tests share one across servers), open the store and the cache."""
+    metrics = Metrics()
     if encoder is None:
-        encoder = await asyncio.to_thread(
-            ClipEncoder.load,
+        async_encoder = await AsyncEncoder.load(
             settings.model,
+            on_batch=metrics.observe_batch,
             device=settings.device,
             offline=settings.offline,
             threads=settings.torch_threads,
             quantize_image_tower=settings.quantize_image_tower,
             quantize_text_tower=settings.quantize_text_tower,
         )
-    metrics = Metrics()
-    store = TimedStore(await open_store(settings, encoder.dimension, encoder.model_id), metrics)
+    else:
+        async_encoder = AsyncEncoder(encoder, on_batch=metrics.observe_batch)
+    encoder = async_encoder.encoder
+    try:
+        store = TimedStore(await open_store(settings, encoder.dimension, encoder.model_id), metrics)
+    except BaseException:
+        async_encoder.close()
+        raise
     cache = SearchCache(
         open_cache_backend(settings),
         model_id=encoder.model_id,
@@ -117,7 +124,7 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
         )
     )
     return Components(
-        encoder=AsyncEncoder(encoder, on_batch=metrics.observe_batch),
+        encoder=async_encoder,
         store=store,  # type: ignore[arg-type]  # TimedStore delegates the whole VectorStore protocol
         cache=cache,
         fetcher=fetcher,
