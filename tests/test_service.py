@@ -280,3 +280,14 @@ async def test_errors_carry_the_request_id_in_trailing_metadata(running: Running
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call
     assert ("x-request-id", "trace-404") in tuple(err.value.trailing_metadata() or ())
+
+
+async def test_rpc_log_line_carries_method_status_cache_outcome_and_no_image_bytes(
+    running: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await index(running.stub, product("logged"), RED)
+    await search(running.stub, image=RED)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "rpc" in line and "Search" in line]
+    assert lines, "no log line for the Search RPC"
+    assert "code=OK" in lines[-1] and "result_cache=miss" in lines[-1] and "request_id=" in lines[-1]
+    assert "\\xff\\xd8" not in lines[-1] and "image_chunk" not in lines[-1]

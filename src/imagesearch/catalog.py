@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import structlog
 
 from imagesearch.cache import ResultKey, SearchCache
 from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter
@@ -198,6 +199,8 @@ class Catalog:
         if self._on_cache_outcome is not None:
             self._on_cache_outcome("embedding", embedding_cache)
             self._on_cache_outcome("result", page.result_cache)
+        # Lands on the RPC's single log line (the logging interceptor logs in this same context).
+        structlog.contextvars.bind_contextvars(embedding_cache=embedding_cache, result_cache=page.result_cache)
         return SearchOutcome(
             page.hits,
             query.kind,
