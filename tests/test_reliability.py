@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -99,6 +99,14 @@ async def test_search_past_its_deadline_is_abandoned(
     await asyncio.sleep(0.6)  # let the slow forward finish
     assert store_calls == 0, "the store was queried after the deadline had passed"
     assert await health_status(running) == SERVING
+
+
+async def _lazy_image_search(image: bytes) -> AsyncIterator[Any]:
+    from imagesearch.v1 import image_search_service_pb2 as pb
+
+    yield pb.SearchRequest(query=pb.SearchQuery())
+    for start in range(0, len(image), 64 * 1024):
+        yield pb.SearchRequest(image_chunk=image[start : start + 64 * 1024])
 
 
 async def _one_image_search(image: bytes) -> Any:

@@ -232,3 +232,50 @@ async def test_kill_9_during_bulk_index_loses_no_acknowledged_product(tmp_path: 
     finally:
         restarted.send_signal(signal.SIGTERM)
         restarted.communicate(timeout=30)
+
+
+def _server_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+async def _flood(port: int, uploads: int, image: bytes) -> list[object]:
+    async def lazily(data: bytes) -> AsyncIterator[pb.SearchRequest]:
+        yield pb.SearchRequest(query=pb.SearchQuery())
+        for start in range(0, len(data), 64 * 1024):
+            yield pb.SearchRequest(image_chunk=data[start : start + 64 * 1024])
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ImageSearchServiceStub(channel)
+        return await asyncio.gather(
+            *(stub.Search(lazily(image), timeout=60) for _ in range(uploads)), return_exceptions=True
+        )
+
+
+async def test_flood_of_large_uploads_keeps_server_memory_bounded(tmp_path: Path) -> None:
+    # The server runs in its own process so its memory is measured alone. With 4 encoding requests admitted at
+    # a time, the rest are refused before their uploads are read: memory must not grow with the flood's size.
+    port = free_port()
+    process = _serve(
+        tmp_path,
+        port,
+        IMAGESEARCH_MAX_CONCURRENT_REQUESTS="4",
+        IMAGESEARCH_MAX_IMAGE_BYTES=str(5 * 1024 * 1024),
+    )
+    try:
+        await asyncio.to_thread(_wait_serving, port)
+        upload = jpeg_bytes((10, 200, 30)) + b"\0" * (4 * 1024 * 1024)
+        await _flood(port, 8, upload)  # warm-up: the allocator's one-time growth
+        baseline = _server_rss_mib(process.pid)
+        await _flood(port, 24, upload)  # 96 MiB offered
+        after_small = _server_rss_mib(process.pid)
+        results = await _flood(port, 96, upload)  # 384 MiB offered
+        after_large = _server_rss_mib(process.pid)
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert refused and len(refused) < len(results)  # some were admitted and served, the rest refused
+        assert after_large - after_small < 64, (baseline, after_small, after_large)
+        assert after_large - baseline < 192, (baseline, after_small, after_large)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
