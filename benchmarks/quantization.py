@@ -12,9 +12,7 @@ trained model (synthetic-clip), whose weights are real.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,21 +20,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from service import photo_like_jpeg  # a sibling script, not a package
+from service import photo_like_jpeg  # sibling scripts, not a package
+from timing import median_ms
 
 from imagesearch.encoder import ClipEncoder
-
-
-def median_ms(call: Callable[[], object], n: int) -> float:
-    for _ in range(3):  # warm-up
-        call()
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples) * 1000.0
-
 
 TEXTS = [f"a photo of a {c} {k}" for c in ("red", "blue", "green", "black") for k in ("mug", "shoe", "lamp", "bag")]
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
+from timing import median_ms  # a sibling script
 
 from imagesearch.client import ImageSearchClient, Product
 from imagesearch.domain import Product as DomainProduct
@@ -87,16 +88,7 @@ def photo_like_jpeg(seed: int, size: int = 400) -> bytes:
 def measure_floor(encoder: ClipEncoder, image: bytes, repeats: int) -> dict[str, float]:
     """The bare model, no server: one text, one image (decode + preprocess + forward), a batch of 32 images."""
 
-    def timed(fn: Callable[[], object], n: int) -> float:
-        for _ in range(3):  # warm-up: kernel set-up on first use
-            fn()
-        samples = []
-        for _ in range(n):
-            started = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - started)
-        return float(np.median(samples)) * 1000.0
-
+    timed = median_ms
     texts = iter(f"a photo of a red mug number {i}" for i in range(10**6))
     # open_clip's own (padded) text path cannot run an int8 text tower; the unpadded floor is the one compared.
     padded = not encoder.text_tower_int8
