@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
@@ -33,8 +34,9 @@ class MicroBatcher(Generic[Item]):
         self.max_batch = max_batch
         self._pending: list[tuple[Item, asyncio.Future[np.ndarray]]] = []
         self._worker: asyncio.Task[None] | None = None
-        # Sizes of the batches run so far (benchmarks and metrics read it).
-        self.batch_sizes: list[int] = []
+        # Sizes of the most recent batches (tests and debugging; metrics get every batch through on_batch).
+        # Bounded: a server runs millions of batches.
+        self.batch_sizes: deque[int] = deque(maxlen=4096)
 
     async def submit(self, item: Item) -> np.ndarray:
         """The model's output row for `item`, computed in a batch with whatever else is waiting."""

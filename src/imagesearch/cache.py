@@ -187,12 +187,9 @@ class SearchCache:
     async def put_embedding(self, key: str, vector: np.ndarray) -> None:
         await self.backend.set(key, np.asarray(vector, dtype="<f4").tobytes(), self._embedding_ttl_s)
 
-    async def result_key(self, key: ResultKey) -> str | None:
-        """The tier-2 key for this query at the current generation; None when the generation is unknown
-        (backend unavailable), in which case results must not be cached or served."""
-        generation = await self.generation()
-        if generation is None:
-            return None
+    def result_key(self, generation: int, key: ResultKey) -> str:
+        """The tier-2 key for this query at catalogue `generation` (read with `generation()`; when that is None,
+        the backend is unavailable and results must not be cached or served)."""
         digest = hashlib.sha256()
         vector = b"" if key.vector is None else np.asarray(key.vector, dtype="<f4").tobytes()
         for part in (

@@ -180,16 +180,18 @@ class Catalog:
 
     async def search(self, query: Query) -> SearchOutcome:
         started = time.perf_counter()
-        # Read before searching: a write racing with this search then bumps the version after it was read, so
-        # the next page's token is refused, never accepted for a page computed from another catalogue.
-        version = await self.version.current()
+        # Read once, before searching: it versions both the page token and the result-cache key. A write racing
+        # with this search bumps it after it was read, so the next page's token is refused and the result is
+        # cached under the old generation: never a page or a result from another catalogue.
+        generation = await self.cache.generation() if self.cache.enabled else None
+        version = self.version.current(generation)
         digest = query.digest()
         offset = 0
         if query.page is not None:
             check_search_page(query.page, digest, version, SEARCH_PAGE_TOKEN_FIELD)
             offset = query.page.offset
         encoded, embedding_cache = await self._encoded_vector(query)
-        page = await self._ranked_page(query, encoded, offset)
+        page = await self._ranked_page(query, encoded, offset, generation)
         facets = None
         if not query.facets.is_empty:
             facets = await self.store.facets(query.flt, query.facets, exclude_ids=query.exclude_ids)
@@ -251,13 +253,16 @@ class Catalog:
         self.version.bump()
         await self.cache.bump_generation()
 
-    async def _ranked_page(self, query: Query, encoded: np.ndarray | None, offset: int) -> _RankedPage:
+    async def _ranked_page(
+        self, query: Query, encoded: np.ndarray | None, offset: int, generation: int | None
+    ) -> _RankedPage:
         limit = min(query.top_k, MAX_SEARCH_DEPTH - offset)
         # One hit more than the page tells whether there is a next page (none past the paging limit).
         fetch = limit + 1 if offset + limit < MAX_SEARCH_DEPTH else limit
         key = None
-        if self.cache.enabled:
-            key = await self.cache.result_key(
+        if generation is not None:
+            key = self.cache.result_key(
+                generation,
                 ResultKey(
                     vector=encoded,
                     flt=query.flt,
@@ -269,7 +274,7 @@ class Catalog:
                     exclude_ids=query.exclude_ids,
                     group_by=query.group_by,
                     diversity=query.diversity,
-                )
+                ),
             )
         ranked = None if key is None else await self.cache.get_results(key)
         outcome: CacheOutcome = "hit"

@@ -71,11 +71,10 @@ class CatalogueVersion:
         """Call after every successful catalogue write."""
         self._local_writes += 1
 
-    async def current(self) -> str:
-        if self._cache.shared:
-            generation = await self._cache.generation()
-            if generation is not None:
-                return f"s{generation}"
+    def current(self, generation: int | None) -> str:
+        """The version now, given the cache's generation as just read (None when unknown)."""
+        if self._cache.shared and generation is not None:
+            return f"s{generation}"
         return f"p{self._process}.{self._local_writes}"
 
 
