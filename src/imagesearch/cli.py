@@ -16,8 +16,6 @@ from google.protobuf import json_format
 from imagesearch.config import Settings, SettingsError, client_target
 
 EXIT_USAGE = 2
-# Same code as server.STARTUP_FAILURE (not imported: that would load torch for every client command).
-EXIT_STARTUP_FAILURE = 3
 EXIT_RPC_ERROR = 4
 
 

@@ -5,7 +5,6 @@ Nothing here knows about protobuf or gRPC: `service.py` converts between these a
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -94,7 +93,3 @@ class Facets:
 
     categories: tuple[FacetCount, ...] = ()
     attributes: tuple[tuple[str, tuple[FacetCount, ...]], ...] = ()
-
-
-def is_finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))
