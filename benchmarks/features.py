@@ -22,61 +22,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 import qdrant_edge as qe
+from store_edge import CATEGORIES, fill, timed, unit_rows  # a sibling script, not a package
 
 from imagesearch.catalog import best_per_group
-from imagesearch.domain import FacetSpec, Hit, Product, SearchFilter
+from imagesearch.domain import FacetSpec, Hit, SearchFilter
 from imagesearch.store import EdgeStore
 from imagesearch.store.base import CATEGORY, PRICE
 
-CATEGORIES = [f"cat-{i:02d}" for i in range(20)]
-COLOURS = ["red", "green", "blue", "black", "white", "grey", "yellow", "pink"]
 PAGE = 20
 FILTERED_P50_GOAL_MS = 10.0
 PAGE_RATIO_GOAL = 2.0
-
-
-def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    v = rng.standard_normal((n, dim)).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return v
-
-
-async def fill(store: EdgeStore, rng: np.random.Generator, n: int, dim: int, batch: int) -> float:
-    started = time.perf_counter()
-    for start in range(0, n, batch):
-        size = min(batch, n - start)
-        products = [
-            Product(
-                id=f"sku-{start + i}",
-                name=f"product {start + i}",
-                category=CATEGORIES[int(rng.integers(len(CATEGORIES)))],
-                price=float(rng.integers(1, 1001)),
-                currency="EUR",
-                attributes={
-                    "color": COLOURS[int(rng.integers(len(COLOURS)))],
-                    "group_id": f"family-{(start + i) // 4}",
-                },
-            )
-            for i in range(size)
-        ]
-        await store.upsert(list(zip(products, unit_rows(rng, size, dim), strict=True)))
-    return time.perf_counter() - started
-
-
-async def timed(call: Callable[[], Awaitable[object]], repeats: int) -> np.ndarray:
-    await call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        await call()
-        times.append(time.perf_counter() - started)
-    return np.array(times) * 1e3
 
 
 def report(name: str, ms: np.ndarray) -> float:
@@ -93,7 +53,7 @@ async def main(n: int, dim: int, queries: int, batch: int) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="features-bench-") as tmp:
         store = await EdgeStore.open(Path(tmp), dim, "bench-random", flush_interval_s=None)
-        fill_s = await fill(store, rng, n, dim, batch)
+        fill_s = await fill(store, rng, n, dim, batch, family_size=4)
         print(f"EdgeStore, {n} x {dim}-d: fill {fill_s:.1f} s; payload indexes: {sorted(_schema(store))}")
 
         query_vectors = unit_rows(rng, 64, dim)

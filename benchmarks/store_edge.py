@@ -32,7 +32,11 @@ def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return v
 
 
-async def fill(store: EdgeStore, rng: np.random.Generator, n: int, dim: int, batch: int) -> float:
+async def fill(
+    store: EdgeStore, rng: np.random.Generator, n: int, dim: int, batch: int, *, family_size: int = 0
+) -> float:
+    """Fill `store` with `n` random products; with `family_size`, every `family_size` consecutive products share
+    a `group_id` attribute (variants). Returns the seconds taken."""
     started = time.perf_counter()
     for start in range(0, n, batch):
         size = min(batch, n - start)
@@ -44,12 +48,19 @@ async def fill(store: EdgeStore, rng: np.random.Generator, n: int, dim: int, bat
                 category=CATEGORIES[int(rng.integers(len(CATEGORIES)))],
                 price=float(rng.integers(1, 1001)),
                 currency="EUR",
-                attributes={"color": COLOURS[int(rng.integers(len(COLOURS)))]},
+                attributes=_attributes(rng, start + i, family_size),
             )
             for i in range(size)
         ]
         await store.upsert(list(zip(products, vectors, strict=True)))
     return time.perf_counter() - started
+
+
+def _attributes(rng: np.random.Generator, index: int, family_size: int) -> dict[str, str]:
+    attributes = {"color": COLOURS[int(rng.integers(len(COLOURS)))]}
+    if family_size:
+        attributes["group_id"] = f"family-{index // family_size}"
+    return attributes
 
 
 async def timed(call: Callable[[], Awaitable[object]], repeats: int) -> np.ndarray:
