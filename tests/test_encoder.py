@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagesearch import encoder as encoder_module
 from imagesearch.batching import MicroBatcher
 from imagesearch.encoder import ClipEncoder
 from imagesearch.errors import ImageTooLarge, InvalidArgument
@@ -139,3 +140,19 @@ def test_int8_towers_agree_with_fp32(encoder: ClipEncoder) -> None:
     image_cosines = np.sum(encoder.encode_images(images) * int8.encode_images(images), axis=1)
     assert text_cosines.min() >= 0.999
     assert image_cosines.min() >= 0.999
+
+
+def test_half_precision_towers_take_half_precision_inputs(
+    encoder: ClipEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fp16 path is what runs on a GPU, and no GPU runs the tests: the half-precision model is built on the
+    # CPU here (torch has CPU fp16 kernels, slow but exact enough) to check that both towers get inputs in the
+    # dtype of their weights. open_clip keeps embeddings and norms in fp32 when it halves the matrices.
+    monkeypatch.setattr(encoder_module, "_precision", lambda device: "fp16")
+    half = ClipEncoder.load("synthetic-clip", device="cpu")
+    images = [Image.new("RGB", (64, 64), (i * 40 % 256, 90, 200 - i * 20)) for i in range(4)]
+    image_cosines = np.sum(encoder.encode_images(images) * half.encode_images(images), axis=1)
+    text_cosines = np.sum(encoder.encode_texts(TEXTS) * half.encode_texts(TEXTS), axis=1)
+    assert image_cosines.min() >= 0.999
+    assert text_cosines.min() >= 0.999
+    assert np.abs(half.encode_texts(TEXTS) - half.encode_texts_padded(TEXTS)).max() < 2e-3

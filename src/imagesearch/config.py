@@ -38,6 +38,9 @@ class Settings:
     offline: bool = False
     # 0 = let the encoder choose (all cores for the model's intra-op pool).
     torch_threads: int = 0
+    # Threads that decode and preprocess images. 0 = automatic: 2 on CPU (the model needs the cores), up to 8 on
+    # a GPU (there decoding, not the model, limits image throughput).
+    decode_threads: int = 0
     # CPU only: int8 dynamic quantisation of a tower (faster; agreement with fp32 in the README).
     quantize_image_tower: bool = False
     quantize_text_tower: bool = False
@@ -95,6 +98,7 @@ class Settings:
             self.metrics_port == 0 or self.metrics_port != self.port, "metrics_port", "must differ from the gRPC port"
         )
         _require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = automatic)")
+        _require(self.decode_threads >= 0, "decode_threads", "must be >= 0 (0 = automatic)")
         _require(self.store_timeout_s > 0, "store_timeout_s", "must be > 0")
         _require(self.max_image_bytes > 0, "max_image_bytes", "must be > 0")
         _require(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")

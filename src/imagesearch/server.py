@@ -91,6 +91,7 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
         async_encoder = await AsyncEncoder.load(
             settings.model,
             on_batch=metrics.observe_batch,
+            decode_threads=settings.decode_threads,
             device=settings.device,
             offline=settings.offline,
             threads=settings.torch_threads,
