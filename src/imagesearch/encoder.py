@@ -23,6 +23,7 @@ from PIL import Image
 from imagesearch.batching import MicroBatcher
 from imagesearch.errors import ModelLoadError
 from imagesearch.imaging import decode_image
+from imagesearch.text_tower import LeanTextTower, TextWeights, fp16_weight_kernels_available
 
 # Models that ship inside the package, addressable by a short name in IMAGESEARCH_MODEL.
 BUNDLED_MODELS_DIR = Path(__file__).parent / "models"
@@ -84,10 +85,16 @@ class ClipEncoder:
     """A loaded open_clip model with its preprocessing and tokenizer. Thread-compatible, not thread-safe:
     call it from one thread at a time (`AsyncEncoder` does)."""
 
-    def __init__(self, spec: ModelSpec, model: Any, preprocess: Any, tokenizer: Any, device: str) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: Any,
+        preprocess: Any,
+        tokenizer: Any,
+        device: str,
+        text_weights: TextWeights = "fp32",
+    ) -> None:
         self.spec = spec
-        # Quantised layers compute in fp32; otherwise the tower's own dtype (fp16 on CUDA).
-        self._text_dtype = torch.float32 if _is_int8(model.transformer) else model.transformer.get_cast_dtype()
         self.device = device
         # Images go in at the precision the towers were created with (fp16 on CUDA). Not "the first parameter's
         # dtype": open_clip keeps embeddings and norms in fp32 when it halves the matrix weights.
@@ -95,6 +102,10 @@ class ClipEncoder:
         self._model = model
         self._preprocess = preprocess
         self._tokenizer = tokenizer
+        # Queries run through the lean text tower (unpadded, optionally fp16 weights) when the model's layout
+        # allows it, else through open_clip's own padded path.
+        self._lean_text = LeanTextTower(model, text_weights).eval() if LeanTextTower.supports(model) else None
+        self.text_path = f"unpadded, {text_weights} weights" if self._lean_text is not None else "padded (open_clip)"
         self.image_size = _image_size(model)
         # Repeated queries ("red shoes") are common; BPE tokenizing is pure Python, so memoise it.
         self._tokens = functools.lru_cache(maxsize=4096)(lambda text: tokenizer([text])[0])
@@ -117,37 +128,33 @@ class ClipEncoder:
         offline: bool = False,
         threads: int = 0,
         quantize_image_tower: bool = False,
-        quantize_text_tower: bool = False,
+        text_weights: Literal["auto", "fp16", "fp32"] = "auto",
     ) -> ClipEncoder:
         """Load a model by spec. Raises ModelLoadError with instructions when the weights cannot be had.
 
-        `quantize_image_tower` / `quantize_text_tower` (CPU only): int8 dynamic quantisation of the tower's
-        linear layers. Faster on CPU (a one-query text forward is bound by reading the weights, which int8
-        quarters) at a small cost in precision; benchmarks/quantization.py measures both. The text tower can only
-        be quantised on the unpadded path (open_clip's own encode_text reads a weight dtype that quantised
-        layers lack).
+        `quantize_image_tower` (CPU only): int8 dynamic quantisation of the image tower's linear layers, faster
+        at a small cost in precision (benchmarks/quantization.py). `text_weights` (see text_tower.py): "fp16"
+        keeps the CPU text tower's weights in half precision, halving what a query forward reads; "auto" picks
+        it where the CPU has the kernels. On CUDA the whole model is fp16 and "fp32" is refused.
         """
         parsed = ModelSpec.parse(spec)
         resolved_device = resolve_device(device)
+        resolved_text_weights = _resolve_text_weights(text_weights, resolved_device)
+        if quantize_image_tower and resolved_device != "cpu":
+            raise ModelLoadError(f"int8 quantisation is a CPU option; the device is {resolved_device}")
         if threads > 0:
             torch.set_num_threads(threads)
         if offline:
             _enable_hub_offline_mode()
         try:
             model, preprocess, tokenizer = _create(parsed, resolved_device)
-            if (quantize_image_tower or quantize_text_tower) and resolved_device != "cpu":
-                raise ModelLoadError(f"int8 quantisation is a CPU option; the device is {resolved_device}")
             if quantize_image_tower:
                 model.visual = _int8_linears(model.visual)
-            if quantize_text_tower:
-                if not _unpadded_text_supported(model):
-                    raise ModelLoadError(f"{spec}: int8 text quantisation needs a CLIP with end-of-text pooling")
-                model.transformer = _int8_linears(model.transformer)
         except ModelLoadError:
             raise
         except Exception as exc:  # open_clip / huggingface_hub raise many unrelated types
             raise ModelLoadError(_load_failure_message(parsed, exc)) from exc
-        return cls(parsed, model, preprocess, tokenizer, resolved_device)
+        return cls(parsed, model, preprocess, tokenizer, resolved_device, resolved_text_weights)
 
     def decode(self, data: bytes, *, field: str, max_pixels: int) -> Image.Image:
         """Decode untrusted image bytes (see imaging.decode_image) at a size suited to this model."""
@@ -171,29 +178,17 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts -> (N, dim) float32, L2-normalised. Text past the context length is truncated."""
-        tokens = torch.stack([self._tokens(text) for text in texts]).to(self.device)
-        if self.trims_text_padding:
-            features = _encode_text_unpadded(self._model, tokens, self._text_dtype)
-        else:
-            features = self._model.encode_text(tokens, normalize=True)
-        return _to_numpy(features)
+        if self._lean_text is None:
+            return self.encode_texts_padded(texts)
+        return _to_numpy(self._lean_text(self._token_batch(texts)))
 
     @torch.inference_mode()
     def encode_texts_padded(self, texts: Sequence[str]) -> np.ndarray:
-        """open_clip's own text path over the full padded context (the reference for the fast path)."""
-        tokens = torch.stack([self._tokens(text) for text in texts]).to(self.device)
-        return _to_numpy(self._model.encode_text(tokens, normalize=True))
+        """open_clip's own text path over the full padded context (the reference for the lean path)."""
+        return _to_numpy(self._model.encode_text(self._token_batch(texts), normalize=True))
 
-    @property
-    def text_tower_int8(self) -> bool:
-        return bool(self._text_dtype == torch.float32 and _is_int8(self._model.transformer))
-
-    @property
-    def trims_text_padding(self) -> bool:
-        """Whether texts run on their real token length instead of the padded context. True for open_clip's
-        CLIP with a causal text mask and end-of-text pooling: there, positions after the end-of-text token
-        cannot influence it, so dropping them changes nothing but the cost."""
-        return _unpadded_text_supported(self._model)
+    def _token_batch(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self._tokens(text) for text in texts]).to(self.device)
 
 
 def model_thread() -> ThreadPoolExecutor:
@@ -329,6 +324,21 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
     return model, preprocess, tokenizer
 
 
+def _resolve_text_weights(requested: Literal["auto", "fp16", "fp32"], device: str) -> TextWeights:
+    if device != "cpu":
+        if requested == "fp32":
+            raise ModelLoadError(f"text weights fp32 is a CPU option; on {device} the whole model runs in fp16")
+        return "fp16"  # on a GPU the whole model is already half precision
+    if requested == "auto":
+        return "fp16" if fp16_weight_kernels_available() else "fp32"
+    if requested == "fp16" and not fp16_weight_kernels_available():
+        raise ModelLoadError(
+            "text weights fp16 needs fbgemm's fp16 kernels, which this CPU build of torch lacks (they are x86 only); "
+            "use auto or fp32"
+        )
+    return requested
+
+
 def _precision(device: str) -> Literal["fp16", "fp32"]:
     """Half precision on GPUs (twice the speed, same rankings); fp32 on CPU, where fp16 kernels are slow."""
     return "fp16" if device.startswith("cuda") else "fp32"
@@ -362,14 +372,6 @@ def _image_size(model: Any) -> int:
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
-def _unpadded_text_supported(model: Any) -> bool:
-    return (
-        type(model).__name__ == "CLIP"
-        and getattr(model, "text_pool_type", None) == "argmax"
-        and getattr(model, "attn_mask", None) is not None
-    )
-
-
 def _int8_linears(module: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, which we do not depend on; the eager API
@@ -380,33 +382,6 @@ def _int8_linears(module: torch.nn.Module) -> torch.nn.Module:
             module, {torch.nn.Linear}, dtype=torch.qint8
         )
     return quantized
-
-
-def _is_int8(module: torch.nn.Module) -> bool:
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
-
-
-def _encode_text_unpadded(model: Any, tokens: torch.Tensor, cast_dtype: torch.dtype) -> torch.Tensor:
-    """CLIP.encode_text on the batch's longest real length instead of the full context.
-
-    Mirrors open_clip.model.CLIP.encode_text step by step, slicing the positional embedding and the causal mask
-    to that length; equality with the padded path is checked in the tests.
-    """
-    from open_clip.transformer import text_global_pool
-
-    length = int((tokens != 0).sum(dim=1).max())  # 0 is the pad token; every row has start and end tokens
-    tokens = tokens[:, :length]
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type)
-    if model.text_projection is not None:
-        x = (
-            model.text_projection(x)
-            if isinstance(model.text_projection, torch.nn.Linear)
-            else x @ model.text_projection
-        )
-    return torch.nn.functional.normalize(x, dim=-1)
 
 
 def _to_numpy(features: torch.Tensor) -> np.ndarray:

@@ -96,7 +96,7 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
             offline=settings.offline,
             threads=settings.torch_threads,
             quantize_image_tower=settings.quantize_image_tower,
-            quantize_text_tower=settings.quantize_text_tower,
+            text_weights=settings.text_weights,
         )
     else:
         async_encoder = AsyncEncoder(encoder, on_batch=metrics.observe_batch)
