@@ -42,6 +42,9 @@ from imagesearch.store import EdgeStore
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 RESULTS_DIR = Path(__file__).parent / "results"
+# A pause between a floor call and a service call: after a forward pass, torch's OpenMP threads keep spinning
+# for a moment, and on a small machine the spinning threads of one process would slow the other's next call.
+SETTLE_S = 0.01
 CATEGORIES = ["mugs", "shoes", "bags", "lamps", "shirts", "hats", "bottles", "chairs"]
 
 
@@ -191,10 +194,13 @@ async def sequential(
             floor(i)
             if i >= 0:
                 result.floor_s.append(time.perf_counter() - started)
+            await asyncio.sleep(SETTLE_S)
         started = time.perf_counter()
         await call(i)
         if i >= 0:
             result.service_s.append(time.perf_counter() - started)
+        if floor is not None:
+            await asyncio.sleep(SETTLE_S)
     return result
 
 
