@@ -147,6 +147,45 @@ async def test_micro_batcher_runs_lone_request_alone_and_gathers_concurrent_ones
     assert max(seen) == 8 and sum(seen) == 21
 
 
+async def test_micro_batcher_waits_for_announced_items_but_never_for_a_lone_request() -> None:
+    seen: list[int] = []
+
+    def run(items: Sequence[int]) -> np.ndarray:
+        seen.append(len(items))
+        return np.array([[float(i)] for i in items], dtype=np.float32)
+
+    async def decoded_later(batcher: MicroBatcher[int], item: int) -> np.ndarray:
+        with batcher.incoming():  # like an image still being decoded
+            await asyncio.sleep(0.05)
+        return await batcher.submit(item)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # A long max wait: if a lone request waited for it, this would time out.
+        batcher: MicroBatcher[int] = MicroBatcher(run, pool, max_batch=8, max_wait_s=30.0)
+        assert float((await asyncio.wait_for(batcher.submit(1), timeout=10))[0]) == 1.0
+        # One item ready, one announced: the forward waits for the announced one and takes both.
+        results = await asyncio.wait_for(asyncio.gather(batcher.submit(2), decoded_later(batcher, 3)), timeout=10)
+        assert [float(r[0]) for r in results] == [2.0, 3.0]
+        assert seen == [1, 2]
+
+        # An announced item that fails on its way (a bad image) releases the wait at once.
+        async def fails_on_the_way() -> None:
+            with batcher.incoming():
+                await asyncio.sleep(0.05)
+                raise ValueError("not an image")
+
+        outcome = await asyncio.wait_for(
+            asyncio.gather(batcher.submit(4), fails_on_the_way(), return_exceptions=True), timeout=10
+        )
+        assert float(outcome[0][0]) == 4.0 and isinstance(outcome[1], ValueError)
+        assert seen == [1, 2, 1]
+
+        # Without a max wait, the ready item goes alone.
+        eager: MicroBatcher[int] = MicroBatcher(run, pool, max_batch=8)
+        await asyncio.gather(eager.submit(5), decoded_later(eager, 6))
+        assert seen[-2:] == [1, 1]
+
+
 async def test_micro_batcher_gives_every_caller_the_batch_error() -> None:
     def run(items: Sequence[int]) -> np.ndarray:
         raise RuntimeError("model failed")

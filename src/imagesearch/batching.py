@@ -1,16 +1,22 @@
 """Micro-batching: concurrent requests share one model forward pass.
 
-No timer: a request that finds the model idle is run at once (a lone request never waits), and requests that
-arrive while a forward pass is running are gathered, up to `max_batch`, into the next one. Under load, batches
-grow by themselves to the arrival rate times the forward time, which is what a fixed wait tries to guess.
+No fixed timer: a request that finds the model idle runs at once, and requests that arrive while a forward pass
+is running are gathered, up to `max_batch`, into the next one. Under load, batches grow by themselves to the
+arrival rate times the forward time, which is what a fixed wait tries to guess.
+
+One bounded wait: items can be announced before they exist (`incoming()`: an image still being decoded). When the
+model is free but announced items are on their way and the batch has room, the next forward waits for them up to
+`max_wait_s`. A lone request announces nothing else, so it never waits; under load this keeps a forward from
+starting with the first one or two decoded images while the rest of a burst is a few ms away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
@@ -26,29 +32,65 @@ class MicroBatcher(Generic[Item]):
         executor: Executor,
         max_batch: int = 32,
         on_batch: Callable[[int, float], None] | None = None,
+        max_wait_s: float = 0.0,
     ) -> None:
         self._run_batch = run_batch
         # Told (batch size, seconds) after every forward pass, failed ones included: metrics.
         self._on_batch = on_batch
         self._executor = executor
         self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
         self._pending: list[tuple[Item, asyncio.Future[np.ndarray]]] = []
         self._worker: asyncio.Task[None] | None = None
+        self._incoming = 0
+        # Set while a forward waits for announced items; resolved by each arrival or withdrawal.
+        self._arrival: asyncio.Future[None] | None = None
         # Sizes of the most recent batches (tests and debugging; metrics get every batch through on_batch).
         # Bounded: a server runs millions of batches.
         self.batch_sizes: deque[int] = deque(maxlen=4096)
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce an item that will be submitted when this block ends (unless it fails on the way)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._wake()
 
     async def submit(self, item: Item) -> np.ndarray:
         """The model's output row for `item`, computed in a batch with whatever else is waiting."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
+        self._wake()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await future
 
+    def _wake(self) -> None:
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
+
+    async def _wait_for_incoming(self, loop: asyncio.AbstractEventLoop) -> None:
+        deadline = loop.time() + self.max_wait_s
+        while self._incoming and len(self._pending) < self.max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrival = loop.create_future()
+            try:
+                await asyncio.wait_for(self._arrival, remaining)
+            except TimeoutError:
+                return
+            finally:
+                self._arrival = None
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
+            if self.max_wait_s > 0:
+                await self._wait_for_incoming(loop)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             # Callers that gave up (deadline, cancellation) while queued cost nothing.
             batch = [(item, future) for item, future in batch if not future.done()]

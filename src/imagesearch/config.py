@@ -42,6 +42,10 @@ class Settings:
     # Threads that decode and preprocess images. 0 = automatic: 2 on CPU (the model needs the cores), up to 8 on
     # a GPU (there decoding, not the model, limits image throughput).
     decode_threads: int = 0
+    # Micro-batching (batching.py): most requests per forward pass, and how long a forward may wait for images
+    # that are still being decoded when the model frees up (a lone request never waits).
+    batch_max_size: int = 32
+    batch_max_wait_ms: float = 5.0
     # CPU only: int8 dynamic quantisation of the image tower (faster; agreement with fp32 in the README).
     quantize_image_tower: bool = False
     # CPU: how the text tower's weights are held. auto = fp16 where the CPU has fbgemm's fp16 kernels (x86), else
@@ -103,6 +107,8 @@ class Settings:
         )
         _require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = automatic)")
         _require(self.decode_threads >= 0, "decode_threads", "must be >= 0 (0 = automatic)")
+        _require(1 <= self.batch_max_size <= 1024, "batch_max_size", "must be 1..1024")
+        _require(0 <= self.batch_max_wait_ms <= 1000, "batch_max_wait_ms", "must be 0..1000")
         _require(self.store_timeout_s > 0, "store_timeout_s", "must be > 0")
         _require(self.max_image_bytes > 0, "max_image_bytes", "must be > 0")
         _require(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")

@@ -227,6 +227,7 @@ class AsyncEncoder:
         on_batch: Callable[[Literal["text", "image"], int, float], None] | None = None,
         forward_thread: ThreadPoolExecutor | None = None,
         decode_threads: int = 0,
+        batch_max_wait_s: float = 0.0,
     ) -> None:
         self.encoder = encoder
         self._model_thread = forward_thread or model_thread()
@@ -241,6 +242,8 @@ class AsyncEncoder:
             self._model_thread,
             max_batch,
             functools.partial(on_batch, "image") if on_batch else None,
+            # Images being decoded are announced to the batcher, which may wait this long for them.
+            max_wait_s=batch_max_wait_s,
         )
         self.texts: MicroBatcher[str] = MicroBatcher(
             lambda texts: encoder.encode_texts(texts),
@@ -252,7 +255,8 @@ class AsyncEncoder:
     async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
         """Decode, preprocess and embed one image -> (dim,) float32."""
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self._decode_pool, self._decode_and_preprocess, data, field, max_pixels)
+        with self.images.incoming():
+            pixels = await loop.run_in_executor(self._decode_pool, self._decode_and_preprocess, data, field, max_pixels)
         return await self.images.submit(pixels)
 
     async def encode_text(self, text: str) -> np.ndarray:
@@ -267,6 +271,7 @@ class AsyncEncoder:
         max_batch: int = 32,
         on_batch: Callable[[Literal["text", "image"], int, float], None] | None = None,
         decode_threads: int = 0,
+        batch_max_wait_s: float = 0.0,
         **load_options: Any,
     ) -> AsyncEncoder:
         """ClipEncoder.load(spec, **load_options) on the model thread, wrapped (see the class docstring)."""

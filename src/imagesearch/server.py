@@ -91,6 +91,8 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
         async_encoder = await AsyncEncoder.load(
             settings.model,
             on_batch=metrics.observe_batch,
+            max_batch=settings.batch_max_size,
+            batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
             decode_threads=settings.decode_threads,
             device=settings.device,
             offline=settings.offline,
@@ -99,7 +101,13 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
             text_weights=settings.text_weights,
         )
     else:
-        async_encoder = AsyncEncoder(encoder, on_batch=metrics.observe_batch)
+        async_encoder = AsyncEncoder(
+            encoder,
+            on_batch=metrics.observe_batch,
+            max_batch=settings.batch_max_size,
+            batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            decode_threads=settings.decode_threads,
+        )
     encoder = async_encoder.encoder
     try:
         store = TimedStore(await open_store(settings, encoder.dimension, encoder.model_id), metrics)
