@@ -519,3 +519,40 @@ async def test_scroll_stays_consistent_when_products_change_between_pages(store:
 async def test_scroll_rejects_a_cursor_that_is_not_a_point_id(store: VectorStore) -> None:
     with pytest.raises(ValueError, match="cursor"):
         await store.scroll(SearchFilter(), 10, "not-a-uuid")
+
+
+@pytest.mark.slow
+async def test_embedded_store_builds_its_vector_index_at_open_past_the_threshold(tmp_path: Path) -> None:
+    # Enough 512-d vectors (12 MB) for Qdrant to use the HNSW index rather than a full scan once it exists.
+    count, dimension = 6000, 512
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((count, dimension)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    products = [Product(id=f"p{i}", category=("even", "odd")[i % 2], price=float(i)) for i in range(count)]
+    path = tmp_path / "edge"
+
+    def indexed(store: EdgeStore) -> int:
+        # The engine's own count; the store has no public use for it.
+        return int(store._open_shard().info().indexed_vectors_count)
+
+    plain = await EdgeStore.open(path, dimension, MODEL)  # the default threshold, 0: never index
+    for start in range(0, count, 1000):
+        await plain.upsert(list(zip(products[start : start + 1000], vectors[start : start + 1000], strict=True)))
+    assert indexed(plain) == 0
+    await plain.close()
+
+    store = await EdgeStore.open(path, dimension, MODEL, index_threshold=count - 1000)
+    try:
+        assert indexed(store) == count
+        assert await store.count() == count  # nothing lost
+        for i in range(0, count, 600):  # each product is still its own best match, filtered or not
+            assert (await store.search(vectors[i], SearchFilter(), 5))[0].product.id == f"p{i}"
+            same_category = SearchFilter(categories=(products[i].category,))
+            hits = await store.search(vectors[i], same_category, 5)
+            assert hits[0].product.id == f"p{i}"
+            assert {hit.product.category for hit in hits} == {products[i].category}
+        # Products added after the index was built are searchable at once (scanned until the next start).
+        await store.upsert([(Product(id="late", category="even"), vectors[1])])
+        assert {hit.product.id for hit in await store.search(vectors[1], SearchFilter(), 2)} == {"p1", "late"}
+    finally:
+        await store.close()

@@ -69,6 +69,7 @@ async def open_store(settings: Settings, dimension: int, model_id: str) -> Vecto
         dimension=dimension,
         model_id=model_id,
         flush_each_write=settings.store_sync_writes,
+        index_threshold=settings.store_index_threshold,
     )
 
 
