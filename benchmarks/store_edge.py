@@ -3,7 +3,9 @@
 Fills a store in a temporary directory with random L2-normalised vectors, each with a category (one of 20), a
 price (1-1000) and a colour attribute, then times searches through the store's async API:
 plain, filtered by category + price range, filtered by an attribute pair, and offset paging (page 1 vs page 10,
-page size 20). Prints medians and p95; asserts nothing about time.
+page size 20), first as filled (every search scans every vector), then after building the HNSW vector index
+(what a server start does past IMAGESEARCH_STORE_INDEX_THRESHOLD). Prints medians and p95; asserts nothing
+about time.
 
     python benchmarks/store_edge.py [--n 100000] [--dim 512] [--queries 200]
 """
@@ -123,23 +125,33 @@ async def main(n: int, dim: int, queries: int, batch: int) -> None:
             low = float(rng.integers(1, 800))
             return SearchFilter(categories=(CATEGORIES[int(rng.integers(20))],), price_min=low, price_max=low + 200)
 
-        colour = SearchFilter(attributes=(("color", "red"),))
-        cases: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-            ("plain, top 20", lambda: store.search(vector(), SearchFilter(), 20)),
-            ("category + price range (~1%), top 20 = page 1", lambda: store.search(vector(), category_price(), 20)),
-            ("attribute color=red (~12%), top 20", lambda: store.search(vector(), colour, 20)),
-            ("page 1 (offset 0, limit 20)", lambda: store.search(vector(), SearchFilter(), 20, offset=0)),
-            ("page 10 (offset 180, limit 20)", lambda: store.search(vector(), SearchFilter(), 20, offset=180)),
-            ("filtered page 10 (category + price)", lambda: store.search(vector(), category_price(), 20, 180)),
-            ("get by id", lambda: store.get(f"sku-{int(rng.integers(n))}")),
-            ("count (exact)", store.count),
-            ("ping", store.ping),
-            ("upsert 1 product (replace)", lambda: store.upsert([(Product(id="sku-1"), vector())])),
-        ]
-        for name, call in cases:
-            report(name, await timed(call, queries))
-        lags = await loop_lag(cases[0][1], queries)
-        print(f"  1 ms timer lateness during plain searches: p50 {np.median(lags):.2f} ms, max {lags.max():.2f} ms")
+        async def measure(store: EdgeStore) -> None:
+            colour = SearchFilter(attributes=(("color", "red"),))
+            cases: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                ("plain, top 20", lambda: store.search(vector(), SearchFilter(), 20)),
+                ("category + price range (~1%), top 20", lambda: store.search(vector(), category_price(), 20)),
+                ("attribute color=red (~12%), top 20", lambda: store.search(vector(), colour, 20)),
+                ("page 1 (offset 0, limit 20)", lambda: store.search(vector(), SearchFilter(), 20, offset=0)),
+                ("page 10 (offset 180, limit 20)", lambda: store.search(vector(), SearchFilter(), 20, offset=180)),
+                ("filtered page 10 (category + price)", lambda: store.search(vector(), category_price(), 20, 180)),
+                ("get by id", lambda: store.get(f"sku-{int(rng.integers(n))}")),
+                ("count (exact)", store.count),
+                ("ping", store.ping),
+                ("upsert 1 product (replace)", lambda: store.upsert([(Product(id="sku-1"), vector())])),
+            ]
+            for name, call in cases:
+                report(name, await timed(call, queries))
+            lags = await loop_lag(cases[0][1], queries)
+            print(f"  1 ms timer lateness during plain searches: p50 {np.median(lags):.2f} ms, max {lags.max():.2f} ms")
+
+        print("without the vector index (every search scans every vector):")
+        await measure(store)
+        await store.close()
+
+        started = time.perf_counter()
+        store = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None, index_threshold=1)
+        print(f"with the vector index, built at open in {time.perf_counter() - started:.1f} s:")
+        await measure(store)
         await store.close()
 
         synchronous = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None, flush_each_write=True)
