@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from imagesearch.batching import MicroBatcher
+from imagesearch.cpus import available_cpus
 from imagesearch.errors import ModelLoadError
 from imagesearch.imaging import decode_image
 from imagesearch.text_tower import LeanTextTower, TextWeights, fp16_weight_kernels_available
@@ -96,6 +97,8 @@ class ClipEncoder:
     ) -> None:
         self.spec = spec
         self.device = device
+        # The intra-op pool of the thread that builds the encoder, which is the one that runs it (AsyncEncoder).
+        self.torch_threads = torch.get_num_threads()
         # Images go in at the precision the towers were created with (fp16 on CUDA). Not "the first parameter's
         # dtype": open_clip keeps embeddings and norms in fp32 when it halves the matrix weights.
         self._image_dtype = torch.float16 if _precision(device) == "fp16" else torch.float32
@@ -142,8 +145,8 @@ class ClipEncoder:
         resolved_text_weights = _resolve_text_weights(text_weights, resolved_device)
         if quantize_image_tower and resolved_device != "cpu":
             raise ModelLoadError(f"int8 quantisation is a CPU option; the device is {resolved_device}")
-        if threads > 0:
-            torch.set_num_threads(threads)
+        # torch sizes its pool by the host's cores; a container's CPU quota can be far lower (see cpus.py).
+        torch.set_num_threads(threads if threads > 0 else min(torch.get_num_threads(), available_cpus()))
         if offline:
             _enable_hub_offline_mode()
         try:
@@ -202,7 +205,7 @@ def default_decode_threads(device: str) -> int:
     limits throughput, so up to 8, leaving a core for the event loop."""
     if device == "cpu":
         return 2
-    return max(2, min(8, (os.cpu_count() or 2) - 1))
+    return max(2, min(8, available_cpus() - 1))
 
 
 class AsyncEncoder:

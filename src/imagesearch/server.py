@@ -223,6 +223,7 @@ async def serve(settings: Settings) -> int:
             model=components.encoder.encoder.model_id,
             store=components.store.backend,
             cache=components.cache.backend.name,
+            torch_threads=components.encoder.encoder.torch_threads,
         )
         await stop.wait()
         await shutdown(server, store_health, components, settings.shutdown_grace_s, force)
