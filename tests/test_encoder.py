@@ -103,14 +103,15 @@ def test_lean_text_path_equals_open_clip_padded_path(encoder: ClipEncoder) -> No
 
 
 @pytest.mark.slow
-def test_lean_text_path_on_vit_b_32_is_exact_in_fp32_and_close_in_fp16() -> None:
-    # The real ViT-B-32 architecture with random weights: agreement, not relevance, is what is tested. Random
-    # weights are not fp16-representable, so the fp16 check is a real one (the synthetic model's are).
+@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-32-quickgelu"])  # the second: OpenAI's weights' layout
+def test_lean_text_path_on_real_architectures_is_exact_in_fp32_and_close_in_fp16(arch: str) -> None:
+    # Real architectures with random weights: agreement, not relevance, is what is tested. Random weights are
+    # not fp16-representable, so the fp16 check is a real one (the synthetic model's are).
     torch.manual_seed(0)
-    exact = ClipEncoder.load("ViT-B-32:random", device="cpu", text_weights="fp32")
+    exact = ClipEncoder.load(f"{arch}:random", device="cpu", text_weights="fp32")
     assert_lean_path_matches_padded(exact, 1e-5)
     torch.manual_seed(0)
-    half = ClipEncoder.load("ViT-B-32:random", device="cpu", text_weights="fp16")
+    half = ClipEncoder.load(f"{arch}:random", device="cpu", text_weights="fp16")
     assert half.text_path == "unpadded, fp16 weights"
     reference = exact.encode_texts_padded(TEXTS)
     assert np.sum(half.encode_texts(TEXTS) * reference, axis=1).min() >= 0.9999
