@@ -202,6 +202,7 @@ def test_int8_image_tower_agrees_with_fp32(encoder: ClipEncoder) -> None:
     images = [Image.new("RGB", (64, 64), (i * 40 % 256, 90, 200 - i * 20)) for i in range(8)]
     image_cosines = np.sum(encoder.encode_images(images) * int8.encode_images(images), axis=1)
     assert image_cosines.min() >= 0.999
+    assert (int8.image_precision, encoder.image_precision) == ("int8", "fp32")
 
 
 def test_half_precision_towers_take_half_precision_inputs(

@@ -116,6 +116,9 @@ async def test_service_info_describes_model_store_cache_and_limits(running: Runn
     assert info.model.name == "synthetic-clip"
     assert info.model.embedding_dimension == running.components.encoder.encoder.dimension
     assert info.model.device == "cpu"
+    # The test encoder's defaults on this x86 machine: fp32 image tower, fp16 text weights (fbgemm).
+    assert (info.model.image_tower_precision, info.model.text_tower_precision) == ("fp32", "fp16")
+    assert info.model.torch_threads >= 1
     assert (info.store.backend, info.store.product_count) == ("embedded", 1)
     assert info.cache.backend == "memory"
     assert info.limits.max_image_bytes == settings.max_image_bytes

@@ -94,6 +94,7 @@ class ClipEncoder:
         tokenizer: Any,
         device: str,
         text_weights: TextWeights = "fp32",
+        image_int8: bool = False,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -109,6 +110,9 @@ class ClipEncoder:
         # allows it, else through open_clip's own padded path.
         self._lean_text = LeanTextTower(model, text_weights).eval() if LeanTextTower.supports(model) else None
         self.text_path = f"unpadded, {text_weights} weights" if self._lean_text is not None else "padded (open_clip)"
+        # How each tower's weights are held (GetServiceInfo); fp16 weights on CPU exist only on the lean path.
+        self.image_precision = "int8" if image_int8 else _precision(device)
+        self.text_precision = text_weights if self._lean_text is not None else _precision(device)
         self.image_size = _image_size(model)
         # Repeated queries ("red shoes") are common; BPE tokenizing is pure Python, so memoise it.
         self._tokens = functools.lru_cache(maxsize=4096)(lambda text: tokenizer([text])[0])
@@ -157,7 +161,7 @@ class ClipEncoder:
             raise
         except Exception as exc:  # open_clip / huggingface_hub raise many unrelated types
             raise ModelLoadError(_load_failure_message(parsed, exc)) from exc
-        return cls(parsed, model, preprocess, tokenizer, resolved_device, resolved_text_weights)
+        return cls(parsed, model, preprocess, tokenizer, resolved_device, resolved_text_weights, quantize_image_tower)
 
     def decode(self, data: bytes, *, field: str, max_pixels: int) -> Image.Image:
         """Decode untrusted image bytes (see imaging.decode_image) at a size suited to this model."""

@@ -224,6 +224,7 @@ async def serve(settings: Settings) -> int:
             store=components.store.backend,
             cache=components.cache.backend.name,
             torch_threads=components.encoder.encoder.torch_threads,
+            text_path=components.encoder.encoder.text_path,
         )
         await stop.wait()
         await shutdown(server, store_health, components, settings.shutdown_grace_s, force)

@@ -551,6 +551,9 @@ class ImageSearchService(pb_grpc.ImageSearchServiceServicer):
                 embedding_dimension=encoder.dimension,
                 device=encoder.device,
                 image_size=encoder.image_size,
+                image_tower_precision=encoder.image_precision,
+                text_tower_precision=encoder.text_precision,
+                torch_threads=encoder.torch_threads,
             ),
             store=Info.StoreInfo(backend=self.catalog.store.backend, product_count=await self.catalog.store.count()),
             cache=Info.CacheInfo(

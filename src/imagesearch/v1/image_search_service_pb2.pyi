@@ -836,6 +836,9 @@ class GetServiceInfoResponse(_message.Message):
         EMBEDDING_DIMENSION_FIELD_NUMBER: _builtins.int
         DEVICE_FIELD_NUMBER: _builtins.int
         IMAGE_SIZE_FIELD_NUMBER: _builtins.int
+        IMAGE_TOWER_PRECISION_FIELD_NUMBER: _builtins.int
+        TEXT_TOWER_PRECISION_FIELD_NUMBER: _builtins.int
+        TORCH_THREADS_FIELD_NUMBER: _builtins.int
         name: _builtins.str
         """Output only. The model spec as configured, e.g. "ViT-B-32:laion2b_s34b_b79k" or "local-dir:/models/x"."""
         embedding_dimension: _builtins.int
@@ -844,6 +847,12 @@ class GetServiceInfoResponse(_message.Message):
         """Output only. Where the model runs: "cpu" or "cuda" (with index, e.g. "cuda:0")."""
         image_size: _builtins.int
         """Output only. Input image side in pixels after preprocessing."""
+        image_tower_precision: _builtins.str
+        """Output only. How the image tower's weights are held: "fp32", "fp16" (GPU) or "int8" (CPU, opt-in)."""
+        text_tower_precision: _builtins.str
+        """Output only. How the text tower's weights are held: "fp32" or "fp16" (GPU, and x86 CPUs by default)."""
+        torch_threads: _builtins.int
+        """Output only. Threads one model forward pass uses on CPU (the CPUs this process may use, unless set)."""
         def __init__(
             self,
             *,
@@ -851,10 +860,13 @@ class GetServiceInfoResponse(_message.Message):
             embedding_dimension: _builtins.int = ...,
             device: _builtins.str = ...,
             image_size: _builtins.int = ...,
+            image_tower_precision: _builtins.str = ...,
+            text_tower_precision: _builtins.str = ...,
+            torch_threads: _builtins.int = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "name", b"name"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "image_tower_precision", b"image_tower_precision", "name", b"name", "text_tower_precision", b"text_tower_precision", "torch_threads", b"torch_threads"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
