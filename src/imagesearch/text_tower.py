@@ -8,8 +8,8 @@ fp32 products of that shape ran at ~8 GB/s, 24 of the 28 ms of a forward. Two th
   instead of the 77 padded positions gives the same output (checked in the tests).
 - fp16 weights: fbgemm's fp16 kernels keep the weights in half precision and compute in fp32, halving the bytes
   read (2.4x faster on the products above). fp16 is the precision CLIP runs at on every GPU; the embeddings
-  agree with fp32 at cosine > 0.9999 (tests, `benchmarks/quantization.py`). Never int8 for this tower: its
-  activations have outliers that int8 handles badly on pretrained weights.
+  agree with fp32 at cosine > 0.9999 (tests, `benchmarks/quantization.py`). Never int8 for this tower: int8
+  is known to break it on pretrained weights, which cannot be downloaded here to check.
 
 open_clip's own block calls nn.MultiheadAttention, whose projection is a bare parameter that no packed kernel
 can take; so the attention here is rebuilt from the same weights with explicit projections and
