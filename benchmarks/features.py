@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import qdrant_edge as qe
-from store_edge import CATEGORIES, fill, timed, unit_rows  # a sibling script, not a package
+from store_edge import CATEGORIES, fill, query_makers, timed  # a sibling script, not a package
 
 from imagesearch.catalog import best_per_group
 from imagesearch.domain import FacetSpec, Hit, SearchFilter
@@ -56,16 +56,7 @@ async def main(n: int, dim: int, queries: int, batch: int) -> None:
         fill_s = await fill(store, rng, n, dim, batch, family_size=4)
         print(f"EdgeStore, {n} x {dim}-d: fill {fill_s:.1f} s; payload indexes: {sorted(_schema(store))}")
 
-        query_vectors = unit_rows(rng, 64, dim)
-        counter = iter(range(10**9))
-
-        def vector() -> np.ndarray:
-            row: np.ndarray = query_vectors[next(counter) % len(query_vectors)]
-            return row
-
-        def category_price() -> SearchFilter:
-            low = float(rng.integers(1, 800))
-            return SearchFilter(categories=(CATEGORIES[int(rng.integers(20))],), price_min=low, price_max=low + 200)
+        vector, category_price = query_makers(rng, dim)
 
         def search(flt: Callable[[], SearchFilter], page: int, **options: object) -> Callable[[], Awaitable[object]]:
             return lambda: store.search(vector(), flt(), PAGE + 1, page * PAGE, **options)  # type: ignore[arg-type]

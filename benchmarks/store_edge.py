@@ -65,6 +65,23 @@ def _attributes(rng: np.random.Generator, index: int, family_size: int) -> dict[
     return attributes
 
 
+def query_makers(rng: np.random.Generator, dim: int) -> tuple[Callable[[], np.ndarray], Callable[[], SearchFilter]]:
+    """Two makers for the benchmarks' queries: the next of 64 random query vectors (cycled), and a random
+    category + 200-wide price range filter (~1% of a filled catalogue)."""
+    query_vectors = unit_rows(rng, 64, dim)
+    counter = iter(range(10**9))
+
+    def vector() -> np.ndarray:
+        row: np.ndarray = query_vectors[next(counter) % len(query_vectors)]
+        return row
+
+    def category_price() -> SearchFilter:
+        low = float(rng.integers(1, 800))
+        return SearchFilter(categories=(CATEGORIES[int(rng.integers(20))],), price_min=low, price_max=low + 200)
+
+    return vector, category_price
+
+
 async def timed(call: Callable[[], Awaitable[object]], repeats: int) -> np.ndarray:
     await call()  # warm-up
     times = []
@@ -114,16 +131,7 @@ async def main(n: int, dim: int, queries: int, batch: int) -> None:
         store = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None)
         print(f"  close (flush) {close_s:.2f} s, reopen {time.perf_counter() - started:.2f} s")
 
-        query_vectors = unit_rows(rng, 64, dim)
-        counter = iter(range(10**9))
-
-        def vector() -> np.ndarray:
-            row: np.ndarray = query_vectors[next(counter) % len(query_vectors)]
-            return row
-
-        def category_price() -> SearchFilter:
-            low = float(rng.integers(1, 800))
-            return SearchFilter(categories=(CATEGORIES[int(rng.integers(20))],), price_min=low, price_max=low + 200)
+        vector, category_price = query_makers(rng, dim)
 
         async def measure(store: EdgeStore) -> None:
             colour = SearchFilter(attributes=(("color", "red"),))
