@@ -42,6 +42,15 @@ async def test_client_streams_images_and_round_trips_products(running: RunningSe
         assert (await client.service_info()).store.product_count == 4
 
 
+async def test_a_call_can_set_its_own_deadline(running: RunningServer) -> None:
+    async with ImageSearchClient(running.target, timeout_s=60) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.search(text="red mug", timeout_s=1e-6)  # expires before the server can answer
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (await client.search(text="red mug", timeout_s=None)).query_kind  # no deadline at all
+        assert await client.health(timeout_s=5) == "SERVING"
+
+
 async def test_client_retries_idempotent_calls_on_unavailable(
     running: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ async with ImageSearchClient("localhost:50051") as client:
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -51,9 +52,18 @@ RETRY_SERVICE_CONFIG = {
 }
 
 
+class _Default(enum.Enum):
+    TIMEOUT = enum.auto()
+
+
+#: A call's `timeout_s` when not given: the client's own.
+CLIENT_TIMEOUT = _Default.TIMEOUT
+Timeout = float | None | _Default
+
+
 class ImageSearchClient:
-    """asyncio client. `timeout_s` is the deadline of each call (None: no deadline); `credentials` for TLS;
-    `api_key` is sent as `authorization: Bearer KEY`."""
+    """asyncio client. `timeout_s` is the deadline of each call (None: no deadline), unless a call passes its
+    own `timeout_s`; `credentials` for TLS; `api_key` is sent as `authorization: Bearer KEY`."""
 
     def __init__(
         self,
@@ -84,20 +94,26 @@ class ImageSearchClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def search(self, *, image: bytes | None = None, **query: Any) -> pb.SearchResponse:
+    async def search(
+        self, *, image: bytes | None = None, timeout_s: Timeout = CLIENT_TIMEOUT, **query: Any
+    ) -> pb.SearchResponse:
         """Search. `image` is streamed in chunks; every other keyword goes to `search_query`."""
         messages = _stream(
             pb.SearchRequest(query=search_query(**query)), image, lambda c: pb.SearchRequest(image_chunk=c)
         )
-        response: pb.SearchResponse = await self._stub.Search(messages, timeout=self.timeout_s, metadata=self._metadata)
+        response: pb.SearchResponse = await self._stub.Search(
+            messages, timeout=self._deadline(timeout_s), metadata=self._metadata
+        )
         return response
 
-    async def index_product(self, product: products_pb2.Product, image: bytes) -> pb.IndexProductResponse:
+    async def index_product(
+        self, product: products_pb2.Product, image: bytes, *, timeout_s: Timeout = CLIENT_TIMEOUT
+    ) -> pb.IndexProductResponse:
         messages = _stream(
             pb.IndexProductRequest(product=product), image, lambda c: pb.IndexProductRequest(image_chunk=c)
         )
         response: pb.IndexProductResponse = await self._stub.IndexProduct(
-            messages, timeout=self.timeout_s, metadata=self._metadata
+            messages, timeout=self._deadline(timeout_s), metadata=self._metadata
         )
         return response
 
@@ -120,29 +136,32 @@ class ImageSearchClient:
         async for response in self._stub.IndexProducts(messages(), metadata=self._metadata):
             yield response
 
-    async def get_product(self, product_id: str) -> products_pb2.Product:
+    async def get_product(self, product_id: str, *, timeout_s: Timeout = CLIENT_TIMEOUT) -> products_pb2.Product:
         response = await self._stub.GetProduct(
-            pb.GetProductRequest(id=product_id), timeout=self.timeout_s, metadata=self._metadata
+            pb.GetProductRequest(id=product_id), timeout=self._deadline(timeout_s), metadata=self._metadata
         )
         return response.product
 
-    async def delete_product(self, product_id: str) -> None:
+    async def delete_product(self, product_id: str, *, timeout_s: Timeout = CLIENT_TIMEOUT) -> None:
         await self._stub.DeleteProduct(
-            pb.DeleteProductRequest(id=product_id), timeout=self.timeout_s, metadata=self._metadata
+            pb.DeleteProductRequest(id=product_id), timeout=self._deadline(timeout_s), metadata=self._metadata
         )
 
-    async def service_info(self) -> pb.GetServiceInfoResponse:
+    async def service_info(self, *, timeout_s: Timeout = CLIENT_TIMEOUT) -> pb.GetServiceInfoResponse:
         response: pb.GetServiceInfoResponse = await self._stub.GetServiceInfo(
-            pb.GetServiceInfoRequest(), timeout=self.timeout_s, metadata=self._metadata
+            pb.GetServiceInfoRequest(), timeout=self._deadline(timeout_s), metadata=self._metadata
         )
         return response
 
-    async def health(self, service: str = "") -> str:
+    async def health(self, service: str = "", *, timeout_s: Timeout = CLIENT_TIMEOUT) -> str:
         """The health status name, e.g. "SERVING"."""
         response = await self._health.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s, metadata=self._metadata
+            health_pb2.HealthCheckRequest(service=service), timeout=self._deadline(timeout_s), metadata=self._metadata
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _deadline(self, timeout_s: Timeout) -> float | None:
+        return self.timeout_s if isinstance(timeout_s, _Default) else timeout_s
 
 
 def search_query(
