@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/service.py --quick         # fewer iterations, smaller catalogue
     .venv/bin/python benchmarks/service.py --device cuda   # on a GPU (fp16)
 
-Prints one table: p50/p95/p99 latency and throughput per path, next to the bare model floor measured in the same
-run (the model called directly, no server), and the ratio service/floor. Writes the table as JSON under
-benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are speed figures only:
-they say nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
+Prints one table: p50/p95/p99 latency and throughput per path, next to the bare model floor (the model called
+directly in this process, no server, sampled between the service's calls), and the ratio service/floor. Writes
+the table as JSON under benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are
+speed figures only: they say nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
 """
 
 from __future__ import annotations
