@@ -328,10 +328,11 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32:random", help="open_clip spec (default: ViT-B-32:random)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--catalogue", type=int, default=10_000, help="products in the store (default 10000)")
-    parser.add_argument("-n", type=int, default=30, help="sequential requests per path (default 30)")
+    parser.add_argument("--catalogue", type=int, help="products in the store (default 10000; 2000 with --quick)")
+    parser.add_argument("-n", type=int, help="sequential requests per path (default 30; 10 with --quick)")
     parser.add_argument("--quick", action="store_true", help="n=10, catalogue 2000, smaller concurrency runs")
     parser.add_argument("--port", type=int, default=50999)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}")
     parser.add_argument("--int8", action="store_true", help="int8 image tower (CPU), floor included")
     parser.add_argument(
         "--text-weights",
@@ -340,8 +341,8 @@ async def main() -> int:
         help="IMAGESEARCH_TEXT_WEIGHTS (default auto)",
     )
     args = parser.parse_args()
-    if args.quick:
-        args.n, args.catalogue = 10, 2000
+    args.n = args.n or (10 if args.quick else 30)
+    args.catalogue = args.catalogue or (2000 if args.quick else 10_000)
 
     print(
         f"model: {args.model} on {args.device}"
@@ -378,8 +379,8 @@ async def main() -> int:
         f"catalogue {args.catalogue}; {machine}"
     )
     print_table(rows, floor, header)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(
         json.dumps(
             {

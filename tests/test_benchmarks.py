@@ -1,0 +1,42 @@
+"""The benchmark scripts still run end to end (a smoke run on the small bundled model, minimal sizes).
+
+Their figures are not checked: speed lives in the benchmarks' own output, never in asserts. What is checked is
+that the scripts work, so that the numbers in the README can be reproduced with the code as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.slow
+def test_service_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "service.py"), "--quick", "--model", "synthetic-clip"]
+    command += ["--catalogue", "300", "--port", str(free_port()), "--results-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "text search, uncached" in done.stdout and "x the bare batched encoder" in done.stdout
+    [written] = tmp_path.glob("service-*.json")
+    table = json.loads(written.read_text())
+    assert table["model"] == "synthetic-clip" and table["text_path"] == "unpadded, fp16 weights"
+    paths = [row["path"] for row in table["rows"]]
+    assert any(path.startswith("image search, 32 concurrent") for path in paths)
+    assert all(row["n"] > 0 and row["p50_ms"] > 0 for row in table["rows"])
+    assert table["floor"]["text_ms"] > 0 and table["floor"]["batch32_images_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["store_edge.py", "features.py"])
+def test_store_benchmarks_run(script: str) -> None:
+    command = [sys.executable, str(BENCHMARKS / script), "--n", "2000", "--dim", "64", "--queries", "5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " p50 " in done.stdout
