@@ -26,7 +26,7 @@ def test_service_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
     assert "text search, uncached" in done.stdout and "x the bare batched encoder" in done.stdout
     [written] = tmp_path.glob("service-*.json")
     table = json.loads(written.read_text())
-    assert table["model"] == "synthetic-clip" and table["text_path"] == "unpadded, fp16 weights"
+    assert table["model"] == "synthetic-clip" and table["text_path"].startswith("unpadded")
     paths = [row["path"] for row in table["rows"]]
     assert any(path.startswith("image search, 32 concurrent") for path in paths)
     assert all(row["n"] > 0 and row["p50_ms"] > 0 for row in table["rows"])

@@ -14,6 +14,7 @@ from rpc import index, product, search, stream, violated_fields
 from imagesearch.config import Settings
 from imagesearch.encoder import ClipEncoder
 from imagesearch.server import SERVICE_NAME
+from imagesearch.text_tower import fp16_weight_kernels_available
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 RED = jpeg_bytes((220, 20, 20))
@@ -116,8 +117,9 @@ async def test_service_info_describes_model_store_cache_and_limits(running: Runn
     assert info.model.name == "synthetic-clip"
     assert info.model.embedding_dimension == running.components.encoder.encoder.dimension
     assert info.model.device == "cpu"
-    # The test encoder's defaults on this x86 machine: fp32 image tower, fp16 text weights (fbgemm).
-    assert (info.model.image_tower_precision, info.model.text_tower_precision) == ("fp32", "fp16")
+    # The test encoder's defaults: fp32 image tower; fp16 text weights where fbgemm exists (x86), else fp32.
+    text_precision = "fp16" if fp16_weight_kernels_available() else "fp32"
+    assert (info.model.image_tower_precision, info.model.text_tower_precision) == ("fp32", text_precision)
     assert info.model.torch_threads >= 1
     assert (info.store.backend, info.store.product_count) == ("embedded", 1)
     assert info.cache.backend == "memory"
