@@ -110,6 +110,8 @@ def test_lean_text_path_on_real_architectures_is_exact_in_fp32_and_close_in_fp16
     torch.manual_seed(0)
     exact = ClipEncoder.load(f"{arch}:random", device="cpu", text_weights="fp32")
     assert_lean_path_matches_padded(exact, 1e-5)
+    if not encoder_module.fp16_weight_kernels_available():
+        pytest.skip("fp16 text weights need fbgemm, which this CPU build of torch lacks (x86 only)")
     torch.manual_seed(0)
     half = ClipEncoder.load(f"{arch}:random", device="cpu", text_weights="fp16")
     assert half.text_path == "unpadded, fp16 weights"
