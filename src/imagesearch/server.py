@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,6 +213,7 @@ async def serve(settings: Settings) -> int:
         log.error("startup failed", error=str(exc))
         await components.close()
         return STARTUP_FAILURE
+    frozen = _freeze_startup_objects()
     stop = asyncio.Event()
     force = asyncio.Event()
     with _signals_set(stop, force):
@@ -225,12 +227,25 @@ async def serve(settings: Settings) -> int:
             cache=components.cache.backend.name,
             torch_threads=components.encoder.encoder.torch_threads,
             text_path=components.encoder.encoder.text_path,
+            gc_frozen_objects=frozen,
         )
         await stop.wait()
         await shutdown(server, store_health, components, settings.shutdown_grace_s, force)
         if metrics_endpoint is not None:
             metrics_endpoint.stop()  # last: the drain itself can be watched
     return 0
+
+
+def _freeze_startup_objects() -> int:
+    """Move everything allocated at start-up (the model, torch, grpc: ~460k objects) out of the garbage
+    collector's sight. A full collection otherwise walks them all: 210-260 ms measured on 2 cores with ViT-B-32
+    loaded, during which every request stalls (the collector holds the GIL); with them frozen, 5 ms for 50k newer
+    objects. Full collections are rare (Python runs one when surviving objects grow by a quarter, e.g. as the
+    in-process cache fills), so this removes an occasional stall, not a steady cost. Start-up objects live as
+    long as the process: the collector has nothing to find among them. Returns how many were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 async def shutdown(
