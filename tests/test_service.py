@@ -121,6 +121,9 @@ async def test_service_info_describes_model_store_cache_and_limits(running: Runn
     text_precision = "fp16" if fp16_weight_kernels_available() else "fp32"
     assert (info.model.image_tower_precision, info.model.text_tower_precision) == ("fp32", text_precision)
     assert info.model.torch_threads >= 1
+    # The micro-batching settings reach the batchers (the one path by which every server builds its encoder).
+    images = running.components.encoder.images
+    assert (images.max_batch, images.max_wait_s) == (settings.batch_max_size, settings.batch_max_wait_ms / 1000)
     assert (info.store.backend, info.store.product_count) == ("embedded", 1)
     assert info.cache.backend == "memory"
     assert info.limits.max_image_bytes == settings.max_image_bytes

@@ -212,6 +212,20 @@ def default_decode_threads(device: str) -> int:
     return max(2, min(8, available_cpus() - 1))
 
 
+async def load_on_model_thread(spec: str, **load_options: Any) -> tuple[ClipEncoder, ThreadPoolExecutor]:
+    """ClipEncoder.load(spec, **load_options) run on a new model thread; returns the encoder and that thread, to
+    be handed to AsyncEncoder (see its docstring: the thread that loads the model must be the one that runs it)."""
+    forward_thread = model_thread()
+    try:
+        encoder = await asyncio.get_running_loop().run_in_executor(
+            forward_thread, functools.partial(ClipEncoder.load, spec, **load_options)
+        )
+    except BaseException:
+        forward_thread.shutdown(wait=False)
+        raise
+    return encoder, forward_thread
+
+
 class AsyncEncoder:
     """Runs a ClipEncoder off the event loop, micro-batching concurrent requests.
 
@@ -223,7 +237,8 @@ class AsyncEncoder:
     Threads and OpenMP: every thread that runs a parallel torch op gets its own OpenMP team, and on a small
     machine idle teams steal cores from the busy one (measured on 2 cores: a one-query ViT-B-32 text forward
     took 21-23 ms with one team, 30-39 ms once the preprocessing threads had teams too). So the model is
-    loaded on the model thread (`load`), and the preprocessing threads run torch single-threaded.
+    loaded on the model thread (`load_on_model_thread`, whose thread is passed here as `forward_thread`), and the
+    preprocessing threads run torch single-threaded.
     """
 
     def __init__(
@@ -269,34 +284,6 @@ class AsyncEncoder:
     async def encode_text(self, text: str) -> np.ndarray:
         """Embed one text -> (dim,) float32."""
         return await self.texts.submit(text)
-
-    @classmethod
-    async def load(
-        cls,
-        spec: str,
-        *,
-        max_batch: int = 32,
-        on_batch: Callable[[Literal["text", "image"], int, float], None] | None = None,
-        decode_threads: int = 0,
-        batch_max_wait_s: float = 0.0,
-        **load_options: Any,
-    ) -> AsyncEncoder:
-        """ClipEncoder.load(spec, **load_options) on the model thread, wrapped (see the class docstring)."""
-        forward_thread = model_thread()
-        try:
-            encoder = await asyncio.get_running_loop().run_in_executor(
-                forward_thread, functools.partial(ClipEncoder.load, spec, **load_options)
-            )
-        except BaseException:
-            forward_thread.shutdown(wait=False)
-            raise
-        return cls(
-            encoder,
-            max_batch=max_batch,
-            on_batch=on_batch,
-            forward_thread=forward_thread,
-            decode_threads=decode_threads,
-        )
 
     def close(self) -> None:
         self._model_thread.shutdown(wait=True, cancel_futures=True)

@@ -18,7 +18,7 @@ from imagesearch.auth import ApiKeyFileError, ApiKeyInterceptor, load_api_keys
 from imagesearch.cache import CacheBackend, LruCache, NoCache, SearchCache
 from imagesearch.catalog import Catalog, Limits
 from imagesearch.config import Settings
-from imagesearch.encoder import AsyncEncoder, ClipEncoder
+from imagesearch.encoder import AsyncEncoder, ClipEncoder, load_on_model_thread
 from imagesearch.errors import ModelLoadError, StoreConfigError, StoreUnavailable
 from imagesearch.health import StoreHealth
 from imagesearch.interceptors import RequestLoggingInterceptor
@@ -89,28 +89,24 @@ def open_cache_backend(settings: Settings) -> CacheBackend:
 async def open_components(settings: Settings, encoder: ClipEncoder | None = None) -> Components:
     """Load the model (unless given one: tests share one across servers), open the store and the cache."""
     metrics = Metrics()
+    forward_thread = None
     if encoder is None:
-        async_encoder = await AsyncEncoder.load(
+        encoder, forward_thread = await load_on_model_thread(
             settings.model,
-            on_batch=metrics.observe_batch,
-            max_batch=settings.batch_max_size,
-            batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
-            decode_threads=settings.decode_threads,
             device=settings.device,
             offline=settings.offline,
             threads=settings.torch_threads,
             quantize_image_tower=settings.quantize_image_tower,
             text_weights=settings.text_weights,
         )
-    else:
-        async_encoder = AsyncEncoder(
-            encoder,
-            on_batch=metrics.observe_batch,
-            max_batch=settings.batch_max_size,
-            batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
-            decode_threads=settings.decode_threads,
-        )
-    encoder = async_encoder.encoder
+    async_encoder = AsyncEncoder(
+        encoder,
+        forward_thread=forward_thread,
+        on_batch=metrics.observe_batch,
+        max_batch=settings.batch_max_size,
+        batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
+        decode_threads=settings.decode_threads,
+    )
     try:
         store = TimedStore(await open_store(settings, encoder.dimension, encoder.model_id), metrics)
     except BaseException:
