@@ -19,15 +19,13 @@ are marked ok or MISSED, never asserted.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 import qdrant_edge as qe
-from store_edge import CATEGORIES, fill, query_makers, timed  # a sibling script, not a package
+from store_edge import CATEGORIES, fill, query_makers, run, timed  # a sibling script, not a package
 
 from imagesearch.catalog import best_per_group
 from imagesearch.domain import FacetSpec, Hit, SearchFilter
@@ -142,10 +140,4 @@ def _schema(store: EdgeStore) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=1000)
-    args = parser.parse_args()
-    asyncio.run(main(args.n, args.dim, args.queries, args.batch))
+    run(main, __doc__)

@@ -170,11 +170,17 @@ async def main(n: int, dim: int, queries: int, batch: int) -> None:
         await synchronous.close()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(main: Callable[[int, int, int, int], Awaitable[None]], description: str | None) -> None:
+    """Parse the store benchmarks' common options (catalogue size, dimension, queries, fill batch) and run
+    `main(n, dim, queries, batch)`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
     asyncio.run(main(args.n, args.dim, args.queries, args.batch))
+
+
+if __name__ == "__main__":
+    run(main, __doc__)
