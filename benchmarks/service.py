@@ -39,7 +39,6 @@ from imagesearch.client import ImageSearchClient, Product
 from imagesearch.domain import Product as DomainProduct
 from imagesearch.encoder import ClipEncoder
 from imagesearch.store import EdgeStore
-from imagesearch.v1 import image_search_service_pb2 as pb
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # A pause between a floor call and a service call: after a forward pass, torch's OpenMP threads keep spinning
@@ -284,18 +283,11 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
 
 
 async def bulk_import(client: ImageSearchClient, count: int) -> Row:
-    images = [photo_like_jpeg(50_000 + i) for i in range(count)]
-
-    async def requests():  # type: ignore[no-untyped-def]
-        for i, image in enumerate(images):
-            yield pb.IndexProductsRequest(product=Product(id=f"bulk-{i}", category="bags"))
-            for start in range(0, len(image), 64 * 1024):
-                yield pb.IndexProductsRequest(image_chunk=image[start : start + 64 * 1024])
-
+    items = [(Product(id=f"bulk-{i}", category="bags"), photo_like_jpeg(50_000 + i)) for i in range(count)]
     started = time.perf_counter()
     last = started
     gaps: list[float] = []
-    async for response in client._stub.IndexProducts(requests()):
+    async for response in client.index_products(items):
         if response.HasField("error"):
             raise RuntimeError(f"bulk import failed for {response.id}: {response.error.message}")
         now = time.perf_counter()

@@ -127,10 +127,9 @@ class ImageSearchClient:
 
         async def messages() -> AsyncIterator[pb.IndexProductsRequest]:
             async for item, image in _aiter(items):
-                yield pb.IndexProductsRequest(product=item)
-                if image is not None:
-                    for start in range(0, len(image), CHUNK_BYTES):
-                        yield pb.IndexProductsRequest(image_chunk=image[start : start + CHUNK_BYTES])
+                head = pb.IndexProductsRequest(product=item)
+                async for message in _stream(head, image, lambda c: pb.IndexProductsRequest(image_chunk=c)):
+                    yield message
 
         # No overall timeout: a bulk import runs as long as its input; flow control paces it.
         async for response in self._stub.IndexProducts(messages(), metadata=self._metadata):

@@ -37,7 +37,7 @@ class Settings:
     device: DeviceName = "auto"
     # Never touch the network for weights (sets HF_HUB_OFFLINE): start-up fails at once if they are not local.
     offline: bool = False
-    # 0 = let the encoder choose (all cores for the model's intra-op pool).
+    # 0 = one per core this process may use (its CPU affinity and its container's CPU quota; see cpus.py).
     torch_threads: int = 0
     # Threads that decode and preprocess images. 0 = automatic: 2 on CPU (the model needs the cores), up to 8 on
     # a GPU (there decoding, not the model, limits image throughput).

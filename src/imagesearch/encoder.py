@@ -109,7 +109,6 @@ class ClipEncoder:
         # Queries run through the lean text tower (unpadded, optionally fp16 weights) when the model's layout
         # allows it, else through open_clip's own padded path.
         self._lean_text = LeanTextTower(model, text_weights).eval() if LeanTextTower.supports(model) else None
-        self.text_path = f"unpadded, {text_weights} weights" if self._lean_text is not None else "padded (open_clip)"
         # How each tower's weights are held (GetServiceInfo); fp16 weights on CPU exist only on the lean path.
         self.image_precision = "int8" if image_int8 else _precision(device)
         self.text_precision = text_weights if self._lean_text is not None else _precision(device)
@@ -120,6 +119,11 @@ class ClipEncoder:
         # otherwise land on the first caller (hundreds of ms on CPU).
         self.dimension = int(self.encode_texts(["warm-up"]).shape[1])
         self.encode_images([Image.new("RGB", (self.image_size, self.image_size))])
+
+    @property
+    def text_path(self) -> str:
+        """Which text path queries take, for logs and benchmarks, e.g. "unpadded, fp16 weights"."""
+        return f"unpadded, {self.text_precision} weights" if self._lean_text is not None else "padded (open_clip)"
 
     @property
     def model_id(self) -> str:
