@@ -35,7 +35,7 @@ ARG PRELOAD_MODEL
 ENV HF_HOME=/models
 RUN mkdir -p /models && case "$PRELOAD_MODEL" in \
       true) /opt/venv/bin/python -c \
-              'import sys; from imagesearch.encoder import ClipEncoder; ClipEncoder.load(sys.argv[1], device="cpu")' \
+              'import sys; from imagesearch.model.encoder import ClipEncoder; ClipEncoder.load(sys.argv[1], device="cpu")' \
               "$MODEL" ;; \
       false) ;; \
       *) echo "PRELOAD_MODEL must be true or false, not '$PRELOAD_MODEL'" >&2; exit 1 ;; \

@@ -27,8 +27,8 @@ import numpy as np
 import qdrant_edge as qe
 from store_edge import CATEGORIES, fill, query_makers, run, timed  # a sibling script, not a package
 
-from imagesearch.catalog import best_per_group
 from imagesearch.domain import FacetSpec, Hit, SearchFilter
+from imagesearch.search.catalog import best_per_group
 from imagesearch.store import EdgeStore
 from imagesearch.store.base import CATEGORY, PRICE
 

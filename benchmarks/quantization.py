@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from service import photo_like_jpeg  # sibling scripts, not a package
 from timing import median_ms
 
-from imagesearch.encoder import ClipEncoder
+from imagesearch.model.encoder import ClipEncoder
 
 TEXTS = [f"a photo of a {c} {k}" for c in ("red", "blue", "green", "black") for k in ("mug", "shoe", "lamp", "bag")]
 

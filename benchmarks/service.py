@@ -37,7 +37,7 @@ from timing import median_ms  # a sibling script
 
 from imagesearch.client import ImageSearchClient, Product
 from imagesearch.domain import Product as DomainProduct
-from imagesearch.encoder import ClipEncoder
+from imagesearch.model.encoder import ClipEncoder
 from imagesearch.store import EdgeStore
 
 RESULTS_DIR = Path(__file__).parent / "results"

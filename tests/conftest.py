@@ -19,9 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2_grpc
 from PIL import Image
 
+from imagesearch.api.health import StoreHealth
 from imagesearch.config import ENV_PREFIX, Settings
-from imagesearch.encoder import ClipEncoder
-from imagesearch.health import StoreHealth
+from imagesearch.model.encoder import ClipEncoder
 from imagesearch.server import Components, build_server, open_components
 from imagesearch.store import VectorStore
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc

@@ -12,7 +12,7 @@ from google.rpc import code_pb2, error_details_pb2
 from rpc import chunks, product, stream
 
 from imagesearch.config import Settings
-from imagesearch.encoder import ClipEncoder
+from imagesearch.model.encoder import ClipEncoder
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import products_pb2
 

@@ -11,9 +11,9 @@ import redis.asyncio as redis
 from conftest import RedisProcess, RunningServer, jpeg_bytes, start_server, stop_server
 from rpc import index, product, search
 
-from imagesearch.cache import LruCache
 from imagesearch.config import Settings
-from imagesearch.encoder import ClipEncoder
+from imagesearch.model.encoder import ClipEncoder
+from imagesearch.search.cache import KEY_VERSION, LruCache
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 RED = jpeg_bytes((220, 20, 20))
@@ -203,7 +203,7 @@ async def test_corrupted_cache_values_are_misses(
     try:
         await index(running.stub, product("red"), RED)
         await search(running.stub, text="mug")
-        keys = [k async for k in client.scan_iter(match=f"imagesearch:v1:{cache_namespace}:*")]
+        keys = [k async for k in client.scan_iter(match=f"imagesearch:{KEY_VERSION}:{cache_namespace}:*")]
         assert any(b":emb:" in k for k in keys) and any(b":res:" in k for k in keys)
         for key in keys:
             if not key.endswith(b"generation"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from imagesearch.cpus import available_cpus, cgroup_cpu_quota
+from imagesearch.model.cpus import available_cpus, cgroup_cpu_quota
 
 
 def write(path: Path, text: str) -> None:

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from imagesearch import encoder as encoder_module
-from imagesearch.batching import MicroBatcher
-from imagesearch.encoder import ClipEncoder
 from imagesearch.errors import ImageTooLarge, InvalidArgument, ModelLoadError
-from imagesearch.imaging import decode_image
+from imagesearch.model import encoder as encoder_module
+from imagesearch.model import loading as loading_module
+from imagesearch.model.batching import MicroBatcher
+from imagesearch.model.encoder import ClipEncoder
+from imagesearch.model.imaging import decode_image
 
 TEXTS = [
     "a red mug",
@@ -110,7 +111,7 @@ def test_lean_text_path_on_real_architectures_is_exact_in_fp32_and_close_in_fp16
     torch.manual_seed(0)
     exact = ClipEncoder.load(f"{arch}:random", device="cpu", text_weights="fp32")
     assert_lean_path_matches_padded(exact, 1e-5)
-    if not encoder_module.fp16_weight_kernels_available():
+    if not loading_module.fp16_weight_kernels_available():
         pytest.skip("fp16 text weights need fbgemm, which this CPU build of torch lacks (x86 only)")
     torch.manual_seed(0)
     half = ClipEncoder.load(f"{arch}:random", device="cpu", text_weights="fp16")
@@ -122,7 +123,7 @@ def test_lean_text_path_on_real_architectures_is_exact_in_fp32_and_close_in_fp16
 
 def test_text_weights_auto_falls_back_to_fp32_without_fp16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     # fbgemm (and so fp16 weights) exists on x86 only; this machine is x86, so an ARM CPU is simulated.
-    monkeypatch.setattr(encoder_module, "fp16_weight_kernels_available", lambda: False)
+    monkeypatch.setattr(loading_module, "fp16_weight_kernels_available", lambda: False)
     assert ClipEncoder.load("synthetic-clip", device="cpu").text_path == "unpadded, fp32 weights"
     with pytest.raises(ModelLoadError, match="fp16 kernels"):
         ClipEncoder.load("synthetic-clip", device="cpu", text_weights="fp16")
@@ -213,7 +214,8 @@ def test_half_precision_towers_take_half_precision_inputs(
     # The fp16 path is what runs on a GPU, and no GPU runs the tests: the half-precision model is built on the
     # CPU here (torch has CPU fp16 kernels, slow but exact enough) to check that both towers get inputs in the
     # dtype of their weights. open_clip keeps embeddings and norms in fp32 when it halves the matrices.
-    monkeypatch.setattr(encoder_module, "_precision", lambda device: "fp16")
+    for module in (encoder_module, loading_module):
+        monkeypatch.setattr(module, "precision_for", lambda device: "fp16")
     half = ClipEncoder.load("synthetic-clip", device="cpu")
     images = [Image.new("RGB", (64, 64), (i * 40 % 256, 90, 200 - i * 20)) for i in range(4)]
     image_cosines = np.sum(encoder.encode_images(images) * half.encode_images(images), axis=1)

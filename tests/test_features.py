@@ -23,9 +23,9 @@ from grpc_status import rpc_status
 from qdrant_client import AsyncQdrantClient
 from rpc import stream, violated_fields
 
-from imagesearch.catalog import recommend_vector
 from imagesearch.config import CacheBackendName, Settings
-from imagesearch.encoder import ClipEncoder
+from imagesearch.model.encoder import ClipEncoder
+from imagesearch.search.catalog import recommend_vector
 from imagesearch.store import QdrantServerStore
 from imagesearch.store.base import DIVERSITY_CANDIDATES
 from imagesearch.synthetic import CatalogueItem, make_catalogue

@@ -16,7 +16,7 @@ from conftest import RunningServer, start_server, stop_server
 from rpc import product, search, stream
 
 from imagesearch.config import Settings
-from imagesearch.encoder import ClipEncoder
+from imagesearch.model.encoder import ClipEncoder
 from imagesearch.synthetic import CatalogueItem, make_catalogue, render
 from imagesearch.v1 import image_search_service_pb2 as pb
 

@@ -18,8 +18,8 @@ from grpc_status import rpc_status
 from rpc import index, product, search
 
 from imagesearch.config import Settings
-from imagesearch.encoder import ClipEncoder
 from imagesearch.errors import StoreUnavailable
+from imagesearch.model.encoder import ClipEncoder
 from imagesearch.server import SERVICE_NAME
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rpc import index, product, search
 
 from imagesearch.config import Settings
-from imagesearch.encoder import ClipEncoder
+from imagesearch.model.encoder import ClipEncoder
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 

@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2
 from rpc import index, product, search, stream, violated_fields
 
 from imagesearch.config import Settings
-from imagesearch.encoder import ClipEncoder
+from imagesearch.model.encoder import ClipEncoder
+from imagesearch.model.text_tower import fp16_weight_kernels_available
 from imagesearch.server import SERVICE_NAME
-from imagesearch.text_tower import fp16_weight_kernels_available
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 RED = jpeg_bytes((220, 20, 20))

@@ -20,8 +20,9 @@ from rpc import index, product, search
 
 from imagesearch.cli import main
 from imagesearch.config import Settings, SettingsError
-from imagesearch.encoder import ClipEncoder, ModelSpec
 from imagesearch.errors import ModelLoadError
+from imagesearch.model.encoder import ClipEncoder
+from imagesearch.model.loading import ModelSpec
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from imagesearch import synthetic
+from imagesearch.synthetic import renderer as synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(synthetic.__file__).resolve().parent / "models" / "synthetic-clip"

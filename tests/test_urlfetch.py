@@ -18,9 +18,9 @@ from conftest import RunningServer, jpeg_bytes, start_server, stop_server
 from rpc import index, product, search, stream, violated_fields
 
 from imagesearch.config import Settings
-from imagesearch.encoder import ClipEncoder
 from imagesearch.errors import InvalidArgument
-from imagesearch.urlfetch import FetchPolicy, ImageFetcher, _is_public
+from imagesearch.model.encoder import ClipEncoder
+from imagesearch.search.urlfetch import FetchPolicy, ImageFetcher, _is_public
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 IMAGE = jpeg_bytes((30, 160, 40), size=(96, 96))

@@ -24,7 +24,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from imagesearch import synthetic  # noqa: E402
+from imagesearch.synthetic import renderer as synthetic  # noqa: E402
 
 DEFAULT_MODEL_DIR = REPO / "src" / "imagesearch" / "models" / "synthetic-clip"
 EVAL_SEED = 20_240_601  # never used by training, which seeds its renders from small multiples of 1000

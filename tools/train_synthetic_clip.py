@@ -34,7 +34,7 @@ from torchvision.transforms import Compose, Normalize
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from imagesearch import synthetic  # noqa: E402
+from imagesearch.synthetic import renderer as synthetic  # noqa: E402
 
 DEFAULT_OUT = REPO / "src" / "imagesearch" / "models" / "synthetic-clip"
 

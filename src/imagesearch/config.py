@@ -156,10 +156,6 @@ class Settings:
             return "redis" if self.redis_url else "memory"
         return self.cache
 
-    @property
-    def store_backend(self) -> Literal["embedded", "qdrant"]:
-        return "qdrant" if self.qdrant_url else "embedded"
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from IMAGESEARCH_<NAME> variables, then `overrides` (CLI flags; None values are ignored)."""

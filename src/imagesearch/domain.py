@@ -1,13 +1,26 @@
-"""Domain types shared by the encoder, store, cache and service layers.
+"""The one vocabulary shared by every layer: products, filters, queries, outcomes, and the one way to turn a
+request's parts into a key or digest.
 
-Nothing here knows about protobuf or gRPC: `service.py` converts between these and the wire types.
+Nothing here knows about protobuf or gRPC: `api/convert.py` converts between these and the wire types.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal
+
+QueryKind = Literal["text", "image", "multimodal", "recommend"]
+# What a cache tier did for one search: answered it, missed (and was filled), or was not consulted.
+CacheOutcome = Literal["hit", "miss", "bypass"]
+CACHE_OUTCOMES: tuple[CacheOutcome, ...] = ("hit", "miss", "bypass")
+CacheTier = Literal["embedding", "result"]
+# What a tower encodes: also the first part of an encoding's cache key.
+Modality = Literal["text", "image"]
 
 # Product ids are caller strings; the store needs UUID (or integer) point ids. UUIDv5 under a fixed namespace
 # makes the mapping deterministic, so re-indexing an id always lands on the same point (an upsert).
@@ -17,6 +30,22 @@ _POINT_ID_NAMESPACE = uuid.UUID("5b0c7f8e-2f43-4d5e-9a51-6a7d1f1c2b9e")
 def point_id_for(product_id: str) -> str:
     """Deterministic store point id (UUIDv5 string) for a caller's product id."""
     return str(uuid.uuid5(_POINT_ID_NAMESPACE, product_id))
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """The one serialisation of a request's parts for keys and digests: JSON, whose strings are quoted and
+    escaped and whose lists are delimited, so no two different values share a form (a category "a,b" is never
+    the categories "a" and "b"). Callers normalise first (sort, deduplicate) where order does not matter."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def digest(*parts: bytes) -> str:
+    """sha256 (hex) of length-prefixed parts: no two different lists of parts give the same input."""
+    hashed = hashlib.sha256()
+    for part in parts:
+        hashed.update(struct.pack("<Q", len(part)))
+        hashed.update(part)
+    return hashed.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -31,6 +60,24 @@ class Product:
     currency: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
     image_url: str = ""
+
+    def to_row(self) -> list[Any]:
+        """The product as a JSON-able list in PRODUCT_FIELDS order (cache values)."""
+        return [getattr(self, name) for name in PRODUCT_SCALAR_FIELDS] + [dict(self.attributes)]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> Product:
+        *scalars, attributes = row
+        if len(scalars) != len(PRODUCT_SCALAR_FIELDS):
+            raise ValueError(f"a product row has {len(PRODUCT_FIELDS)} fields, not {len(row)}")
+        values = {name: _SCALAR_TYPES[name](value) for name, value in zip(PRODUCT_SCALAR_FIELDS, scalars, strict=True)}
+        return cls(**values, attributes={str(k): str(v) for k, v in dict(attributes).items()})
+
+
+# The product's fields that map one to one onto the wire and the store payload; `attributes` is a map everywhere.
+PRODUCT_SCALAR_FIELDS = ("id", "name", "description", "category", "price", "currency", "image_url")
+PRODUCT_FIELDS = (*PRODUCT_SCALAR_FIELDS, "attributes")
+_SCALAR_TYPES: dict[str, type] = {name: float if name == "price" else str for name in PRODUCT_SCALAR_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -51,13 +98,15 @@ class SearchFilter:
     def is_empty(self) -> bool:
         return not (self.categories or self.attributes) and self.price_min is None and self.price_max is None
 
-    def canonical(self) -> str:
-        """A stable text form (sorted, deduplicated) for cache keys: equal filters give equal strings."""
-        cats = ",".join(sorted(set(self.categories)))
-        attrs = ",".join(f"{k}={v}" for k, v in sorted(set(self.attributes)))
-        lo = "" if self.price_min is None else repr(float(self.price_min))
-        hi = "" if self.price_max is None else repr(float(self.price_max))
-        return f"c[{cats}]p[{lo}:{hi}]a[{attrs}]"
+    def key_value(self) -> dict[str, Any]:
+        """The filter normalised (categories and attribute pairs sorted and deduplicated, prices as floats) for
+        `canonical_bytes`: two filters that admit the same products under any catalogue get the same value."""
+        return {
+            "categories": sorted(set(self.categories)),
+            "price_min": None if self.price_min is None else float(self.price_min),
+            "price_max": None if self.price_max is None else float(self.price_max),
+            "attributes": [list(pair) for pair in sorted(set(self.attributes))],
+        }
 
 
 @dataclass(frozen=True)
@@ -93,3 +142,168 @@ class Facets:
 
     categories: tuple[FacetCount, ...] = ()
     attributes: tuple[tuple[str, tuple[FacetCount, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """Where the next page of one search starts (a decoded page token)."""
+
+    query_digest: str
+    catalogue_version: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """Where the next page of one listing starts (a decoded page token)."""
+
+    filter_digest: str
+    cursor: str
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    """A search as the caller sent it, before the request rules (search/validation.py) and their defaults:
+    optional fields are None when unset, counts are 0 when unset."""
+
+    text: str = ""
+    image: bytes | None = None
+    image_url: str = ""
+    flt: SearchFilter = field(default_factory=SearchFilter)
+    top_k: int = 0
+    page_size: int = 0
+    page_token: str = ""
+    score_threshold: float | None = None
+    text_weight: float | None = None
+    like_ids: tuple[str, ...] = ()
+    unlike_ids: tuple[str, ...] = ()
+    include_liked: bool = False
+    group_by: str = ""
+    diversity: float | None = None
+    facets: FacetSpec | None = None
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """A ListProducts call as sent (0 page size: the default)."""
+
+    flt: SearchFilter = field(default_factory=SearchFilter)
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated search. `text` is already normalised; `image` holds the raw bytes (or None), `image_url` an
+    image to fetch instead.
+
+    `top_k` is the page size. `like_ids`/`unlike_ids` are example products (deduplicated, disjoint); `page` is
+    the decoded page token (None: the first page).
+    """
+
+    text: str
+    image: bytes | None
+    flt: SearchFilter
+    top_k: int
+    text_weight: float
+    score_threshold: float | None = None
+    image_url: str = ""
+    like_ids: tuple[str, ...] = ()
+    unlike_ids: tuple[str, ...] = ()
+    include_liked: bool = False
+    group_by: str = ""
+    diversity: float | None = None
+    page: SearchPage | None = None
+    facets: FacetSpec = field(default_factory=FacetSpec)
+
+    @property
+    def kind(self) -> QueryKind:
+        if self.like_ids or self.unlike_ids:
+            return "recommend"
+        has_image = self.image is not None or bool(self.image_url)
+        if self.text and has_image:
+            return "multimodal"
+        return "image" if has_image else "text"
+
+    @property
+    def encodes(self) -> bool:
+        return bool(self.text) or self.image is not None
+
+    @property
+    def exclude_ids(self) -> tuple[str, ...]:
+        """Products never returned: the negative examples, and the positive ones unless asked for."""
+        excluded = set(self.unlike_ids) if self.include_liked else {*self.like_ids, *self.unlike_ids}
+        return tuple(sorted(excluded))
+
+    def digest(self) -> str:
+        """A fingerprint of everything that shapes the ranking (not the page token, not the facets): a page token
+        is only valid with a query of the same fingerprint."""
+        image = b"" if self.image is None else hashlib.sha256(self.image).digest()
+        ranking = {
+            "text": self.text,
+            "image_url": self.image_url,
+            "text_weight": self.text_weight,
+            "like_ids": sorted(self.like_ids),
+            "unlike_ids": sorted(self.unlike_ids),
+            "include_liked": self.include_liked,
+            "filter": self.flt.key_value(),
+            "score_threshold": self.score_threshold,
+            "top_k": self.top_k,
+            "group_by": self.group_by,
+            "diversity": self.diversity,
+        }
+        return digest(canonical_bytes(ranking), image)[:32]
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    hits: list[Hit]
+    kind: QueryKind
+    embedding_cache: CacheOutcome
+    result_cache: CacheOutcome
+    server_time_ms: float
+    next_page_token: str = ""
+    facets: Facets | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self.result_cache == "hit"
+
+
+@dataclass(frozen=True)
+class ProductPage:
+    products: list[Product]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the loaded model is and how it runs (GetServiceInfo, the `serving` log line)."""
+
+    model_id: str
+    dimension: int
+    device: str
+    image_size: int
+    image_precision: str
+    text_precision: str
+    torch_threads: int
+
+
+@dataclass(frozen=True)
+class CacheDescription:
+    backend: str
+    available: bool
+    embedding_hits: int
+    embedding_misses: int
+    result_hits: int
+    result_misses: int
+
+
+@dataclass(frozen=True)
+class CatalogDescription:
+    """The catalogue's parts, each described by itself."""
+
+    model: ModelDescription
+    store_backend: str
+    product_count: int
+    cache: CacheDescription

@@ -1,4 +1,4 @@
-"""Domain exceptions. `service.py` maps each to one gRPC status code; nothing else knows about gRPC."""
+"""Domain exceptions. `api/status.py` maps each to one gRPC status code; nothing else knows about gRPC."""
 
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ class ImageTooLarge(InvalidArgument):
 
 class NotFound(ImageSearchError):
     """The named product does not exist."""
+
+
+class UnknownProducts(NotFound):
+    """Products named by id (to get, delete, or use as search examples) do not exist."""
+
+    def __init__(self, product_ids: list[str]) -> None:
+        self.product_ids = product_ids
+        names = ", ".join(repr(pid) for pid in product_ids)
+        super().__init__(f"no product with id {names}" if len(product_ids) == 1 else f"no products with ids {names}")
 
 
 class StoreUnavailable(ImageSearchError):

@@ -14,24 +14,23 @@ import structlog
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from imagesearch.auth import ApiKeyFileError, ApiKeyInterceptor, load_api_keys
-from imagesearch.cache import CacheBackend, LruCache, NoCache, SearchCache
-from imagesearch.catalog import Catalog, Limits
+from imagesearch.api.auth import ApiKeyFileError, ApiKeyInterceptor, load_api_keys
+from imagesearch.api.health import StoreHealth
+from imagesearch.api.interceptors import RequestLoggingInterceptor
+from imagesearch.api.service import SERVICE, ImageSearchService, add_to_server
 from imagesearch.config import Settings
-from imagesearch.encoder import AsyncEncoder, ClipEncoder, load_on_model_thread
 from imagesearch.errors import ModelLoadError, StoreConfigError, StoreUnavailable
-from imagesearch.health import StoreHealth
-from imagesearch.interceptors import RequestLoggingInterceptor
 from imagesearch.metrics import Metrics
-from imagesearch.service import ImageSearchService
+from imagesearch.model.encoder import AsyncEncoder, ClipEncoder, load_on_model_thread
+from imagesearch.search.cache import CacheBackend, LruCache, NoCache, SearchCache
+from imagesearch.search.catalog import Catalog, Limits
+from imagesearch.search.urlfetch import FetchPolicy, ImageFetcher
 from imagesearch.store import EdgeStore, QdrantServerStore, VectorStore
-from imagesearch.timed_store import TimedStore
-from imagesearch.urlfetch import FetchPolicy, ImageFetcher
-from imagesearch.v1 import image_search_service_pb2, image_search_service_pb2_grpc
+from imagesearch.store.timed import TimedStore
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = image_search_service_pb2.DESCRIPTOR.services_by_name["ImageSearchService"].full_name
+SERVICE_NAME = SERVICE.full_name
 # Exit code when the server cannot start (bad config, model or store): distinct from a crash (1).
 STARTUP_FAILURE = 3
 # Room for a request's non-image fields (product metadata, filters) on top of the largest image chunk.
@@ -77,7 +76,7 @@ async def open_store(settings: Settings, dimension: int, model_id: str) -> Vecto
 def open_cache_backend(settings: Settings) -> CacheBackend:
     backend = settings.cache_backend
     if backend == "redis":
-        from imagesearch.redis_cache import RedisCache  # only deployments with Redis pay for the import
+        from imagesearch.search.redis_cache import RedisCache  # only deployments with Redis pay for the import
 
         assert settings.redis_url is not None
         return RedisCache(settings.redis_url)
@@ -167,9 +166,7 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
     health_servicer = health.aio.HealthServicer()
     # "" is the whole server; clients may also ask for the service by name.
     store_health = StoreHealth(health_servicer, components.store, ("", SERVICE_NAME))
-    image_search_service_pb2_grpc.add_ImageSearchServiceServicer_to_server(
-        ImageSearchService(catalog, settings, store_health), server
-    )
+    add_to_server(ImageSearchService(catalog, settings, store_health), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import grpc
 import structlog
 
-from imagesearch.interceptors import with_behaviour
+from imagesearch.api.interceptors import with_behaviour
 
 log = structlog.get_logger(__name__)
 

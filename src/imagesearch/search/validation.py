@@ -1,15 +1,34 @@
-"""Input rules for products, filters and queries. Each check adds a FieldViolation naming the field as the
-caller spells it in the proto (e.g. "product.attributes[colour]"), so one INVALID_ARGUMENT lists every problem."""
+"""Every request rule, with its default: products, ids, filters, queries, listings. Each check adds a
+FieldViolation naming the field as the caller spells it in the proto (e.g. "product.attributes[colour]"), so one
+INVALID_ARGUMENT lists every problem. `search_query` and `list_request` turn a request as sent (domain.py) into
+the validated form the catalogue runs."""
 
 from __future__ import annotations
 
 import math
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
-from imagesearch.domain import Product, SearchFilter
+from imagesearch.config import Settings
+from imagesearch.domain import (
+    FacetSpec,
+    ListPage,
+    ListRequest,
+    Product,
+    Query,
+    QueryRequest,
+    SearchFilter,
+    SearchPage,
+)
 from imagesearch.errors import FieldViolation, InvalidArgument
+from imagesearch.search.paging import (
+    LIST_PAGE_TOKEN_FIELD,
+    SEARCH_PAGE_TOKEN_FIELD,
+    decode_list_page,
+    decode_search_page,
+)
 
 MAX_ID_BYTES = 256
 MAX_NAME_CHARS = 1024
@@ -24,6 +43,11 @@ MAX_EXAMPLE_IDS = 16
 MAX_FACET_KEYS = 16
 MAX_FACET_VALUES = 100
 DEFAULT_FACET_VALUES = 20
+# A multimodal query's weight of its text against its image when the caller sends none.
+DEFAULT_TEXT_WEIGHT = 0.5
+LIST_DEFAULT_PAGE_SIZE = 50
+LIST_MAX_PAGE_SIZE = 1000
+Page = TypeVar("Page", SearchPage, ListPage)
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -159,3 +183,117 @@ def _check_text(text: str, field: str, max_chars: int, v: Violations, *, allow_n
     checked = text.replace("\n", "").replace("\r", "").replace("\t", "") if allow_newlines else text
     if has_control_chars(checked):
         v.add(field, "must not contain control characters")
+
+
+def check_image_source(image: bytes | None, product: Product, fetches_urls: bool, v: Violations) -> None:
+    """A product to index needs its image: sent as chunks, or at its image_url when this server fetches URLs."""
+    if image is not None:
+        return
+    if fetches_urls and product.image_url:
+        return  # fetched from product.image_url
+    hint = " (or set product.image_url)" if fetches_urls else ""
+    v.add("image_chunk", f"required: send the product image after the product message{hint}")
+
+
+def check_id(product_id: str, field: str = "id") -> None:
+    """Raise InvalidArgument unless `product_id` is a valid product id."""
+    v = Violations()
+    check_product_id(product_id, field, v)
+    v.raise_if_any()
+
+
+def search_query(request: QueryRequest, settings: Settings) -> Query:
+    """The validated query, defaults applied; raises one InvalidArgument naming every bad field."""
+    v = Violations()
+    if request.image_url and request.image is not None:
+        v.add("query.image_url", "send the image either as image_chunk messages or as image_url, not both")
+    text = normalise_query_text(request.text, "query.text", settings.max_text_chars, v)
+    like_ids, unlike_ids = _example_ids(request, v)
+    if not text and request.image is None and not request.image_url and not like_ids:
+        v.add(
+            "query.text",
+            "a search needs text, an image (image_chunk messages or image_url), liked products "
+            "(like_product_ids), or a combination; unlike_product_ids alone are not enough",
+        )
+    check_filter(request.flt, v)
+    page_size = _page_size(request, settings, v)
+    threshold = request.score_threshold
+    if threshold is not None and not -1.0 <= threshold <= 1.0:  # also false for NaN
+        v.add("query.score_threshold", f"must be a cosine similarity from -1 to 1, got {threshold}")
+    weight = DEFAULT_TEXT_WEIGHT if request.text_weight is None else request.text_weight
+    if not 0.0 <= weight <= 1.0:
+        v.add("query.text_weight", f"must be 0 to 1, got {weight}")
+    if request.group_by:
+        check_attribute_key(request.group_by, "query.group_by", v)
+    diversity = request.diversity
+    if diversity is not None and not 0.0 <= diversity <= 1.0:
+        v.add("query.diversity", f"must be 0 to 1, got {diversity}")
+    facets = FacetSpec()
+    if request.facets is not None:
+        keys, max_values = check_facet_spec(
+            request.facets.attribute_keys, request.facets.max_values, "query.facet_spec", v
+        )
+        facets = FacetSpec(categories=request.facets.categories, attribute_keys=keys, max_values=max_values)
+    page = _decoded(request.page_token, decode_search_page, SEARCH_PAGE_TOKEN_FIELD, v)
+    v.raise_if_any()
+    return Query(
+        text=text,
+        image=request.image,
+        image_url=request.image_url,
+        flt=request.flt,
+        top_k=page_size,
+        score_threshold=threshold,
+        text_weight=weight,
+        like_ids=like_ids,
+        unlike_ids=unlike_ids,
+        include_liked=request.include_liked,
+        group_by=request.group_by,
+        diversity=diversity or None,  # 0 is plain ranking
+        page=page,
+        facets=facets,
+    )
+
+
+def list_request(request: ListRequest) -> tuple[SearchFilter, int, ListPage | None]:
+    """The validated listing: filter, page size (defaults applied) and decoded page token."""
+    v = Violations()
+    check_filter(request.flt, v, prefix="filter")
+    if request.page_size < 0:
+        v.add("page_size", f"must be >= 0 (0 means {LIST_DEFAULT_PAGE_SIZE}), got {request.page_size}")
+    # googleapis convention: 0 means the default, and sizes above the maximum are coerced, not refused.
+    page_size = min(request.page_size or LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)
+    page = _decoded(request.page_token, decode_list_page, LIST_PAGE_TOKEN_FIELD, v)
+    v.raise_if_any()
+    return request.flt, page_size, page
+
+
+def _example_ids(request: QueryRequest, v: Violations) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    like_ids = check_example_ids(request.like_ids, "query.like_product_ids", v)
+    unlike_ids = check_example_ids(request.unlike_ids, "query.unlike_product_ids", v)
+    liked = set(like_ids)
+    for i, product_id in enumerate(request.unlike_ids):
+        if product_id in liked:
+            v.add(f"query.unlike_product_ids[{i}]", "is also in like_product_ids: a product cannot be both")
+    return like_ids, unlike_ids
+
+
+def _page_size(request: QueryRequest, settings: Settings, v: Violations) -> int:
+    # page_size takes precedence; without it, top_k (or its default) is the page size.
+    if request.page_size:
+        if not 1 <= request.page_size <= settings.max_top_k:
+            v.add("query.page_size", f"must be 1 to {settings.max_top_k} (0 means top_k), got {request.page_size}")
+        return request.page_size
+    top_k = request.top_k or settings.default_top_k
+    if not 1 <= top_k <= settings.max_top_k:
+        v.add("query.top_k", f"must be 1 to {settings.max_top_k} (0 means {settings.default_top_k}), got {top_k}")
+    return top_k
+
+
+def _decoded(token: str, decode: Callable[[str, str], Page], field: str, v: Violations) -> Page | None:
+    if not token:
+        return None
+    try:
+        return decode(token, field)
+    except InvalidArgument as exc:
+        v.items += exc.violations
+        return None

@@ -14,7 +14,7 @@ fp32 products of that shape ran at ~8 GB/s, 24 of the 28 ms of a forward. Two th
 open_clip's own block calls nn.MultiheadAttention, whose projection is a bare parameter that no packed kernel
 can take; so the attention here is rebuilt from the same weights with explicit projections and
 `scaled_dot_product_attention`. Only open_clip's standard `ResidualAttentionBlock` layout is rebuilt; any other
-model keeps the generic unpadded path in encoder.py.
+model runs open_clip's own padded text path (ClipEncoder.encode_texts_padded).
 """
 
 from __future__ import annotations

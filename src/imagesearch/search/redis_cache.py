@@ -96,11 +96,6 @@ class RedisCache:
             return
         self._mark_up()
 
-    async def flush_namespace(self, prefix: str) -> None:
-        """Delete every key under `prefix` (tests and operators; never called on the request path)."""
-        async for key in self._client.scan_iter(match=prefix + "*", count=500):
-            await self._client.delete(key)
-
     async def close(self) -> None:
         await self._client.aclose()
 

@@ -5,29 +5,28 @@ Two layers:
   a backend that cannot answer behaves as a miss, so the cache can never fail a search.
 - `SearchCache`: the service's view: keys, value formats and the catalogue generation.
 
-Tier 1 (encodings): key = sha256(model id + kind + content) -> the embedding as raw little-endian float32 bytes.
-Tier 2 (results): key = sha256(model id + embedding bytes + example product ids + canonical filter + page (offset,
-limit) + threshold + group_by + diversity + excluded ids + generation) -> the ranked hits with whole products
-(JSON), so a hit skips both the model and the store.
+Tier 1 (encodings): key = digest(model id, kind, content) -> the embedding as raw little-endian float32 bytes.
+Tier 2 (results): key = digest(model id, embedding bytes, the rest of the ranking's inputs: filter, page (offset,
+limit), threshold, example and excluded ids, group_by, diversity, generation) -> the ranked hits with whole
+products (JSON), so a hit skips both the model and the store. Keys are built with domain.digest and
+domain.canonical_bytes only, so two different queries can never share an entry.
 The catalogue generation is a counter bumped after every successful write to the store; it is part of every
 result key, so a result cached before a change can never be served after it (no TTL-only staleness).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from imagesearch.domain import Hit, Product, SearchFilter
+from imagesearch.domain import CacheDescription, Hit, Modality, Product, SearchFilter, canonical_bytes, digest
 
 # Bump when a value format changes, so old entries are never misread by a new server.
-KEY_VERSION = "v1"
+KEY_VERSION = "v2"
 # Backends whose counters every replica sees; the others (in-process) count this process's writes only.
 _SHARED_BACKENDS = frozenset({"redis"})
 
@@ -160,7 +159,7 @@ class SearchCache:
         self._model_id = model_id
         self._embedding_ttl_s = embedding_ttl_s
         self._result_ttl_s = result_ttl_s
-        # e.g. "imagesearch:v1:" or "imagesearch:v1:staging:" -- two deployments sharing a Redis never collide.
+        # e.g. "imagesearch:v2:" or "imagesearch:v2:staging:" -- two deployments sharing a Redis never collide.
         self._prefix = f"imagesearch:{KEY_VERSION}:{namespace + ':' if namespace else ''}"
         self._generation_key = self._prefix + "generation"
 
@@ -168,12 +167,11 @@ class SearchCache:
     def enabled(self) -> bool:
         return self.backend.available
 
-    def embedding_key(self, kind: str, content: bytes) -> str:
-        digest = hashlib.sha256()
-        for part in (self._model_id.encode(), kind.encode(), content):
-            digest.update(struct.pack("<Q", len(part)))  # length-prefixed: no ambiguity between parts
-            digest.update(part)
-        return f"{self._prefix}emb:{digest.hexdigest()}"
+    def describe(self) -> CacheDescription:
+        return CacheDescription(backend=self.backend.name, available=self.backend.available, **vars(self.stats))
+
+    def embedding_key(self, kind: Modality, content: bytes) -> str:
+        return f"{self._prefix}emb:{digest(self._model_id.encode(), kind.encode(), content)}"
 
     async def get_embedding(self, key: str, dimension: int) -> np.ndarray | None:
         raw = await self.backend.get(key)
@@ -190,25 +188,21 @@ class SearchCache:
     def result_key(self, generation: int, key: ResultKey) -> str:
         """The tier-2 key for this query at catalogue `generation` (read with `generation()`; when that is None,
         the backend is unavailable and results must not be cached or served)."""
-        digest = hashlib.sha256()
         vector = b"" if key.vector is None else np.asarray(key.vector, dtype="<f4").tobytes()
-        for part in (
-            self._model_id.encode(),
-            vector,
-            key.flt.canonical().encode(),
-            str(key.top_k).encode(),
-            _optional_float(key.score_threshold),
-            str(generation).encode(),
-            str(key.offset).encode(),
-            _id_list(key.like_ids),
-            _id_list(key.unlike_ids),
-            _id_list(key.exclude_ids),
-            key.group_by.encode(),
-            _optional_float(key.diversity),
-        ):
-            digest.update(struct.pack("<Q", len(part)))
-            digest.update(part)
-        return f"{self._prefix}res:{digest.hexdigest()}"
+        # Example and excluded ids are sets: their order does not change the result.
+        ranking = {
+            "filter": key.flt.key_value(),
+            "top_k": key.top_k,
+            "score_threshold": key.score_threshold,
+            "generation": generation,
+            "offset": key.offset,
+            "like_ids": sorted(set(key.like_ids)),
+            "unlike_ids": sorted(set(key.unlike_ids)),
+            "exclude_ids": sorted(set(key.exclude_ids)),
+            "group_by": key.group_by,
+            "diversity": key.diversity,
+        }
+        return f"{self._prefix}res:{digest(self._model_id.encode(), vector, canonical_bytes(ranking))}"
 
     async def generation(self) -> int | None:
         """The catalogue generation (bumped by every write); None when the backend is unavailable."""
@@ -238,16 +232,6 @@ class SearchCache:
         await self.backend.close()
 
 
-def _optional_float(value: float | None) -> bytes:
-    return b"" if value is None else repr(float(value)).encode()
-
-
-def _id_list(ids: tuple[str, ...]) -> bytes:
-    # Sorted and deduplicated: the order of example ids does not change the result. NUL cannot occur in an id
-    # (control characters are refused), so it separates them unambiguously.
-    return "\0".join(sorted(set(ids))).encode()
-
-
 def _decode_vector(raw: bytes | None, dimension: int) -> np.ndarray | None:
     # A value of the wrong length (corruption, another model's entry) is a miss, never an error.
     if raw is None or len(raw) != 4 * dimension:
@@ -257,20 +241,7 @@ def _decode_vector(raw: bytes | None, dimension: int) -> np.ndarray | None:
 
 
 def _encode_hits(hits: list[Hit]) -> bytes:
-    rows = [
-        [
-            h.score,
-            h.product.id,
-            h.product.name,
-            h.product.description,
-            h.product.category,
-            h.product.price,
-            h.product.currency,
-            dict(h.product.attributes),
-            h.product.image_url,
-        ]
-        for h in hits
-    ]
+    rows = [[h.score, h.product.to_row()] for h in hits]
     return json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -279,22 +250,7 @@ def _decode_hits(raw: bytes | None) -> list[Hit] | None:
         return None
     try:
         rows: Any = json.loads(raw)
-        return [
-            Hit(
-                product=Product(
-                    id=str(pid),
-                    name=str(name),
-                    description=str(desc),
-                    category=str(cat),
-                    price=float(price),
-                    currency=str(cur),
-                    attributes={str(k): str(v) for k, v in dict(attrs).items()},
-                    image_url=str(url),
-                ),
-                score=float(score),
-            )
-            for score, pid, name, desc, cat, price, cur, attrs, url in rows
-        ]
+        return [Hit(product=Product.from_row(row), score=float(score)) for score, row in rows]
     except (ValueError, TypeError, AttributeError):
         # Corrupted or foreign value: treat as a miss.
         return None

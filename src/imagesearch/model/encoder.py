@@ -8,78 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from imagesearch.batching import MicroBatcher
-from imagesearch.cpus import available_cpus
+from imagesearch.domain import ModelDescription
 from imagesearch.errors import ModelLoadError
-from imagesearch.imaging import decode_image
-from imagesearch.text_tower import LeanTextTower, TextWeights, fp16_weight_kernels_available
-
-# Models that ship inside the package, addressable by a short name in IMAGESEARCH_MODEL.
-BUNDLED_MODELS_DIR = Path(__file__).parent / "models"
-LOCAL_DIR_PREFIX = "local-dir:"
-# "ARCH:random" builds the architecture with random weights: same compute as the real model, meaningless
-# rankings. For benchmarks only.
-RANDOM_WEIGHTS_TAG = "random"
-
-SpecKind = Literal["local-dir", "pretrained", "checkpoint", "random"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed IMAGESEARCH_MODEL value."""
-
-    raw: str
-    kind: SpecKind
-    arch: str = ""
-    pretrained: str = ""
-    path: Path | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> ModelSpec:
-        """Parse "local-dir:DIR", a bundled model name, "ARCH:/path/weights.pt", "ARCH:TAG" or "ARCH:random"."""
-        spec = spec.strip()
-        bundled = BUNDLED_MODELS_DIR / spec
-        if spec and "/" not in spec and ":" not in spec and (bundled / "open_clip_config.json").is_file():
-            return cls(raw=spec, kind="local-dir", path=bundled)
-        if spec.startswith(LOCAL_DIR_PREFIX):
-            return cls(raw=spec, kind="local-dir", path=Path(spec[len(LOCAL_DIR_PREFIX) :]).expanduser())
-        arch, sep, tag = spec.partition(":")
-        if not sep or not arch or not tag:
-            raise ModelLoadError(
-                f"model spec {spec!r} is not understood: use ARCH:PRETRAINED_TAG (e.g. ViT-B-32:laion2b_s34b_b79k), "
-                f"ARCH:/path/to/weights.pt, local-dir:/path/to/dir, or a bundled model ({', '.join(bundled_models())})"
-            )
-        if tag == RANDOM_WEIGHTS_TAG:
-            return cls(raw=spec, kind="random", arch=arch)
-        if "/" in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            return cls(raw=spec, kind="checkpoint", arch=arch, path=Path(tag).expanduser())
-        return cls(raw=spec, kind="pretrained", arch=arch, pretrained=tag)
-
-
-def bundled_models() -> list[str]:
-    if not BUNDLED_MODELS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / "open_clip_config.json").is_file())
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was requested but CUDA is not available on this machine")
-    return device
+from imagesearch.model.batching import MicroBatcher
+from imagesearch.model.cpus import available_cpus
+from imagesearch.model.imaging import decode_image
+from imagesearch.model.loading import (
+    ModelSpec,
+    create_model,
+    enable_hub_offline_mode,
+    load_failure_message,
+    precision_for,
+    resolve_device,
+    resolve_text_weights,
+)
+from imagesearch.model.text_tower import LeanTextTower, TextWeights
 
 
 class ClipEncoder:
@@ -102,7 +54,7 @@ class ClipEncoder:
         self.torch_threads = torch.get_num_threads()
         # Images go in at the precision the towers were created with (fp16 on CUDA). Not "the first parameter's
         # dtype": open_clip keeps embeddings and norms in fp32 when it halves the matrix weights.
-        self._image_dtype = torch.float16 if _precision(device) == "fp16" else torch.float32
+        self._image_dtype = torch.float16 if precision_for(device) == "fp16" else torch.float32
         self._model = model
         self._preprocess = preprocess
         self._tokenizer = tokenizer
@@ -110,8 +62,8 @@ class ClipEncoder:
         # allows it, else through open_clip's own padded path.
         self._lean_text = LeanTextTower(model, text_weights).eval() if LeanTextTower.supports(model) else None
         # How each tower's weights are held (GetServiceInfo); fp16 weights on CPU exist only on the lean path.
-        self.image_precision = "int8" if image_int8 else _precision(device)
-        self.text_precision = text_weights if self._lean_text is not None else _precision(device)
+        self.image_precision = "int8" if image_int8 else precision_for(device)
+        self.text_precision = text_weights if self._lean_text is not None else precision_for(device)
         self.image_size = _image_size(model)
         # Repeated queries ("red shoes") are common; BPE tokenizing is pure Python, so memoise it.
         self._tokens = functools.lru_cache(maxsize=4096)(lambda text: tokenizer([text])[0])
@@ -150,21 +102,21 @@ class ClipEncoder:
         """
         parsed = ModelSpec.parse(spec)
         resolved_device = resolve_device(device)
-        resolved_text_weights = _resolve_text_weights(text_weights, resolved_device)
+        resolved_text_weights = resolve_text_weights(text_weights, resolved_device)
         if quantize_image_tower and resolved_device != "cpu":
             raise ModelLoadError(f"int8 quantisation is a CPU option; the device is {resolved_device}")
         # torch sizes its pool by the host's cores; a container's CPU quota can be far lower (see cpus.py).
         torch.set_num_threads(threads if threads > 0 else min(torch.get_num_threads(), available_cpus()))
         if offline:
-            _enable_hub_offline_mode()
+            enable_hub_offline_mode()
         try:
-            model, preprocess, tokenizer = _create(parsed, resolved_device)
+            model, preprocess, tokenizer = create_model(parsed, resolved_device)
             if quantize_image_tower:
                 model.visual = _int8_linears(model.visual)
         except ModelLoadError:
             raise
         except Exception as exc:  # open_clip / huggingface_hub raise many unrelated types
-            raise ModelLoadError(_load_failure_message(parsed, exc)) from exc
+            raise ModelLoadError(load_failure_message(parsed, exc)) from exc
         return cls(parsed, model, preprocess, tokenizer, resolved_device, resolved_text_weights, quantize_image_tower)
 
     def decode(self, data: bytes, *, field: str, max_pixels: int) -> Image.Image:
@@ -278,6 +230,22 @@ class AsyncEncoder:
             functools.partial(on_batch, "text") if on_batch else None,
         )
 
+    @property
+    def dimension(self) -> int:
+        return self.encoder.dimension
+
+    def describe(self) -> ModelDescription:
+        e = self.encoder
+        return ModelDescription(
+            model_id=e.model_id,
+            dimension=e.dimension,
+            device=e.device,
+            image_size=e.image_size,
+            image_precision=e.image_precision,
+            text_precision=e.text_precision,
+            torch_threads=e.torch_threads,
+        )
+
     async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
         """Decode, preprocess and embed one image -> (dim,) float32."""
         loop = asyncio.get_running_loop()
@@ -295,79 +263,6 @@ class AsyncEncoder:
 
     def _decode_and_preprocess(self, data: bytes, field: str, max_pixels: int) -> torch.Tensor:
         return self.encoder.preprocess(self.encoder.decode(data, field=field, max_pixels=max_pixels))
-
-
-def _create(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
-    import open_clip  # imported late: importing it is slow and the hub offline switch must come first
-
-    precision = _precision(device)
-    if spec.kind == "local-dir":
-        assert spec.path is not None
-        if not (spec.path / "open_clip_config.json").is_file():
-            raise ModelLoadError(
-                f"{spec.raw}: {spec.path} has no open_clip_config.json; a local-dir model needs "
-                "open_clip_config.json and open_clip_model.safetensors (or open_clip_pytorch_model.bin)"
-            )
-        name = LOCAL_DIR_PREFIX + str(spec.path)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, precision=precision)
-        tokenizer = open_clip.get_tokenizer(name)
-    else:
-        if spec.kind == "checkpoint":
-            assert spec.path is not None
-            if not spec.path.is_file():
-                raise ModelLoadError(f"{spec.raw}: checkpoint file {spec.path} does not exist")
-        pretrained = None if spec.kind == "random" else str(spec.path or spec.pretrained)
-        # OpenAI's weights were trained with QuickGELU; the plain config loads them silently but computes wrong.
-        quick_gelu = spec.pretrained == "openai" and not spec.arch.endswith("-quickgelu")
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.arch, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=quick_gelu
-        )
-        tokenizer = open_clip.get_tokenizer(spec.arch)
-    model.eval()
-    return model, preprocess, tokenizer
-
-
-def _resolve_text_weights(requested: Literal["auto", "fp16", "fp32"], device: str) -> TextWeights:
-    if device != "cpu":
-        if requested == "fp32":
-            raise ModelLoadError(f"text weights fp32 is a CPU option; on {device} the whole model runs in fp16")
-        return "fp16"  # on a GPU the whole model is already half precision
-    if requested == "auto":
-        return "fp16" if fp16_weight_kernels_available() else "fp32"
-    if requested == "fp16" and not fp16_weight_kernels_available():
-        raise ModelLoadError(
-            "text weights fp16 needs fbgemm's fp16 kernels, which this CPU build of torch lacks (they are x86 only); "
-            "use auto or fp32"
-        )
-    return requested
-
-
-def _precision(device: str) -> Literal["fp16", "fp32"]:
-    """Half precision on GPUs (twice the speed, same rankings); fp32 on CPU, where fp16 kernels are slow."""
-    return "fp16" if device.startswith("cuda") else "fp32"
-
-
-def _enable_hub_offline_mode() -> None:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; set both the variable (for a later import) and the
-    # already-imported constant, so a missing download fails at once instead of after ~45 s of DNS retries.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        import huggingface_hub.constants as hub_constants
-
-        hub_constants.HF_HUB_OFFLINE = True
-    except ImportError:
-        pass
-
-
-def _load_failure_message(spec: ModelSpec, exc: Exception) -> str:
-    how = (
-        "Provide the weights in one of these ways: run once with internet access so open_clip caches them "
-        "(under ~/.cache/huggingface); or set IMAGESEARCH_MODEL=ARCH:/path/to/weights.pt for a checkpoint file; "
-        "or IMAGESEARCH_MODEL=local-dir:/path/to/dir for a directory holding open_clip_config.json and "
-        "open_clip_model.safetensors. To try the service without any download, use the bundled test model: "
-        "IMAGESEARCH_MODEL=synthetic-clip (it only knows synthetic catalogue images)."
-    )
-    return f"could not load model {spec.raw!r}: {type(exc).__name__}: {exc}. {how}"
 
 
 def _image_size(model: Any) -> int:

@@ -1,135 +1,53 @@
 """The search and indexing logic: encoder + cache + store, with no knowledge of gRPC.
 
-`service.py` validates requests, converts them into the types here and maps the errors raised here onto gRPC
-status codes.
+The gRPC layer (api/) converts requests into domain types, search/validation.py applies the request rules, and
+the errors raised here are mapped onto gRPC status codes in api/status.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import structlog
 
-from imagesearch.cache import ResultKey, SearchCache
-from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter
-from imagesearch.encoder import AsyncEncoder
-from imagesearch.errors import FieldViolation, InvalidArgument, NotFound
-from imagesearch.paging import (
-    MAX_SEARCH_DEPTH,
-    CatalogueVersion,
+from imagesearch.domain import (
+    CacheOutcome,
+    CacheTier,
+    CatalogDescription,
+    Hit,
     ListPage,
+    Modality,
+    Product,
+    ProductPage,
+    Query,
+    SearchFilter,
+    SearchOutcome,
     SearchPage,
+    canonical_bytes,
+    digest,
+)
+from imagesearch.errors import FieldViolation, InvalidArgument, UnknownProducts
+from imagesearch.model.encoder import AsyncEncoder
+from imagesearch.search.cache import ResultKey, SearchCache
+from imagesearch.search.paging import (
+    LIST_PAGE_TOKEN_FIELD,
+    MAX_SEARCH_DEPTH,
+    SEARCH_PAGE_TOKEN_FIELD,
+    CatalogueVersion,
     check_list_page,
     check_search_page,
     encode_list_page,
     encode_search_page,
 )
+from imagesearch.search.urlfetch import ImageFetcher
 from imagesearch.store.base import VectorStore
-from imagesearch.urlfetch import ImageFetcher
 
-QueryKind = Literal["text", "image", "multimodal", "recommend"]
-CacheOutcome = Literal["hit", "miss", "bypass"]
-
-DEFAULT_TEXT_WEIGHT = 0.5
 #: With group_by, families are collected from at most this many best matches.
 MAX_GROUP_SCAN = 5000
-SEARCH_PAGE_TOKEN_FIELD = "query.page_token"
-LIST_PAGE_TOKEN_FIELD = "page_token"
-
-
-class UnknownProducts(NotFound):
-    """Products named by id (to get, delete, or use as search examples) do not exist."""
-
-    def __init__(self, product_ids: list[str]) -> None:
-        self.product_ids = product_ids
-        names = ", ".join(repr(pid) for pid in product_ids)
-        super().__init__(f"no product with id {names}" if len(product_ids) == 1 else f"no products with ids {names}")
-
-
-@dataclass(frozen=True)
-class Query:
-    """A validated search. `text` is already normalised; `image` holds the raw bytes (or None).
-
-    `top_k` is the page size. `like_ids`/`unlike_ids` are example products (deduplicated, disjoint); `page` is
-    the decoded page token (None: the first page).
-    """
-
-    text: str
-    image: bytes | None
-    flt: SearchFilter
-    top_k: int
-    score_threshold: float | None = None
-    text_weight: float = DEFAULT_TEXT_WEIGHT
-    like_ids: tuple[str, ...] = ()
-    unlike_ids: tuple[str, ...] = ()
-    include_liked: bool = False
-    group_by: str = ""
-    diversity: float | None = None
-    page: SearchPage | None = None
-    facets: FacetSpec = field(default_factory=FacetSpec)
-
-    @property
-    def kind(self) -> QueryKind:
-        if self.like_ids or self.unlike_ids:
-            return "recommend"
-        if self.text and self.image is not None:
-            return "multimodal"
-        return "image" if self.image is not None else "text"
-
-    @property
-    def encodes(self) -> bool:
-        return bool(self.text) or self.image is not None
-
-    @property
-    def exclude_ids(self) -> tuple[str, ...]:
-        """Products never returned: the negative examples, and the positive ones unless asked for."""
-        excluded = set(self.unlike_ids) if self.include_liked else {*self.like_ids, *self.unlike_ids}
-        return tuple(sorted(excluded))
-
-    def digest(self) -> str:
-        """A fingerprint of everything that shapes the ranking (not the page token, not the facets): a page token
-        is only valid with a query of the same fingerprint."""
-        image = b"" if self.image is None else hashlib.sha256(self.image).digest()
-        return _digest(
-            self.text.encode(),
-            image,
-            repr(self.text_weight).encode(),
-            "\0".join(sorted(self.like_ids)).encode(),
-            "\0".join(sorted(self.unlike_ids)).encode(),
-            b"1" if self.include_liked else b"0",
-            self.flt.canonical().encode(),
-            b"" if self.score_threshold is None else repr(self.score_threshold).encode(),
-            str(self.top_k).encode(),
-            self.group_by.encode(),
-            b"" if self.diversity is None else repr(self.diversity).encode(),
-        )
-
-
-@dataclass(frozen=True)
-class SearchOutcome:
-    hits: list[Hit]
-    kind: QueryKind
-    embedding_cache: CacheOutcome
-    result_cache: CacheOutcome
-    server_time_ms: float
-    next_page_token: str = ""
-    facets: Facets | None = None
-
-    @property
-    def cached(self) -> bool:
-        return self.result_cache == "hit"
-
-
-@dataclass(frozen=True)
-class ProductPage:
-    products: list[Product]
-    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -152,20 +70,28 @@ class Catalog:
         cache: SearchCache,
         limits: Limits,
         fetcher: ImageFetcher | None = None,
-        on_cache_outcome: Callable[[Literal["embedding", "result"], CacheOutcome], None] | None = None,
+        on_cache_outcome: Callable[[CacheTier, CacheOutcome], None] | None = None,
     ) -> None:
         self.encoder = encoder
         self.store = store
         self.cache = cache
         self.limits = limits
         self.fetcher = fetcher
-        self.version = CatalogueVersion(cache)
+        self.version = CatalogueVersion(shared=cache.shared)
         # Told each search's cache outcome per tier (metrics), so the cache itself stays free of metrics.
         self._on_cache_outcome = on_cache_outcome
 
     @property
     def fetches_urls(self) -> bool:
         return self.fetcher is not None and self.fetcher.policy.enabled
+
+    async def describe(self) -> CatalogDescription:
+        return CatalogDescription(
+            model=self.encoder.describe(),
+            store_backend=self.store.backend,
+            product_count=await self.store.count(),
+            cache=self.cache.describe(),
+        )
 
     async def fetch_image(self, url: str, *, field: str) -> bytes:
         if self.fetcher is None:
@@ -180,15 +106,18 @@ class Catalog:
 
     async def search(self, query: Query) -> SearchOutcome:
         started = time.perf_counter()
+        if query.image_url:
+            image = await self.fetch_image(query.image_url, field="query.image_url")
+            query = dataclasses.replace(query, image=image, image_url="")
         # Read once, before searching: it versions both the page token and the result-cache key. A write racing
         # with this search bumps it after it was read, so the next page's token is refused and the result is
         # cached under the old generation: never a page or a result from another catalogue.
         generation = await self.cache.generation() if self.cache.enabled else None
         version = self.version.current(generation)
-        digest = query.digest()
+        query_digest = query.digest()
         offset = 0
         if query.page is not None:
-            check_search_page(query.page, digest, version, SEARCH_PAGE_TOKEN_FIELD)
+            check_search_page(query.page, query_digest, version, SEARCH_PAGE_TOKEN_FIELD)
             offset = query.page.offset
         encoded, embedding_cache = await self._encoded_vector(query)
         page = await self._ranked_page(query, encoded, offset, generation)
@@ -197,7 +126,7 @@ class Catalog:
             facets = await self.store.facets(query.flt, query.facets, exclude_ids=query.exclude_ids)
         next_page_token = ""
         if page.has_more:
-            next_page_token = encode_search_page(SearchPage(digest, version, offset + len(page.hits)))
+            next_page_token = encode_search_page(SearchPage(query_digest, version, offset + len(page.hits)))
         if self._on_cache_outcome is not None:
             self._on_cache_outcome("embedding", embedding_cache)
             self._on_cache_outcome("result", page.result_cache)
@@ -214,7 +143,7 @@ class Catalog:
         )
 
     async def list_products(self, flt: SearchFilter, page_size: int, page: ListPage | None) -> ProductPage:
-        filter_digest = _digest(flt.canonical().encode())
+        filter_digest = digest(canonical_bytes(flt.key_value()))[:32]
         if page is not None:
             check_list_page(page, filter_digest, LIST_PAGE_TOKEN_FIELD)
         products, cursor = await self.store.scroll(flt, page_size, None if page is None else page.cursor)
@@ -335,12 +264,10 @@ class Catalog:
         )
         return vector, combined
 
-    async def _cached_embedding(
-        self, kind: Literal["text", "image"], content: bytes
-    ) -> tuple[np.ndarray, CacheOutcome]:
+    async def _cached_embedding(self, kind: Modality, content: bytes) -> tuple[np.ndarray, CacheOutcome]:
         key = self.cache.embedding_key(kind, content) if self.cache.enabled else None
         if key is not None:
-            cached = await self.cache.get_embedding(key, self.encoder.encoder.dimension)
+            cached = await self.cache.get_embedding(key, self.encoder.dimension)
             if cached is not None:
                 return cached, "hit"
         if kind == "text":
@@ -394,14 +321,6 @@ def recommend_vector(positives: list[np.ndarray], negatives: list[np.ndarray]) -
         # Examples that cancel out (e.g. opposite positives) leave no direction; fall back to the first one.
         target, norm = positives[0], float(np.linalg.norm(positives[0]))
     return (target / norm).astype(np.float32)
-
-
-def _digest(*parts: bytes) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(struct.pack("<Q", len(part)))  # length-prefixed: no ambiguity between parts
-        digest.update(part)
-    return digest.hexdigest()[:32]
 
 
 def _combine(text_vector: np.ndarray, image_vector: np.ndarray, text_weight: float) -> np.ndarray:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imagesearch.catalog import Catalog
 from imagesearch.domain import Product
 from imagesearch.errors import ImageSearchError
+from imagesearch.search.catalog import Catalog
 
 DEFAULT_READ_AHEAD = 32
 DEFAULT_WRITE_BATCH = 64

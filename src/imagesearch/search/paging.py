@@ -20,11 +20,14 @@ import binascii
 import json
 import secrets
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from imagesearch.cache import SearchCache
+from imagesearch.domain import ListPage, SearchPage
 from imagesearch.errors import FieldViolation, InvalidArgument
+
+# The request fields that carry the tokens, as violations name them.
+SEARCH_PAGE_TOKEN_FIELD = "query.page_token"
+LIST_PAGE_TOKEN_FIELD = "page_token"
 
 #: Search pages reach at most this many results (hits, or families with group_by); then next_page_token is empty.
 MAX_SEARCH_DEPTH = 1000
@@ -32,23 +35,6 @@ MAX_SEARCH_DEPTH = 1000
 _VERSION = 1
 # Real tokens are about 150 characters; anything far longer is not one of ours and is not worth decoding.
 _MAX_TOKEN_CHARS = 1024
-
-
-@dataclass(frozen=True)
-class SearchPage:
-    """Where the next page of one search starts."""
-
-    query_digest: str
-    catalogue_version: str
-    offset: int
-
-
-@dataclass(frozen=True)
-class ListPage:
-    """Where the next page of one listing starts."""
-
-    filter_digest: str
-    cursor: str
 
 
 class CatalogueVersion:
@@ -62,8 +48,9 @@ class CatalogueVersion:
     replicas sharing a Qdrant server go unnoticed, as they do for an in-process result cache.
     """
 
-    def __init__(self, cache: SearchCache) -> None:
-        self._cache = cache
+    def __init__(self, *, shared: bool) -> None:
+        # Whether the cache's generation is seen by every replica (SearchCache.shared).
+        self._shared = shared
         self._process = secrets.token_hex(8)
         self._local_writes = 0
 
@@ -73,7 +60,7 @@ class CatalogueVersion:
 
     def current(self, generation: int | None) -> str:
         """The version now, given the cache's generation as just read (None when unknown)."""
-        if self._cache.shared and generation is not None:
+        if self._shared and generation is not None:
             return f"s{generation}"
         return f"p{self._process}.{self._local_writes}"
 

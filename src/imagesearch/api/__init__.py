@@ -1,0 +1,2 @@
+"""The gRPC surface: handlers, stream framing, status mapping, interceptors, auth, health and proto <-> domain
+conversion. The only layer that knows protobuf."""

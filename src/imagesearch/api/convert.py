@@ -1,0 +1,151 @@
+"""proto <-> domain: plain mapping, no rules (those live in search/validation.py, with their defaults)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagesearch.config import Settings
+from imagesearch.domain import (
+    PRODUCT_SCALAR_FIELDS,
+    CacheOutcome,
+    CatalogDescription,
+    Facets,
+    FacetSpec,
+    Hit,
+    ListRequest,
+    Product,
+    QueryKind,
+    QueryRequest,
+    SearchFilter,
+    SearchOutcome,
+)
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import products_pb2
+
+_QUERY_KINDS: dict[QueryKind, pb.QueryKind.ValueType] = {
+    "text": pb.QUERY_KIND_TEXT,
+    "image": pb.QUERY_KIND_IMAGE,
+    "multimodal": pb.QUERY_KIND_MULTIMODAL,
+    "recommend": pb.QUERY_KIND_RECOMMEND,
+}
+_CACHE_OUTCOMES: dict[CacheOutcome, pb.CacheOutcome.ValueType] = {
+    "hit": pb.CACHE_OUTCOME_HIT,
+    "miss": pb.CACHE_OUTCOME_MISS,
+    "bypass": pb.CACHE_OUTCOME_BYPASS,
+}
+
+
+def product_from_proto(message: products_pb2.Product) -> Product:
+    return Product(**{f: getattr(message, f) for f in PRODUCT_SCALAR_FIELDS}, attributes=dict(message.attributes))
+
+
+def product_to_proto(product: Product) -> products_pb2.Product:
+    return products_pb2.Product(
+        **{f: getattr(product, f) for f in PRODUCT_SCALAR_FIELDS}, attributes=dict(product.attributes)
+    )
+
+
+def filter_from_proto(message: pb.SearchFilter) -> SearchFilter:
+    return SearchFilter(
+        categories=tuple(message.categories),
+        price_min=message.price_min if message.HasField("price_min") else None,
+        price_max=message.price_max if message.HasField("price_max") else None,
+        attributes=tuple(sorted(message.attributes.items())),
+    )
+
+
+def query_from_proto(message: pb.SearchQuery, image: bytes | None) -> QueryRequest:
+    facets = None
+    if message.HasField("facet_spec"):
+        spec = message.facet_spec
+        facets = FacetSpec(
+            categories=spec.categories, attribute_keys=tuple(spec.attribute_keys), max_values=spec.max_values
+        )
+    return QueryRequest(
+        text=message.text,
+        image=image,
+        image_url=message.image_url,
+        flt=filter_from_proto(message.filter),
+        top_k=message.top_k,
+        page_size=message.page_size,
+        page_token=message.page_token,
+        score_threshold=message.score_threshold if message.HasField("score_threshold") else None,
+        text_weight=message.text_weight if message.HasField("text_weight") else None,
+        like_ids=tuple(message.like_product_ids),
+        unlike_ids=tuple(message.unlike_product_ids),
+        include_liked=message.include_liked_products,
+        group_by=message.group_by,
+        diversity=message.diversity if message.HasField("diversity") else None,
+        facets=facets,
+    )
+
+
+def list_request_from_proto(request: pb.ListProductsRequest) -> ListRequest:
+    return ListRequest(
+        flt=filter_from_proto(request.filter), page_size=request.page_size, page_token=request.page_token
+    )
+
+
+def hits_to_proto(hits: list[Hit]) -> list[pb.SearchHit]:
+    return [pb.SearchHit(product=product_to_proto(h.product), score=h.score) for h in hits]
+
+
+def facets_to_proto(facets: Facets | None) -> dict[str, Any]:
+    """The SearchResponse fields for facets (none when not requested)."""
+    if facets is None:
+        return {}
+    return {
+        "category_facets": [pb.FacetCount(value=c.value, count=c.count) for c in facets.categories],
+        "attribute_facets": [
+            pb.AttributeFacet(key=key, values=[pb.FacetCount(value=c.value, count=c.count) for c in counts])
+            for key, counts in facets.attributes
+        ],
+    }
+
+
+def outcome_to_proto(outcome: SearchOutcome) -> pb.SearchResponse:
+    return pb.SearchResponse(
+        hits=hits_to_proto(outcome.hits),
+        query_kind=_QUERY_KINDS[outcome.kind],
+        cached=outcome.cached,
+        server_time_ms=outcome.server_time_ms,
+        embedding_cache=_CACHE_OUTCOMES[outcome.embedding_cache],
+        result_cache=_CACHE_OUTCOMES[outcome.result_cache],
+        next_page_token=outcome.next_page_token,
+        **facets_to_proto(outcome.facets),
+    )
+
+
+def service_info_to_proto(
+    described: CatalogDescription, settings: Settings, server_version: str
+) -> pb.GetServiceInfoResponse:
+    Info = pb.GetServiceInfoResponse
+    model, cache, s = described.model, described.cache, settings
+    return Info(
+        server_version=server_version,
+        model=Info.ModelInfo(
+            name=model.model_id,
+            embedding_dimension=model.dimension,
+            device=model.device,
+            image_size=model.image_size,
+            image_tower_precision=model.image_precision,
+            text_tower_precision=model.text_precision,
+            torch_threads=model.torch_threads,
+        ),
+        store=Info.StoreInfo(backend=described.store_backend, product_count=described.product_count),
+        cache=Info.CacheInfo(
+            backend=cache.backend,
+            available=cache.available,
+            embedding_hits=cache.embedding_hits,
+            embedding_misses=cache.embedding_misses,
+            result_hits=cache.result_hits,
+            result_misses=cache.result_misses,
+        ),
+        limits=Info.Limits(
+            max_image_bytes=s.max_image_bytes,
+            max_image_pixels=s.max_image_pixels,
+            max_chunk_bytes=s.max_chunk_bytes,
+            max_text_chars=s.max_text_chars,
+            max_top_k=s.max_top_k,
+        ),
+    )

@@ -1,0 +1,218 @@
+"""Hostile and ambiguous input found by review: cache keys that must not collide, and request frames that are
+not valid protobuf (a client's error, answered INVALID_ARGUMENT, logged as one JSON line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import RunningServer, free_port, jpeg_bytes
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rpc import index, product, search
+
+from imagesearch.api.service import SERVICE
+from imagesearch.domain import FacetSpec, Query, SearchFilter, canonical_bytes, digest
+from imagesearch.search.cache import NoCache, ResultKey, SearchCache
+from imagesearch.v1 import image_search_service_pb2 as pb
+
+# Frames that no protobuf parser accepts: a varint that never ends, and a field with wire type 7.
+CORRUPT_FRAME = b"\xff\xff\xff\xff\x0f" * 4
+TEST_MODEL = "synthetic-clip"
+
+
+async def test_result_cache_keeps_a_category_with_a_comma_apart_from_two_categories(running: RunningServer) -> None:
+    # Reproduces the review's finding: categories ["a,b"] and ["a", "b"] shared one result-cache entry.
+    stub = running.stub
+    await index(stub, product("p-ab", category="a,b"), jpeg_bytes((220, 20, 20)))
+    await index(stub, product("p-a", category="a"), jpeg_bytes((20, 200, 20)))
+    await index(stub, product("p-b", category="b"), jpeg_bytes((20, 20, 220)))
+    comma = await search(stub, text="red", categories=["a,b"])
+    assert [h.product.id for h in comma.hits] == ["p-ab"]
+    assert comma.result_cache == pb.CACHE_OUTCOME_MISS
+    split = await search(stub, text="red", categories=["a", "b"])
+    assert split.result_cache == pb.CACHE_OUTCOME_MISS
+    assert sorted(h.product.id for h in split.hits) == ["p-a", "p-b"]
+
+
+# --- Keys: equal keys if and only if the normalised queries are equal -------------------------------------------
+
+# Small alphabets with the characters that broke or could break a joined text form: separators, brackets, "=".
+_chars = st.sampled_from(list("ab,=[]:\\\"' \u00e9"))
+_text = st.text(_chars, max_size=4)
+_price = st.none() | st.sampled_from([0.0, 1.0, 2.5, 10.0])
+filters = st.builds(
+    SearchFilter,
+    categories=st.lists(_text, max_size=3).map(tuple),
+    price_min=_price,
+    price_max=_price,
+    attributes=st.dictionaries(_text, _text, max_size=2).map(lambda d: tuple(sorted(d.items()))),
+)
+_ids = st.lists(st.sampled_from(["p1", "p2", "p,3", "p\u00e94"]), max_size=3).map(tuple)
+result_keys = st.builds(
+    ResultKey,
+    vector=st.none() | st.sampled_from([np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)]),
+    flt=filters,
+    top_k=st.sampled_from([1, 10]),
+    score_threshold=st.none() | st.sampled_from([0.0, 0.5]),
+    offset=st.sampled_from([0, 10]),
+    like_ids=_ids,
+    unlike_ids=_ids,
+    exclude_ids=_ids,
+    group_by=st.sampled_from(["", "g", "g,"]),
+    diversity=st.none() | st.sampled_from([0.0, 0.5]),
+)
+queries = st.builds(
+    Query,
+    text=_text,
+    image=st.none() | st.sampled_from([b"", b"x", b"y"]),
+    flt=filters,
+    top_k=st.sampled_from([1, 10]),
+    text_weight=st.sampled_from([0.5, 0.25]),
+    score_threshold=st.none() | st.sampled_from([0.0, 0.5]),
+    like_ids=_ids,
+    unlike_ids=_ids,
+    include_liked=st.booleans(),
+    group_by=st.sampled_from(["", "g"]),
+    diversity=st.none() | st.sampled_from([0.5]),
+    facets=st.just(FacetSpec()),
+)
+
+
+def _normal_filter(flt: SearchFilter) -> tuple[object, ...]:
+    return (frozenset(flt.categories), flt.price_min, flt.price_max, frozenset(flt.attributes))
+
+
+def _normal_result_key(key: ResultKey) -> tuple[object, ...]:
+    vector = None if key.vector is None else tuple(key.vector.tolist())
+    sets = (frozenset(key.like_ids), frozenset(key.unlike_ids), frozenset(key.exclude_ids))
+    return (vector, _normal_filter(key.flt), key.top_k, key.score_threshold, key.offset, *sets, key.group_by,
+            key.diversity)  # fmt: skip
+
+
+def _normal_query(query: Query) -> tuple[object, ...]:
+    return (query.text, query.image, _normal_filter(query.flt), query.top_k, query.text_weight,
+            query.score_threshold, frozenset(query.like_ids), frozenset(query.unlike_ids), query.include_liked,
+            query.group_by, query.diversity)  # fmt: skip
+
+
+_cache = SearchCache(NoCache(), model_id="m", embedding_ttl_s=0, result_ttl_s=0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(result_keys, result_keys)
+def test_result_keys_are_equal_exactly_when_the_normalised_queries_are(a: ResultKey, b: ResultKey) -> None:
+    same_key = _cache.result_key(7, a) == _cache.result_key(7, b)
+    assert same_key == (_normal_result_key(a) == _normal_result_key(b))
+
+
+@settings(max_examples=400, deadline=None)
+@given(queries, queries)
+def test_query_digests_are_equal_exactly_when_the_normalised_queries_are(a: Query, b: Query) -> None:
+    assert (a.digest() == b.digest()) == (_normal_query(a) == _normal_query(b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(filters, filters)
+def test_filter_digests_are_equal_exactly_when_the_filters_admit_the_same(a: SearchFilter, b: SearchFilter) -> None:
+    same = digest(canonical_bytes(a.key_value())) == digest(canonical_bytes(b.key_value()))
+    assert same == (_normal_filter(a) == _normal_filter(b))
+
+
+def test_result_key_changes_with_the_generation() -> None:
+    key = ResultKey(vector=None, flt=SearchFilter(), top_k=1, score_threshold=None)
+    assert _cache.result_key(1, key) != _cache.result_key(2, key)
+
+
+# --- Corrupt frames ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
+async def test_corrupt_request_frame_is_invalid_argument_for_every_method(running: RunningServer, method: str) -> None:
+    descriptor = SERVICE.methods_by_name[method]
+    path = f"/{SERVICE.full_name}/{method}"
+    channel = running.channel
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        if descriptor.client_streaming and descriptor.server_streaming:
+            async for _ in channel.stream_stream(path, request_serializer=_raw)(_frames()):
+                pass
+        elif descriptor.client_streaming:
+            await channel.stream_unary(path, request_serializer=_raw)(_frames())
+        else:
+            await channel.unary_unary(path, request_serializer=_raw)(CORRUPT_FRAME)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"not a valid {descriptor.input_type.full_name}" in (err.value.details() or "")
+    # The server keeps serving.
+    status = await running.health.Check(health_pb2.HealthCheckRequest())
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _frames() -> AsyncIterator[bytes]:
+    yield CORRUPT_FRAME
+
+
+def _raw(frame: bytes) -> bytes:
+    return frame
+
+
+def test_json_log_stays_json_when_clients_send_corrupt_frames(tmp_path: Path) -> None:
+    # A real `imagesearch serve` process: every line it writes to stderr must be one JSON object, library
+    # loggers (grpc's among them) included, and a corrupt frame is logged at info level without a traceback.
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESEARCH_")}
+    environ.update(
+        IMAGESEARCH_PORT=str(port),
+        IMAGESEARCH_HOST="127.0.0.1",
+        IMAGESEARCH_DATA_DIR=str(tmp_path / "data"),
+        IMAGESEARCH_MODEL=TEST_MODEL,
+        IMAGESEARCH_DEVICE="cpu",
+        IMAGESEARCH_LOG_FORMAT="json",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imagesearch.cli", "serve"], env=environ, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            _wait_serving(channel)
+            for method in SERVICE.methods:
+                path = f"/{SERVICE.full_name}/{method.name}"
+                with pytest.raises(grpc.RpcError) as err:
+                    if method.client_streaming and method.server_streaming:
+                        list(channel.stream_stream(path, request_serializer=_raw)(iter([CORRUPT_FRAME])))
+                    elif method.client_streaming:
+                        channel.stream_unary(path, request_serializer=_raw)(iter([CORRUPT_FRAME]))
+                    else:
+                        channel.unary_unary(path, request_serializer=_raw)(CORRUPT_FRAME)
+                assert isinstance(err.value, grpc.Call)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=60)
+    lines = stderr.decode().splitlines()
+    records = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+    rpc_lines = [r for r in records if r.get("event") == "rpc" and r.get("code") == "INVALID_ARGUMENT"]
+    assert len(rpc_lines) == len(SERVICE.methods)
+    assert all(r["level"] == "info" for r in rpc_lines)
+    assert not [r for r in records if "exception" in r or r.get("level") == "error"]
+
+
+def _wait_serving(channel: grpc.Channel, timeout_s: float = 60) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True).status == 1:
+                return
+        except grpc.RpcError:
+            time.sleep(0.1)
+    raise AssertionError("server did not become SERVING")
