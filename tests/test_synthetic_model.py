@@ -15,10 +15,11 @@ from types import ModuleType
 
 import pytest
 
+from imagesearch.model.loading import BUNDLED_MODELS_DIR
 from imagesearch.synthetic import renderer as synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(synthetic.__file__).resolve().parent / "models" / "synthetic-clip"
+MODEL_DIR = BUNDLED_MODELS_DIR / "synthetic-clip"
 
 
 def _load_eval_tool() -> ModuleType:
