@@ -200,12 +200,14 @@ async def test_micro_batcher_gives_every_caller_the_batch_error() -> None:
     assert all(isinstance(r, RuntimeError) for r in results)
 
 
-def test_int8_image_tower_agrees_with_fp32(encoder: ClipEncoder) -> None:
+def test_int8_image_tower_agrees_with_fp32() -> None:
+    fp32 = ClipEncoder.load("synthetic-clip", device="cpu", runtime="torch")
     int8 = ClipEncoder.load("synthetic-clip", device="cpu", quantize_image_tower=True)
     images = [Image.new("RGB", (64, 64), (i * 40 % 256, 90, 200 - i * 20)) for i in range(8)]
-    image_cosines = np.sum(encoder.encode_images(images) * int8.encode_images(images), axis=1)
+    image_cosines = np.sum(fp32.encode_images(images) * int8.encode_images(images), axis=1)
     assert image_cosines.min() >= 0.999
-    assert (int8.image_precision, encoder.image_precision) == ("int8", "fp32")
+    assert (int8.image_precision, fp32.image_precision) == ("int8", "fp32")
+    assert (int8.image_runtime, fp32.image_runtime) == ("torch", "torch")
 
 
 def test_half_precision_towers_take_half_precision_inputs(

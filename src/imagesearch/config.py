@@ -17,6 +17,8 @@ ENV_PREFIX = "IMAGESEARCH_"
 CacheBackendName = Literal["auto", "redis", "memory", "none"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 TextWeightsName = Literal["auto", "fp16", "fp32"]
+RuntimeName = Literal["auto", "torch", "openvino"]
+ImagePrecisionName = Literal["auto", "bf16", "f32"]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -46,6 +48,13 @@ class Settings:
     # that are still being decoded when the model frees up (a lone request never waits).
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
+    # What runs the image tower. auto = OpenVINO on CPU where it is installed (1.7x faster than torch at f32, ~3x
+    # in bf16: benchmarks/runtimes.py), torch on CUDA. The OpenVINO graph is derived from the loaded model and
+    # cached under data_dir/runtime-cache.
+    runtime: RuntimeName = "auto"
+    # OpenVINO's precision for the image tower: auto = bf16 where the CPU computes bf16 natively (AVX512_BF16 or
+    # AMX), else f32; f32 forces full precision.
+    image_precision: ImagePrecisionName = "auto"
     # CPU only: int8 dynamic quantisation of the image tower (faster; agreement with fp32 in the README).
     quantize_image_tower: bool = False
     # CPU: how the text tower's weights are held. auto = fp16 where the CPU has fbgemm's fp16 kernels (x86), else
@@ -148,6 +157,11 @@ class Settings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def runtime_cache_dir(self) -> Path:
+        """Where converted runtime graphs are kept between starts."""
+        return self.data_dir / "runtime-cache"
 
     @property
     def cache_backend(self) -> Literal["redis", "memory", "none"]:

@@ -287,6 +287,10 @@ class ModelDescription:
     image_precision: str
     text_precision: str
     torch_threads: int
+    image_runtime: str
+    text_runtime: str
+    # How queries take the text tower, e.g. "unpadded, fp16 weights".
+    text_path: str
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,9 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
             threads=settings.torch_threads,
             quantize_image_tower=settings.quantize_image_tower,
             text_weights=settings.text_weights,
+            runtime=settings.runtime,
+            image_precision=settings.image_precision,
+            runtime_cache_dir=settings.runtime_cache_dir,
         )
     async_encoder = AsyncEncoder(
         encoder,
@@ -209,17 +212,20 @@ async def serve(settings: Settings) -> int:
     frozen = _freeze_startup_objects()
     stop = asyncio.Event()
     force = asyncio.Event()
+    model = components.encoder.describe()
     with _signals_set(stop, force):
         await server.start()
         await store_health.serving()
         log.info(
             "serving",
             address=f"{settings.host}:{port}",
-            model=components.encoder.encoder.model_id,
+            model=model.model_id,
+            device=model.device,
+            image_tower=f"{model.image_runtime} {model.image_precision}",
+            text_tower=f"{model.text_runtime} {model.text_path}",
+            torch_threads=model.torch_threads,
             store=components.store.backend,
             cache=components.cache.backend.name,
-            torch_threads=components.encoder.encoder.torch_threads,
-            text_path=components.encoder.encoder.text_path,
             gc_frozen_objects=frozen,
         )
         await stop.wait()

@@ -131,6 +131,8 @@ def service_info_to_proto(
             image_tower_precision=model.image_precision,
             text_tower_precision=model.text_precision,
             torch_threads=model.torch_threads,
+            image_tower_runtime=model.image_runtime,
+            text_tower_runtime=model.text_runtime,
         ),
         store=Info.StoreInfo(backend=described.store_backend, product_count=described.product_count),
         cache=Info.CacheInfo(

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import structlog
 import torch
 from PIL import Image
 
@@ -24,14 +27,21 @@ from imagesearch.model.cpus import available_cpus
 from imagesearch.model.imaging import decode_image
 from imagesearch.model.loading import (
     ModelSpec,
+    Runtime,
     create_model,
     enable_hub_offline_mode,
     load_failure_message,
     precision_for,
     resolve_device,
+    resolve_runtime,
     resolve_text_weights,
 )
 from imagesearch.model.text_tower import LeanTextTower, TextWeights
+
+if TYPE_CHECKING:
+    from imagesearch.model.openvino_runtime import OpenVinoImageTower
+
+log = structlog.get_logger(__name__)
 
 
 class ClipEncoder:
@@ -47,6 +57,7 @@ class ClipEncoder:
         device: str,
         text_weights: TextWeights = "fp32",
         image_int8: bool = False,
+        image_tower: OpenVinoImageTower | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -56,15 +67,20 @@ class ClipEncoder:
         # dtype": open_clip keeps embeddings and norms in fp32 when it halves the matrix weights.
         self._image_dtype = torch.float16 if precision_for(device) == "fp16" else torch.float32
         self._model = model
+        # The image tower's runtime when it is not torch (OpenVINO); its graph was derived from model.visual.
+        self._image_tower = image_tower
+        self.image_runtime: Runtime = "openvino" if image_tower is not None else "torch"
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         # Queries run through the lean text tower (unpadded, optionally fp16 weights) when the model's layout
         # allows it, else through open_clip's own padded path.
         self._lean_text = LeanTextTower(model, text_weights).eval() if LeanTextTower.supports(model) else None
         # How each tower's weights are held (GetServiceInfo); fp16 weights on CPU exist only on the lean path.
-        self.image_precision = "int8" if image_int8 else precision_for(device)
+        self.image_precision: str = "int8" if image_int8 else precision_for(device)
+        if image_tower is not None:
+            self.image_precision = "fp32" if image_tower.precision == "f32" else image_tower.precision
         self.text_precision = text_weights if self._lean_text is not None else precision_for(device)
-        self.image_size = _image_size(model)
+        self.image_size = image_tower.image_size if image_tower is not None else _image_size(model)
         # Repeated queries ("red shoes") are common; BPE tokenizing is pure Python, so memoise it.
         self._tokens = functools.lru_cache(maxsize=4096)(lambda text: tokenizer([text])[0])
         # One pass through each tower at start: torch and oneDNN set up kernels on first use, which would
@@ -92,6 +108,9 @@ class ClipEncoder:
         threads: int = 0,
         quantize_image_tower: bool = False,
         text_weights: Literal["auto", "fp16", "fp32"] = "auto",
+        runtime: Literal["auto", "torch", "openvino"] = "auto",
+        image_precision: Literal["auto", "bf16", "f32"] = "auto",
+        runtime_cache_dir: Path | None = None,
     ) -> ClipEncoder:
         """Load a model by spec. Raises ModelLoadError with instructions when the weights cannot be had.
 
@@ -99,12 +118,18 @@ class ClipEncoder:
         at a small cost in precision (benchmarks/quantization.py). `text_weights` (see text_tower.py): "fp16"
         keeps the CPU text tower's weights in half precision, halving what a query forward reads; "auto" picks
         it where the CPU has the kernels. On CUDA the whole model is fp16 and "fp32" is refused.
+
+        `runtime` (see loading.resolve_runtime): "auto" runs the image tower with OpenVINO on CPU where it is
+        installed, at `image_precision` ("auto": bf16 where the CPU computes it natively, else f32). Its graph is
+        converted from this model and kept in `runtime_cache_dir` for the next start (None: converted into a
+        temporary directory, not kept).
         """
         parsed = ModelSpec.parse(spec)
         resolved_device = resolve_device(device)
         resolved_text_weights = resolve_text_weights(text_weights, resolved_device)
         if quantize_image_tower and resolved_device != "cpu":
             raise ModelLoadError(f"int8 quantisation is a CPU option; the device is {resolved_device}")
+        resolved_runtime = resolve_runtime(runtime, resolved_device, image_int8=quantize_image_tower)
         # torch sizes its pool by the host's cores; a container's CPU quota can be far lower (see cpus.py).
         torch.set_num_threads(threads if threads > 0 else min(torch.get_num_threads(), available_cpus()))
         if offline:
@@ -117,7 +142,21 @@ class ClipEncoder:
             raise
         except Exception as exc:  # open_clip / huggingface_hub raise many unrelated types
             raise ModelLoadError(load_failure_message(parsed, exc)) from exc
-        return cls(parsed, model, preprocess, tokenizer, resolved_device, resolved_text_weights, quantize_image_tower)
+        image_tower = None
+        if resolved_runtime == "openvino":
+            image_tower = _openvino_image_tower(
+                model, runtime_cache_dir, image_precision, explicit=runtime == "openvino"
+            )
+        return cls(
+            parsed,
+            model,
+            preprocess,
+            tokenizer,
+            resolved_device,
+            resolved_text_weights,
+            quantize_image_tower,
+            image_tower,
+        )
 
     def decode(self, data: bytes, *, field: str, max_pixels: int) -> Image.Image:
         """Decode untrusted image bytes (see imaging.decode_image) at a size suited to this model."""
@@ -131,6 +170,8 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_pixels(self, batch: torch.Tensor) -> np.ndarray:
         """Embed a batch of preprocessed images (N, C, H, W) -> (N, dim) float32, L2-normalised."""
+        if self._image_tower is not None:
+            return self._image_tower(batch)
         features = self._model.encode_image(batch.to(self.device, dtype=self._image_dtype), normalize=True)
         return _to_numpy(features)
 
@@ -244,6 +285,9 @@ class AsyncEncoder:
             image_precision=e.image_precision,
             text_precision=e.text_precision,
             torch_threads=e.torch_threads,
+            image_runtime=e.image_runtime,
+            text_runtime="torch",
+            text_path=e.text_path,
         )
 
     async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
@@ -263,6 +307,25 @@ class AsyncEncoder:
 
     def _decode_and_preprocess(self, data: bytes, field: str, max_pixels: int) -> torch.Tensor:
         return self.encoder.preprocess(self.encoder.decode(data, field=field, max_pixels=max_pixels))
+
+
+def _openvino_image_tower(
+    model: Any, cache_dir: Path | None, precision: Literal["auto", "bf16", "f32"], *, explicit: bool
+) -> OpenVinoImageTower | None:
+    """The image tower compiled by OpenVINO; None (torch runs it) when `runtime` was auto and it cannot be built
+    here, so that auto never stops a start that torch can serve."""
+    from imagesearch.model.openvino_runtime import OpenVinoImageTower
+
+    try:
+        if cache_dir is not None:
+            return OpenVinoImageTower.build(model.visual, cache_dir=cache_dir, precision=precision)
+        with tempfile.TemporaryDirectory(prefix="imagesearch-openvino-") as scratch:
+            return OpenVinoImageTower.build(model.visual, cache_dir=Path(scratch), precision=precision)
+    except ModelLoadError as exc:
+        if explicit:
+            raise
+        log.warning("openvino unavailable for this model; the image tower runs on torch", error=str(exc))
+        return None
 
 
 def _image_size(model: Any) -> int:

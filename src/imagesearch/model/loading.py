@@ -3,6 +3,7 @@ checkpoint file, local directory, bundled model, or random weights), with a fast
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,3 +141,28 @@ def load_failure_message(spec: ModelSpec, exc: Exception) -> str:
         "IMAGESEARCH_MODEL=synthetic-clip (it only knows synthetic catalogue images)."
     )
     return f"could not load model {spec.raw!r}: {type(exc).__name__}: {exc}. {how}"
+
+
+Runtime = Literal["torch", "openvino"]
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def resolve_runtime(requested: Literal["auto", "torch", "openvino"], device: str, *, image_int8: bool) -> Runtime:
+    """The image tower's runtime. auto = OpenVINO on CPU where it is installed (and the tower is not torch's
+    int8), torch on CUDA; an explicit choice that cannot be honoured is an error, never a silent fallback."""
+    if requested == "torch":
+        return "torch"
+    if requested == "openvino":
+        if device != "cpu":
+            raise ModelLoadError(f"runtime openvino runs on the CPU; the device is {device}: use runtime auto or torch")
+        if not openvino_installed():
+            raise ModelLoadError("runtime openvino needs the openvino package (pip install openvino), or runtime torch")
+        if image_int8:
+            raise ModelLoadError(
+                "the int8 image tower (IMAGESEARCH_QUANTIZE_IMAGE_TOWER) is torch's; use runtime auto or torch with it"
+            )
+        return "openvino"
+    return "openvino" if device == "cpu" and openvino_installed() and not image_int8 else "torch"

@@ -839,6 +839,8 @@ class GetServiceInfoResponse(_message.Message):
         IMAGE_TOWER_PRECISION_FIELD_NUMBER: _builtins.int
         TEXT_TOWER_PRECISION_FIELD_NUMBER: _builtins.int
         TORCH_THREADS_FIELD_NUMBER: _builtins.int
+        IMAGE_TOWER_RUNTIME_FIELD_NUMBER: _builtins.int
+        TEXT_TOWER_RUNTIME_FIELD_NUMBER: _builtins.int
         name: _builtins.str
         """Output only. The model spec as configured, e.g. "ViT-B-32:laion2b_s34b_b79k" or "local-dir:/models/x"."""
         embedding_dimension: _builtins.int
@@ -848,11 +850,17 @@ class GetServiceInfoResponse(_message.Message):
         image_size: _builtins.int
         """Output only. Input image side in pixels after preprocessing."""
         image_tower_precision: _builtins.str
-        """Output only. How the image tower's weights are held: "fp32", "fp16" (GPU) or "int8" (CPU, opt-in)."""
+        """Output only. The precision the image tower computes in: "fp32", "bf16" (OpenVINO on CPUs with native
+        bf16), "fp16" (GPU) or "int8" (CPU, opt-in).
+        """
         text_tower_precision: _builtins.str
         """Output only. How the text tower's weights are held: "fp32" or "fp16" (GPU, and x86 CPUs by default)."""
         torch_threads: _builtins.int
         """Output only. Threads one model forward pass uses on CPU (the CPUs this process may use, unless set)."""
+        image_tower_runtime: _builtins.str
+        """Output only. What runs the image tower: "openvino" (CPU, the default where it is installed) or "torch"."""
+        text_tower_runtime: _builtins.str
+        """Output only. What runs the text tower: "torch" (the lean unpadded path on CPU, or open_clip's own)."""
         def __init__(
             self,
             *,
@@ -863,10 +871,12 @@ class GetServiceInfoResponse(_message.Message):
             image_tower_precision: _builtins.str = ...,
             text_tower_precision: _builtins.str = ...,
             torch_threads: _builtins.int = ...,
+            image_tower_runtime: _builtins.str = ...,
+            text_tower_runtime: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "image_tower_precision", b"image_tower_precision", "name", b"name", "text_tower_precision", b"text_tower_precision", "torch_threads", b"torch_threads"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "image_tower_precision", b"image_tower_precision", "image_tower_runtime", b"image_tower_runtime", "name", b"name", "text_tower_precision", b"text_tower_precision", "text_tower_runtime", b"text_tower_runtime", "torch_threads", b"torch_threads"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
