@@ -3,9 +3,13 @@
     .venv/bin/python benchmarks/service.py                 # ViT-B-32 architecture, random weights, CPU
     .venv/bin/python benchmarks/service.py --quick         # fewer iterations, smaller catalogue
     .venv/bin/python benchmarks/service.py --device cuda   # on a GPU (fp16)
+    .venv/bin/python benchmarks/service.py --runtime torch # the image tower on torch instead of OpenVINO
 
 Prints one table: p50/p95/p99 latency and throughput per path, next to the bare model floor (the model called
-directly in this process, no server, sampled between the service's calls), and the ratio service/floor. Writes
+directly in this process, no server, sampled between the service's calls, on the same runtime and precision as
+the server), and the ratio service/floor. Image paths are also compared with a fixed reference sampled in the
+same run: the torch fp32 image tower (`vs torch fp32`), so the gain of a runtime over it is a ratio within one
+run. Writes
 the table as JSON under benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are
 speed figures only: they say nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
 """
@@ -56,10 +60,23 @@ class Row:
     p99_ms: float
     per_s: float
     floor_ms: float | None = None
+    reference_ms: float | None = None
 
     @property
     def ratio(self) -> float | None:
         return self.p50_ms / self.floor_ms if self.floor_ms else None
+
+
+def cpu_flags() -> str:
+    """The CPU's model and the flags the runtimes' speed depends on (AVX-512, bf16, AMX), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu flags unknown"
+    model = next((line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.partition(":")[2].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return f"{model}; " + " ".join(f for f in wanted if f in flags)
 
 
 def percentiles(samples_s: list[float]) -> tuple[float, float, float]:
@@ -94,8 +111,10 @@ class Floor:
     machine: on a shared, noisy machine a floor measured minutes earlier can be 30% off.
     """
 
-    def __init__(self, encoder: ClipEncoder) -> None:
+    def __init__(self, encoder: ClipEncoder, reference: ClipEncoder) -> None:
         self.encoder = encoder
+        # The torch fp32 image tower: the fixed reference every runtime is compared with.
+        self.reference = reference
         self._texts = iter(f"a photo of a red mug number {i}" for i in range(10**6))
 
     def text(self) -> object:
@@ -106,16 +125,17 @@ class Floor:
         """One new query through open_clip's own padded text path, for comparison."""
         return self.encoder.encode_texts_padded([next(self._texts)])
 
-    def image(self, jpeg: bytes) -> object:
-        """One image: decode + preprocess + forward."""
-        encoder = self.encoder
+    def image(self, jpeg: bytes, encoder: ClipEncoder | None = None) -> object:
+        """One image: decode + preprocess + forward (on the reference encoder when given it)."""
+        encoder = encoder or self.encoder
         return encoder.encode_pixels(encoder.preprocess(encoder.decode(jpeg, field="f", max_pixels=10**8))[None])
 
-    def batched_images_per_s(self, jpeg: bytes, repeats: int = 3) -> float:
+    def batched_images_per_s(self, jpeg: bytes, repeats: int = 3, encoder: ClipEncoder | None = None) -> float:
         """Forward-only throughput in batches of 32: the most the model can do."""
-        pixels = self.encoder.preprocess(self.encoder.decode(jpeg, field="f", max_pixels=10**8))
+        encoder = encoder or self.encoder
+        pixels = encoder.preprocess(encoder.decode(jpeg, field="f", max_pixels=10**8))
         batch = torch.stack([pixels] * 32)
-        return 32 / (median_ms(lambda: self.encoder.encode_pixels(batch), repeats, warm_up=1) / 1000.0)
+        return 32 / (median_ms(lambda: encoder.encode_pixels(batch), repeats, warm_up=1) / 1000.0)
 
 
 async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: int) -> None:
@@ -145,19 +165,19 @@ async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: in
         await store.close()
 
 
-def start_server(
-    data_dir: Path, model: str, device: str, port: int, int8: bool, text_weights: str
-) -> subprocess.Popen[bytes]:
+def start_server(data_dir: Path, args: argparse.Namespace, started_at: float) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESEARCH_")}
     env.update(
-        IMAGESEARCH_PORT=str(port),
+        IMAGESEARCH_PORT=str(args.port),
         IMAGESEARCH_HOST="127.0.0.1",
         IMAGESEARCH_DATA_DIR=str(data_dir),
-        IMAGESEARCH_MODEL=model,
-        IMAGESEARCH_DEVICE=device,
+        IMAGESEARCH_MODEL=args.model,
+        IMAGESEARCH_DEVICE=args.device,
         IMAGESEARCH_LOG_LEVEL="warning",
-        IMAGESEARCH_QUANTIZE_IMAGE_TOWER=str(int8).lower(),
-        IMAGESEARCH_TEXT_WEIGHTS=text_weights,
+        IMAGESEARCH_QUANTIZE_IMAGE_TOWER=str(args.int8).lower(),
+        IMAGESEARCH_TEXT_WEIGHTS=args.text_weights,
+        IMAGESEARCH_RUNTIME=args.runtime,
+        IMAGESEARCH_IMAGE_PRECISION=args.image_precision,
     )
     return subprocess.Popen([sys.executable, "-m", "imagesearch.cli", "serve"], env=env)
 
@@ -180,19 +200,26 @@ async def wait_serving(target: str, timeout_s: float = 300) -> None:
 class Samples:
     service_s: list[float]
     floor_s: list[float]
+    reference_s: list[float]
 
 
 async def sequential(
-    call: Callable[[int], Awaitable[object]], n: int, floor: Callable[[int], object] | None = None
+    call: Callable[[int], Awaitable[object]],
+    n: int,
+    floor: Callable[[int], object] | None = None,
+    reference: Callable[[int], object] | None = None,
 ) -> Samples:
-    """`n` calls one after another, each after one `floor` call (when given), after 3 warm-ups of each."""
-    result = Samples([], [])
+    """`n` calls one after another, each after one `floor` call and one `reference` call (when given), after 3
+    warm-ups of each."""
+    result = Samples([], [], [])
     for i in range(-3, n):
-        if floor is not None:
+        for sample, into in ((floor, result.floor_s), (reference, result.reference_s)):
+            if sample is None:
+                continue
             started = time.perf_counter()
-            floor(i)
+            sample(i)
             if i >= 0:
-                result.floor_s.append(time.perf_counter() - started)
+                into.append(time.perf_counter() - started)
             await asyncio.sleep(SETTLE_S)
         started = time.perf_counter()
         await call(i)
@@ -229,6 +256,8 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
         def add(path: str, samples: Samples, wall_s: float | None = None) -> Row:
             floor_ms = statistics.median(samples.floor_s) * 1000.0 if samples.floor_s else None
             rows.append(row(path, samples.service_s, floor_ms, wall_s))
+            if samples.reference_s:
+                rows[-1].reference_ms = statistics.median(samples.reference_s) * 1000.0
             return rows[-1]
 
         def text_floor(i: int) -> object:
@@ -236,6 +265,9 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
 
         def image_floor(i: int) -> object:
             return floor.image(floor_image)
+
+        def image_reference(i: int) -> object:
+            return floor.image(floor_image, floor.reference)
 
         add("health check", await sequential(lambda i: health.Check(health_pb2.HealthCheckRequest()), n))
         text = add(
@@ -253,7 +285,7 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
         )
         image = add(
             f"image search, uncached ({len(jpegs[0]) // 1024} KB JPEG)",
-            await sequential(lambda i: client.search(image=next(search_images)), n, image_floor),
+            await sequential(lambda i: client.search(image=next(search_images)), n, image_floor, image_reference),
         )
         add("image search, cached repeat", await sequential(lambda i: client.search(image=jpegs[0]), n))
         add(
@@ -262,22 +294,28 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
                 lambda i: client.index_product(Product(id=f"single-{i}", category="mugs"), next(index_images)),
                 max(5, n // 2),
                 image_floor,
+                image_reference,
             ),
         )
         # The batched floor is measured just before and just after the concurrent runs, for the same reason.
         batched_before = floor.batched_images_per_s(floor_image)
+        reference_before = floor.batched_images_per_s(floor_image, encoder=floor.reference)
         for clients in (1, 8, 32):
             total = clients * (2 if quick else 4)
             batch = [photo_like_jpeg(10_000 * clients + i) for i in range(total)]
             samples, wall = await concurrent(lambda i, b=batch: client.search(image=b[i]), clients, total)
             rows.append(row(f"image search, {clients} concurrent clients", samples, image.floor_ms, wall))
+            rows[-1].reference_ms = image.reference_ms
         rows.append(await bulk_import(client, 64 if quick else 256))
         batched_after = floor.batched_images_per_s(floor_image)
+        reference_after = floor.batched_images_per_s(floor_image, encoder=floor.reference)
     figures = {
         "text_padded_ms": median_ms(floor.text_padded, 10),
         "text_ms": text.floor_ms or float("nan"),
         "image_ms": image.floor_ms or float("nan"),
         "batch32_images_per_s": (batched_before + batched_after) / 2,
+        "reference_image_ms": image.reference_ms or float("nan"),
+        "reference_batch32_images_per_s": (reference_before + reference_after) / 2,
     }
     return rows, figures
 
@@ -305,15 +343,28 @@ def print_table(rows: list[Row], floor: dict[str, float], header: str) -> None:
         f"path, {floor['text_padded_ms'] / floor['text_ms']:.1f}x); one image {floor['image_ms']:.1f} ms (decode + "
         f"preprocess + forward); batched images {floor['batch32_images_per_s']:.1f}/s (forward only, batch 32)"
     )
+    print(
+        f"reference (torch fp32 image tower, sampled alongside): one image {floor['reference_image_ms']:.1f} ms; "
+        f"batched {floor['reference_batch32_images_per_s']:.1f}/s"
+    )
     print("p50/floor: each path against the floor samples taken alongside it (text: one text; image: one image)")
-    print(f"{'path':<48} {'n':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'per s':>8} {'p50/floor':>10}")
+    print("vs torch fp32: p50 against the torch fp32 reference's one image, sampled alongside (lower is faster)")
+    header_row = f"{'path':<48} {'n':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'per s':>8} {'p50/floor':>10}"
+    print(header_row + f" {'vs torch fp32':>14}")
     for r in rows:
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
-        print(f"{r.path:<48} {r.n:>5} {r.p50_ms:>9.2f} {r.p95_ms:>9.2f} {r.p99_ms:>9.2f} {r.per_s:>8.1f} {ratio:>10}")
-    batched = floor["batch32_images_per_s"]
+        vs_reference = f"{r.p50_ms / r.reference_ms:.2f}" if r.reference_ms and "concurrent" not in r.path else ""
+        print(
+            f"{r.path:<48} {r.n:>5} {r.p50_ms:>9.2f} {r.p95_ms:>9.2f} {r.p99_ms:>9.2f} {r.per_s:>8.1f} {ratio:>10}"
+            f" {vs_reference:>14}"
+        )
+    batched, reference = floor["batch32_images_per_s"], floor["reference_batch32_images_per_s"]
     for r in rows:
         if r.path.startswith(("image search, 32", "bulk import")):
-            print(f"  {r.path}: {r.per_s:.1f}/s = {r.per_s / batched:.2f} x the bare batched encoder ({batched:.1f}/s)")
+            print(
+                f"  {r.path}: {r.per_s:.1f}/s = {r.per_s / batched:.2f} x the bare batched encoder ({batched:.1f}/s)"
+                f" = {r.per_s / reference:.2f} x torch fp32 batched ({reference:.1f}/s)"
+            )
 
 
 async def main() -> int:
@@ -325,7 +376,13 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="n=10, catalogue 2000, smaller concurrency runs")
     parser.add_argument("--port", type=int, default=50999)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}")
-    parser.add_argument("--int8", action="store_true", help="int8 image tower (CPU), floor included")
+    parser.add_argument("--int8", action="store_true", help="int8 image tower (CPU, torch), floor included")
+    parser.add_argument(
+        "--runtime", default="auto", choices=["auto", "torch", "openvino"], help="IMAGESEARCH_RUNTIME (default auto)"
+    )
+    parser.add_argument(
+        "--image-precision", default="auto", choices=["auto", "bf16", "f32"], help="IMAGESEARCH_IMAGE_PRECISION"
+    )
     parser.add_argument(
         "--text-weights",
         default="auto",
@@ -340,37 +397,59 @@ async def main() -> int:
         f"model: {args.model} on {args.device}"
         + (" (random weights: speed only, no relevance)" * ("random" in args.model))
     )
+    torch.manual_seed(0)
     encoder = ClipEncoder.load(
-        args.model, device=args.device, quantize_image_tower=args.int8, text_weights=args.text_weights
+        args.model,
+        device=args.device,
+        quantize_image_tower=args.int8,
+        text_weights=args.text_weights,
+        runtime=args.runtime,
+        image_precision=args.image_precision,
     )
+    torch.manual_seed(0)
+    reference = ClipEncoder.load(args.model, device=args.device, runtime="torch", text_weights=args.text_weights)
     text_path = encoder.text_path
     model_id, dimension = encoder.model_id, encoder.dimension
 
     with tempfile.TemporaryDirectory(prefix="imagesearch-bench-") as tmp:
         data_dir = Path(tmp)
         await fill_catalogue(data_dir, model_id, dimension, args.catalogue)
-        server = start_server(data_dir, args.model, args.device, args.port, args.int8, args.text_weights)
+        server = start_server(data_dir, args, started_at := time.perf_counter())
         try:
             target = f"127.0.0.1:{args.port}"
             await wait_serving(target)
-            # The benchmark keeps its own copy of the model (the floor) next to the server's.
-            rows, floor = await run_paths(target, Floor(encoder), args.n, args.quick)
+            startup_s = time.perf_counter() - started_at
+            # The benchmark keeps its own copies of the model (the floor, the reference) next to the server's.
+            rows, floor = await run_paths(target, Floor(encoder, reference), args.n, args.quick)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        # Again on the same data directory: the runtime's converted graph now comes from its cache.
+        server = start_server(data_dir, args, started_at := time.perf_counter())
+        try:
+            await wait_serving(target)
+            cached_startup_s = time.perf_counter() - started_at
         finally:
             server.terminate()
             server.wait(timeout=60)
 
     machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"{platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
     )
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name(0)}"
-    image_tower = "int8" if args.int8 else "fp32" if args.device == "cpu" else "fp16"
+    image_tower = f"{encoder.image_runtime} {encoder.image_precision}"
     towers = f"image tower {image_tower}, text {text_path}"
     header = (
         f"imagesearch service benchmark: {args.model} ({towers}) on {args.device}; "
         f"catalogue {args.catalogue}; {machine}"
     )
     print_table(rows, floor, header)
+    print(
+        f"server start-up, process start to SERVING: {startup_s:.1f} s with the runtime's conversion cache cold, "
+        f"{cached_startup_s:.1f} s cached"
+    )
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(
@@ -379,7 +458,10 @@ async def main() -> int:
                 "model": args.model,
                 "device": args.device,
                 "int8": args.int8,
+                "image_tower": image_tower,
                 "text_path": text_path,
+                "startup_s": startup_s,
+                "cached_startup_s": cached_startup_s,
                 "catalogue": args.catalogue,
                 "machine": machine,
                 "floor": floor,

@@ -31,6 +31,10 @@ def test_service_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
     assert any(path.startswith("image search, 32 concurrent") for path in paths)
     assert all(row["n"] > 0 and row["p50_ms"] > 0 for row in table["rows"])
     assert table["floor"]["text_ms"] > 0 and table["floor"]["batch32_images_per_s"] > 0
+    # The torch fp32 reference is sampled in the same run, and both start-ups are timed.
+    assert table["floor"]["reference_image_ms"] > 0 and table["floor"]["reference_batch32_images_per_s"] > 0
+    assert table["startup_s"] > 0 and table["cached_startup_s"] > 0
+    assert "x torch fp32 batched" in done.stdout
 
 
 @pytest.mark.slow
