@@ -3,16 +3,19 @@ store in a temp dir and a real cache backend, driven through the generated stubs
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 import pytest
@@ -181,3 +184,15 @@ def redis_url(redis_process: RedisProcess, request: pytest.FixtureRequest) -> st
 @pytest.fixture
 def cache_namespace(request: pytest.FixtureRequest) -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def load_eval_tool() -> ModuleType:
+    """tools/eval_synthetic_clip.py as a module. The tool is a script, not a package module; it is loaded by path
+    so that tests run the same evaluation code."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "eval_synthetic_clip.py"
+    spec = importlib.util.spec_from_file_location("eval_synthetic_clip", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -6,14 +6,13 @@ build changes the numbers in the last digits, not the ranking quality.
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import load_eval_tool
 
 from imagesearch.model.loading import BUNDLED_MODELS_DIR
 from imagesearch.synthetic import renderer as synthetic
@@ -22,19 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = BUNDLED_MODELS_DIR / "synthetic-clip"
 
 
-def _load_eval_tool() -> ModuleType:
-    # The tool is a script, not a package module; load it by path so the test runs the same evaluation code.
-    spec = importlib.util.spec_from_file_location("eval_synthetic_clip", REPO / "tools" / "eval_synthetic_clip.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def eval_tool() -> ModuleType:
-    return _load_eval_tool()
+    return load_eval_tool()
 
 
 def test_render_is_deterministic_for_same_rng_state() -> None:
