@@ -55,6 +55,9 @@ class Settings:
     # OpenVINO's precision for the image tower: auto = bf16 where the CPU computes bf16 natively (AVX512_BF16 or
     # AMX), else f32; f32 forces full precision.
     image_precision: ImagePrecisionName = "auto"
+    # CUDA: decode and preprocess JPEGs on the GPU (nvJPEG through torchvision); other formats, and JPEGs it
+    # refuses, take the CPU path. Off: every image decodes on the CPU.
+    device_jpeg_decode: bool = True
     # CPU only: int8 dynamic quantisation of the image tower (faster; agreement with fp32 in the README).
     quantize_image_tower: bool = False
     # CPU: how the text tower's weights are held. auto = fp16 where the CPU has fbgemm's fp16 kernels (x86), else

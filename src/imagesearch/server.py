@@ -100,6 +100,8 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
             runtime=settings.runtime,
             image_precision=settings.image_precision,
             runtime_cache_dir=settings.runtime_cache_dir,
+            # None: on CUDA only (the setting's default); False: never.
+            device_jpeg_decode=None if settings.device_jpeg_decode else False,
         )
     async_encoder = AsyncEncoder(
         encoder,

@@ -24,6 +24,7 @@ from imagesearch.domain import ModelDescription
 from imagesearch.errors import ModelLoadError
 from imagesearch.model.batching import MicroBatcher
 from imagesearch.model.cpus import available_cpus
+from imagesearch.model.device_decode import DeviceJpegPreprocessor
 from imagesearch.model.imaging import decode_image
 from imagesearch.model.loading import (
     ModelSpec,
@@ -58,6 +59,7 @@ class ClipEncoder:
         text_weights: TextWeights = "fp32",
         image_int8: bool = False,
         image_tower: OpenVinoImageTower | None = None,
+        device_jpeg_decode: bool | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -71,6 +73,10 @@ class ClipEncoder:
         self._image_tower = image_tower
         self.image_runtime: Runtime = "openvino" if image_tower is not None else "torch"
         self._preprocess = preprocess
+        # On CUDA, JPEGs decode and preprocess on the GPU (device_decode.py); everything else on the CPU. None
+        # means on CUDA only; True also on the CPU (torchvision's CPU decoder: how the tests check the pixels).
+        on_device = device.startswith("cuda") if device_jpeg_decode is None else device_jpeg_decode
+        self._device_jpeg = DeviceJpegPreprocessor.for_model(preprocess, device) if on_device else None
         self._tokenizer = tokenizer
         # Queries run through the lean text tower (unpadded, optionally fp16 weights) when the model's layout
         # allows it, else through open_clip's own padded path.
@@ -111,6 +117,7 @@ class ClipEncoder:
         runtime: Literal["auto", "torch", "openvino"] = "auto",
         image_precision: Literal["auto", "bf16", "f32"] = "auto",
         runtime_cache_dir: Path | None = None,
+        device_jpeg_decode: bool | None = None,
     ) -> ClipEncoder:
         """Load a model by spec. Raises ModelLoadError with instructions when the weights cannot be had.
 
@@ -122,7 +129,8 @@ class ClipEncoder:
         `runtime` (see loading.resolve_runtime): "auto" runs the image tower with OpenVINO on CPU where it is
         installed, at `image_precision` ("auto": bf16 where the CPU computes it natively, else f32). Its graph is
         converted from this model and kept in `runtime_cache_dir` for the next start (None: converted into a
-        temporary directory, not kept).
+        temporary directory, not kept). `device_jpeg_decode`: JPEGs decode on the model's device (None: on CUDA
+        only; False: never).
         """
         parsed = ModelSpec.parse(spec)
         resolved_device = resolve_device(device)
@@ -156,11 +164,23 @@ class ClipEncoder:
             resolved_text_weights,
             quantize_image_tower,
             image_tower,
+            device_jpeg_decode,
         )
 
     def decode(self, data: bytes, *, field: str, max_pixels: int) -> Image.Image:
         """Decode untrusted image bytes (see imaging.decode_image) at a size suited to this model."""
         return decode_image(data, field=field, max_pixels=max_pixels, target_size=self.image_size)
+
+    def pixels_from_bytes(self, data: bytes, *, field: str, max_pixels: int) -> torch.Tensor:
+        """Decode and preprocess untrusted image bytes into the model's input tensor (C, H, W): on the model's
+        device for JPEGs where it decodes them, else on the CPU (same limits, same errors)."""
+        if self._device_jpeg is None:
+            return self.preprocess(self.decode(data, field=field, max_pixels=max_pixels))
+        pixels = self._device_jpeg(data, field=field, max_pixels=max_pixels)
+        if pixels is None:
+            # One batch stacks tensors of one device: the CPU path's join the device's.
+            pixels = self.preprocess(self.decode(data, field=field, max_pixels=max_pixels)).to(self.device)
+        return pixels
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """Resize, crop and normalise one image into the model's input tensor (C, H, W)."""
@@ -306,7 +326,7 @@ class AsyncEncoder:
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
     def _decode_and_preprocess(self, data: bytes, field: str, max_pixels: int) -> torch.Tensor:
-        return self.encoder.preprocess(self.encoder.decode(data, field=field, max_pixels=max_pixels))
+        return self.encoder.pixels_from_bytes(data, field=field, max_pixels=max_pixels)
 
 
 def _openvino_image_tower(

@@ -33,14 +33,7 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, target_size: int) 
             # PIL warns (DecompressionBombWarning) before it errors; our own limit below is the one that applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    FieldViolation(
-                        field,
-                        f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-                    )
-                )
+            check_pixel_count(image.size, max_pixels, field)
             if image.format == "JPEG":
                 # draft() picks the largest 1/2, 1/4 or 1/8 scale that is still >= the requested size.
                 image.draft("RGB", (target_size * 2, target_size * 2))
@@ -61,6 +54,15 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, target_size: int) 
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL reports truncated or corrupt data through these.
         raise InvalidArgument(FieldViolation(field, f"the image data is corrupt or truncated: {exc}")) from None
+
+
+def check_pixel_count(size: tuple[int, int], max_pixels: int, field: str) -> None:
+    """Refuse an image whose header declares more than `max_pixels`, before any pixel is decoded."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            FieldViolation(field, f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        )
 
 
 def _shrink(image: Image.Image, target_size: int) -> Image.Image:
