@@ -6,7 +6,8 @@
 #
 # Usage: bash deploy/install-venv.sh VENV_DIR [torch|project|all]
 #   torch    only torch + torchvision (the image caches this heavy layer apart from the project's source)
-#   project  the project from the current directory, `pip install .`, with its remaining dependencies
+#   project  the project from the current directory, `pip install '.[tracing]'`, with its remaining dependencies
+#            (the tracing extra is small and stays off unless OTEL_EXPORTER_OTLP_ENDPOINT is set)
 #   all      both (default)
 # Environment:
 #   TORCH_INDEX_URL  index for torch/torchvision only (default: PyTorch's CPU wheels; the default Linux wheels
@@ -44,5 +45,5 @@ fi
 
 if [ "$step" != torch ]; then
   # torch is already satisfied, so pip keeps the CPU build instead of fetching the default (CUDA) one.
-  "${pip[@]}" .
+  "${pip[@]}" '.[tracing]'
 fi

@@ -232,3 +232,13 @@ def client_target(environ: Mapping[str, str] | None = None) -> str:
     """Address the CLI's client commands talk to: IMAGESEARCH_TARGET, else localhost:50051."""
     env = os.environ if environ is None else environ
     return env.get(ENV_PREFIX + "TARGET") or DEFAULT_TARGET
+
+
+OTEL_PREFIX = "OTEL_"
+
+
+def otel_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """OpenTelemetry's standard variables (OTEL_*) of this process, for tracing.start to decide whether tracing is
+    on. They keep their standard names rather than becoming settings: the OpenTelemetry SDK reads them itself."""
+    env = os.environ if environ is None else environ
+    return {name: value for name, value in env.items() if name.startswith(OTEL_PREFIX) and value}

@@ -14,11 +14,14 @@ import sys
 import structlog
 
 from imagesearch.config import LogFormat, LogLevel
+from imagesearch.tracing import add_trace_context
 
 # Shared by structlog's loggers and the standard-library records formatted through structlog.
 _SHARED_PROCESSORS: list[structlog.types.Processor] = [
     # request_id and method, bound per RPC by the logging interceptor
     structlog.contextvars.merge_contextvars,
+    # trace_id and span_id while a span is current (tracing on): the RPC's log line leads to its trace
+    add_trace_context,
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]

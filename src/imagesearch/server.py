@@ -14,11 +14,12 @@ import structlog
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imagesearch import tracing
 from imagesearch.api.auth import ApiKeyFileError, ApiKeyInterceptor, load_api_keys
 from imagesearch.api.health import StoreHealth
 from imagesearch.api.interceptors import RequestLoggingInterceptor
 from imagesearch.api.service import SERVICE, ImageSearchService, add_to_server
-from imagesearch.config import Settings
+from imagesearch.config import Settings, otel_environment
 from imagesearch.errors import ModelLoadError, StoreConfigError, StoreUnavailable
 from imagesearch.metrics import Metrics
 from imagesearch.model.encoder import AsyncEncoder, ClipEncoder, load_on_model_thread
@@ -145,11 +146,16 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
 
 def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.Server, int, StoreHealth]:
     """Build (not start) the server. Returns it, the bound port (useful with port 0) and its health reporter."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [
-        # Outermost: binds request_id/method for every log line of the RPC and logs its final status, including
-        # the refusals of the interceptors after it.
-        RequestLoggingInterceptor(components.metrics),
-    ]
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    server_span = tracing.server_interceptor()
+    if server_span is not None:
+        # Outermost, when tracing is on: the RPC's server span (continuing the caller's traceparent) is current
+        # for everything after it, so the logging interceptor's line carries its trace_id, and the statuses set
+        # after it (refusals of the interceptors, aborts of the handlers) reach the span.
+        interceptors.append(server_span)
+    # Binds request_id/method for every log line of the RPC and logs its final status, including the refusals of
+    # the interceptors after it.
+    interceptors.append(RequestLoggingInterceptor(components.metrics))
     if settings.api_keys_file is not None:
         # Before any handler runs: an unauthenticated caller never reaches the model or the store.
         interceptors.append(
@@ -295,4 +301,9 @@ def _signals_set(stop: asyncio.Event, force: asyncio.Event) -> Iterator[None]:
 
 
 def run(settings: Settings) -> int:
-    return asyncio.run(serve(settings))
+    # Around the event loop: spans still queued at exit are exported after the drain, from this thread.
+    tracing.start(otel_environment())
+    try:
+        return asyncio.run(serve(settings))
+    finally:
+        tracing.stop()

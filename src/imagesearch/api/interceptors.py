@@ -10,7 +10,9 @@ from typing import Any
 
 import grpc
 import structlog
+from opentelemetry import trace
 
+from imagesearch import tracing
 from imagesearch.metrics import Metrics
 
 log = structlog.get_logger("imagesearch.rpc")
@@ -122,6 +124,8 @@ def _logged_rpc(
 def _begin(method: str, request_id: str) -> float:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+    # The server span (tracing on) names the request id, as the log line names the trace id.
+    trace.get_current_span().set_attribute(tracing.REQUEST_ID, request_id)
     return time.perf_counter()
 
 
