@@ -22,12 +22,13 @@ from imagesearch.api.convert import (
 )
 from imagesearch.api.health import StoreHealth
 from imagesearch.api.status import rpc_behaviour, status_for
-from imagesearch.api.streams import read_bulk_stream, read_stream
+from imagesearch.api.streams import StreamedRequest, read_bulk_stream, read_stream
 from imagesearch.config import Settings
 from imagesearch.errors import ImageSearchError, StoreUnavailable
 from imagesearch.search import validation
 from imagesearch.search.bulk import index_many
 from imagesearch.search.catalog import Catalog
+from imagesearch.tracing import IMAGE_BYTES, tracer
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageSearchService"]
@@ -54,7 +55,7 @@ class ImageSearchService:
 
     async def Search(self, requests: AsyncIterable[pb.SearchRequest], context: Context) -> pb.SearchResponse:
         with self.admission.slot():
-            streamed = await read_stream(requests, "query", self.settings)
+            streamed = await self._read_upload(requests, "query")
             query = validation.search_query(query_from_proto(streamed.head, streamed.image), self.settings)
             return outcome_to_proto(await self.catalog.search(query))
 
@@ -62,7 +63,7 @@ class ImageSearchService:
         self, requests: AsyncIterable[pb.IndexProductRequest], context: Context
     ) -> pb.IndexProductResponse:
         with self.admission.slot():
-            streamed = await read_stream(requests, "product", self.settings)
+            streamed = await self._read_upload(requests, "product")
             product = product_from_proto(streamed.head)
             v = validation.Violations()
             validation.check_product(product, v)
@@ -85,6 +86,13 @@ class ImageSearchService:
                     created=result.created,
                     error=status_for(result.error) if result.error is not None else None,
                 )
+
+    async def _read_upload(self, requests: AsyncIterable[Any], head_field: str) -> StreamedRequest:
+        with tracer.start_as_current_span("upload.read") as span:
+            streamed = await read_stream(requests, head_field, self.settings)
+            if streamed.image is not None:
+                span.set_attribute(IMAGE_BYTES, len(streamed.image))
+        return streamed
 
     async def GetProduct(self, request: pb.GetProductRequest, context: Context) -> pb.GetProductResponse:
         validation.check_id(request.id)

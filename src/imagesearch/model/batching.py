@@ -8,6 +8,10 @@ One bounded wait: items can be announced before they exist (`incoming()`: an ima
 model is free but announced items are on their way and the batch has room, the next forward waits for them up to
 `max_wait_s`. A lone request announces nothing else, so it never waits; under load this keeps a forward from
 starting with the first one or two decoded images while the rest of a burst is a few ms away.
+
+Tracing: a forward serves several requests, so each request's trace gets its own two spans, timed from the
+batch: `model.batch_wait` (from submit to the forward starting on the model thread) and `model.forward` (the
+forward itself, with the batch size). The requests of one batch show the same forward interval.
 """
 
 from __future__ import annotations
@@ -18,11 +22,32 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
+from opentelemetry.trace import StatusCode
+
+from imagesearch.tracing import BATCH_SIZE, ENCODER_KIND, tracer
 
 Item = TypeVar("Item")
+
+
+@dataclass
+class _Forward:
+    """One forward pass as the requests in it see it (epoch nanoseconds, OpenTelemetry's clock)."""
+
+    size: int
+    started_ns: int
+    ended_ns: int | None = None
+    failed: bool = False
+
+
+@dataclass
+class _Waiter(Generic[Item]):
+    item: Item
+    future: asyncio.Future[np.ndarray]
+    forward: _Forward | None = None
 
 
 class MicroBatcher(Generic[Item]):
@@ -33,6 +58,7 @@ class MicroBatcher(Generic[Item]):
         max_batch: int = 32,
         on_batch: Callable[[int, float], None] | None = None,
         max_wait_s: float = 0.0,
+        kind: str = "",
     ) -> None:
         self._run_batch = run_batch
         # Told (batch size, seconds) after every forward pass, failed ones included: metrics.
@@ -40,7 +66,9 @@ class MicroBatcher(Generic[Item]):
         self._executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._pending: list[tuple[Item, asyncio.Future[np.ndarray]]] = []
+        # What is batched ("text", "image"), for the spans.
+        self.kind = kind
+        self._pending: list[_Waiter[Item]] = []
         self._worker: asyncio.Task[None] | None = None
         self._incoming = 0
         # Set while a forward waits for announced items; resolved by each arrival or withdrawal.
@@ -61,12 +89,31 @@ class MicroBatcher(Generic[Item]):
 
     async def submit(self, item: Item) -> np.ndarray:
         """The model's output row for `item`, computed in a batch with whatever else is waiting."""
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        waiter = _Waiter(item, asyncio.get_running_loop().create_future())
+        queued_ns = time.time_ns()
+        self._pending.append(waiter)
         self._wake()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
-        return await future
+        try:
+            return await waiter.future
+        finally:
+            if tracer.enabled:
+                self._trace(waiter, queued_ns)
+
+    def _trace(self, waiter: _Waiter[Item], queued_ns: int) -> None:
+        forward, now = waiter.forward, time.time_ns()
+        wait = tracer.start_span("model.batch_wait", start_time=queued_ns, attributes={ENCODER_KIND: self.kind})
+        wait.end(end_time=forward.started_ns if forward is not None else now)
+        if forward is not None:
+            span = tracer.start_span(
+                "model.forward",
+                start_time=forward.started_ns,
+                attributes={ENCODER_KIND: self.kind, BATCH_SIZE: forward.size},
+            )
+            if forward.failed:
+                span.set_status(StatusCode.ERROR, "the forward pass failed")
+            span.end(end_time=forward.ended_ns or now)
 
     def _wake(self) -> None:
         if self._arrival is not None and not self._arrival.done():
@@ -93,21 +140,35 @@ class MicroBatcher(Generic[Item]):
                 await self._wait_for_incoming(loop)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             # Callers that gave up (deadline, cancellation) while queued cost nothing.
-            batch = [(item, future) for item, future in batch if not future.done()]
+            batch = [waiter for waiter in batch if not waiter.future.done()]
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
             started = time.perf_counter()
+            forward = _Forward(len(batch), time.time_ns())
+            for waiter in batch:
+                waiter.forward = forward
             try:
-                rows = await loop.run_in_executor(self._executor, self._run_batch, [item for item, _ in batch])
+                rows = await loop.run_in_executor(
+                    self._executor, self._timed_forward, forward, [waiter.item for waiter in batch]
+                )
             except Exception as exc:  # the model failed: every caller in the batch gets the error
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                forward.failed = True
+                for waiter in batch:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(exc)
                 continue
             finally:
                 if self._on_batch is not None:
                     self._on_batch(len(batch), time.perf_counter() - started)
-            for (_, future), row in zip(batch, rows, strict=True):
-                if not future.done():
-                    future.set_result(row)
+            for waiter, row in zip(batch, rows, strict=True):
+                if not waiter.future.done():
+                    waiter.future.set_result(row)
+
+    def _timed_forward(self, forward: _Forward, items: list[Item]) -> np.ndarray:
+        # On the model thread: the forward's own start and end, without the hand-over to and from the thread.
+        forward.started_ns = time.time_ns()
+        try:
+            return self._run_batch(items)
+        finally:
+            forward.ended_ns = time.time_ns()

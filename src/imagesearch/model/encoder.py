@@ -38,6 +38,7 @@ from imagesearch.model.loading import (
     resolve_text_weights,
 )
 from imagesearch.model.text_tower import LeanTextTower, TextWeights
+from imagesearch.tracing import IMAGE_BYTES, tracer
 
 if TYPE_CHECKING:
     from imagesearch.model.openvino_runtime import OpenVinoImageTower
@@ -283,12 +284,14 @@ class AsyncEncoder:
             functools.partial(on_batch, "image") if on_batch else None,
             # Images being decoded are announced to the batcher, which may wait this long for them.
             max_wait_s=batch_max_wait_s,
+            kind="image",
         )
         self.texts: MicroBatcher[str] = MicroBatcher(
             lambda texts: encoder.encode_texts(texts),
             self._model_thread,
             max_batch,
             functools.partial(on_batch, "text") if on_batch else None,
+            kind="text",
         )
 
     @property
@@ -313,7 +316,7 @@ class AsyncEncoder:
     async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
         """Decode, preprocess and embed one image -> (dim,) float32."""
         loop = asyncio.get_running_loop()
-        with self.images.incoming():
+        with self.images.incoming(), tracer.start_as_current_span("image.decode", attributes={IMAGE_BYTES: len(data)}):
             pixels = await loop.run_in_executor(self._decode_pool, self._decode_and_preprocess, data, field, max_pixels)
         return await self.images.submit(pixels)
 

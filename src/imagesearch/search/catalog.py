@@ -10,6 +10,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 import structlog
@@ -45,6 +46,7 @@ from imagesearch.search.paging import (
 )
 from imagesearch.search.urlfetch import ImageFetcher
 from imagesearch.store.base import VectorStore
+from imagesearch.tracing import CACHE_HIT, CACHE_TIER, IMAGE_BYTES, tracer
 
 #: With group_by, families are collected from at most this many best matches.
 MAX_GROUP_SCAN = 5000
@@ -96,7 +98,11 @@ class Catalog:
     async def fetch_image(self, url: str, *, field: str) -> bytes:
         if self.fetcher is None:
             raise InvalidArgument(FieldViolation(field, "fetching images by URL is disabled on this server"))
-        return await self.fetcher.fetch(url, field=field)
+        # The host only: a URL's path and query can hold credentials (signed URLs).
+        with tracer.start_as_current_span("image.fetch", attributes={"server.address": _host(url)}) as span:
+            image = await self.fetcher.fetch(url, field=field)
+            span.set_attribute(IMAGE_BYTES, len(image))
+        return image
 
     async def embed_product_image(self, image: bytes | None, product: Product) -> np.ndarray:
         """Embed the image sent with a product, or else the one at its image_url (when fetching is enabled)."""
@@ -205,12 +211,17 @@ class Catalog:
                     diversity=query.diversity,
                 ),
             )
-        ranked = None if key is None else await self.cache.get_results(key)
+        ranked = None
+        if key is not None:
+            with tracer.start_as_current_span("cache.result.get", attributes={CACHE_TIER: "result"}) as span:
+                ranked = await self.cache.get_results(key)
+                span.set_attribute(CACHE_HIT, ranked is not None)
         outcome: CacheOutcome = "hit"
         if ranked is None:
             ranked = await self._rank(await self._ranking_vector(query, encoded), query, offset, fetch)
             if key is not None:
-                await self.cache.put_results(key, ranked)
+                with tracer.start_as_current_span("cache.result.put", attributes={CACHE_TIER: "result"}):
+                    await self.cache.put_results(key, ranked)
             outcome = "miss" if key is not None else "bypass"
         return _RankedPage(ranked[:limit], len(ranked) > limit, outcome)
 
@@ -267,7 +278,9 @@ class Catalog:
     async def _cached_embedding(self, kind: Modality, content: bytes) -> tuple[np.ndarray, CacheOutcome]:
         key = self.cache.embedding_key(kind, content) if self.cache.enabled else None
         if key is not None:
-            cached = await self.cache.get_embedding(key, self.encoder.dimension)
+            with tracer.start_as_current_span("cache.embedding.get", attributes={CACHE_TIER: "embedding"}) as span:
+                cached = await self.cache.get_embedding(key, self.encoder.dimension)
+                span.set_attribute(CACHE_HIT, cached is not None)
             if cached is not None:
                 return cached, "hit"
         if kind == "text":
@@ -275,7 +288,8 @@ class Catalog:
         else:
             vector = await self.embed_image(content)
         if key is not None:
-            await self.cache.put_embedding(key, vector)
+            with tracer.start_as_current_span("cache.embedding.put", attributes={CACHE_TIER: "embedding"}):
+                await self.cache.put_embedding(key, vector)
         return vector, "miss" if key is not None else "bypass"
 
 
@@ -328,6 +342,13 @@ def _combine(text_vector: np.ndarray, image_vector: np.ndarray, text_weight: flo
     norm = float(np.linalg.norm(mixed))
     # Opposite unit vectors at equal weight cancel out; fall back to the image, the more specific query.
     return (mixed / norm).astype(np.float32) if norm > 1e-6 else image_vector
+
+
+def _host(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:  # not a URL at all: the fetcher says so to the caller
+        return ""
 
 
 def _ms_since(started: float) -> float:

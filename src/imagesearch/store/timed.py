@@ -1,5 +1,5 @@
-"""A VectorStore wrapper that times every call into the metrics, so neither the backends nor the handlers need
-to know about metrics."""
+"""A VectorStore wrapper that times every call into the metrics and a trace span (`store.<operation>`), so neither
+the backends nor the handlers need to know about metrics or tracing."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from typing import Any
 
 from imagesearch.metrics import Metrics
 from imagesearch.store.base import VectorStore
+from imagesearch.tracing import tracer
 
 # Calls that are timed: every asynchronous operation of the VectorStore protocol but close, derived from it so
 # that a new operation is timed without being listed. Anything else a backend offers passes through unchanged.
 TIMED_OPERATIONS = frozenset(
     name for name, member in vars(VectorStore).items() if inspect.iscoroutinefunction(member) and name != "close"
 )
+# Not traced: the health probe pings the store every few seconds outside any RPC, each ping a trace of its own.
+UNTRACED_OPERATIONS = frozenset({"ping"})
 
 
 class TimedStore:
@@ -37,8 +40,16 @@ class TimedStore:
         return self._timed(name, attribute)
 
     def _timed(self, name: str, call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        span_name = f"store.{name}"
+        # OpenTelemetry's database conventions; never the vectors, filters or ids.
+        attributes = {"db.system.name": "qdrant", "db.operation.name": name}
+
         async def timed(*args: Any, **kwargs: Any) -> Any:
             with self._metrics.time_store(name):
                 return await call(*args, **kwargs)
 
-        return timed
+        async def traced(*args: Any, **kwargs: Any) -> Any:
+            with self._metrics.time_store(name), tracer.start_as_current_span(span_name, attributes=attributes):
+                return await call(*args, **kwargs)
+
+        return timed if name in UNTRACED_OPERATIONS else traced
