@@ -7,7 +7,10 @@ other test sees spans. Skipped where the `tracing` extra is not installed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import http.server
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -173,6 +176,51 @@ async def test_image_search_traces_the_upload_decode_and_forward(
     assert only(stages, "image.decode").attributes == {tracing.IMAGE_BYTES: len(image)}
     assert only(stages, "model.forward").attributes == {tracing.ENCODER_KIND: "image", tracing.BATCH_SIZE: 1}
     assert not any(isinstance(value, bytes) for value in attribute_values(spans))
+
+
+class _OneImage(http.server.BaseHTTPRequestHandler):
+    body = jpeg_bytes((200, 120, 0))
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def image_host() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneImage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_search_by_url_traces_the_fetch_with_the_host_only(
+    spans: InMemorySpanExporter, settings: Settings, encoder: ClipEncoder, image_host: str
+) -> None:
+    settings = dataclasses.replace(settings, fetch_image_urls=True, fetch_allowed_hosts="127.0.0.1")
+    running = await start_server(settings, encoder)
+    try:
+        url = f"http://{image_host}/shoe.jpg?signature=secret-token"
+        await running.stub.Search(stream(pb.SearchRequest(query=search_query(image_url=url))))
+    finally:
+        await stop_server(running)
+
+    stages = children(spans, await server_span(spans, "Search"))
+    assert names(stages)[:3] == ["upload.read", "image.fetch", "cache.embedding.get"]
+    fetch = only(stages, "image.fetch")
+    assert fetch.attributes == {"server.address": "127.0.0.1", tracing.IMAGE_BYTES: len(_OneImage.body)}
+    assert not any("secret-token" in str(value) for value in attribute_values(spans))
 
 
 async def test_bulk_import_traces_each_products_encode_and_the_batched_write(
