@@ -18,6 +18,7 @@ cache outcomes and the store operation only.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ log = structlog.get_logger(__name__)
 INSTRUMENTATION_NAME = "imagesearch"
 DEFAULT_SERVICE_NAME = "imagesearch"
 INSTALL_HINT = "pip install 'imagesearch[tracing]'"
+# The longest the process waits at exit for queued spans to be exported.
+EXPORT_AT_EXIT_S = 5.0
 # Not traced: load balancers probe health every few seconds, and grpcurl's reflection calls tell nothing about
 # the service's own latency.
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
@@ -164,10 +167,17 @@ def start(environ: Mapping[str, str]) -> TracerProvider | None:
 
 
 def stop() -> None:
-    """Export what is still queued and stop tracing (blocks for up to the exporter's timeout)."""
+    """Export what is still queued, for at most EXPORT_AT_EXIT_S, and stop tracing."""
     provider = uninstall()
-    if provider is not None:
-        provider.shutdown()
+    if provider is None:
+        return
+    # The SDK's own bound is 30 s, as long as a whole Kubernetes grace period; a backend that is down must not
+    # hold the exit that long. Its export thread is a daemon: what is left is dropped with the process.
+    exporting = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+    exporting.start()
+    exporting.join(EXPORT_AT_EXIT_S)
+    if exporting.is_alive():
+        log.warning("tracing: spans still queued at exit were dropped", waited_s=EXPORT_AT_EXIT_S)
 
 
 def _sdk_provider(exporter_name: str, environ: Mapping[str, str]) -> tuple[TracerProvider, str]:
@@ -193,7 +203,7 @@ def _sdk_provider(exporter_name: str, environ: Mapping[str, str]) -> tuple[Trace
         described = f"otlp {endpoint or 'localhost:4317'}"
     # The sampler comes from OTEL_TRACES_SAMPLER (default: parentbased_always_on). Spans are exported in batches
     # from the processor's own thread, never on a request's path.
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # `stop` does, with a bound
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider, described
 
