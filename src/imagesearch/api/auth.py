@@ -32,10 +32,12 @@ Scope = Literal["read", "write"]
 # refuses to start otherwise (see `_required_scopes`), so a new rpc cannot ship without deciding who may call it.
 SCOPES: dict[str, Scope] = {
     "Search": "read",
+    "SearchInline": "read",
     "GetProduct": "read",
     "ListProducts": "read",
     "GetServiceInfo": "read",
     "IndexProduct": "write",
+    "IndexProductInline": "write",
     "IndexProducts": "write",
     "DeleteProduct": "write",
 }

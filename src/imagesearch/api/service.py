@@ -22,7 +22,7 @@ from imagesearch.api.convert import (
 )
 from imagesearch.api.health import StoreHealth
 from imagesearch.api.status import rpc_behaviour, status_for
-from imagesearch.api.streams import StreamedRequest, read_bulk_stream, read_stream
+from imagesearch.api.streams import StreamedRequest, as_stream, inline_image_errors, read_bulk_stream, read_stream
 from imagesearch.config import Settings
 from imagesearch.errors import ImageSearchError, StoreUnavailable
 from imagesearch.search import validation
@@ -112,6 +112,24 @@ class ImageSearchService:
 
     async def GetServiceInfo(self, request: pb.GetServiceInfoRequest, context: Context) -> pb.GetServiceInfoResponse:
         return service_info_to_proto(await self.catalog.describe(), self.settings, server_version())
+
+    # The unary forms run the streaming handlers on their request split into the stream those take, so both forms
+    # share admission, limits, rules and errors.
+
+    async def SearchInline(self, request: pb.SearchInlineRequest, context: Context) -> pb.SearchInlineResponse:
+        requests = as_stream(request, "query", pb.SearchRequest, self.settings.max_chunk_bytes)
+        with inline_image_errors():
+            response = await self.Search(requests, context)
+        # The same field names and numbers (tests/test_http.py checks), so the bytes of one are the other.
+        return pb.SearchInlineResponse.FromString(response.SerializeToString())
+
+    async def IndexProductInline(
+        self, request: pb.IndexProductInlineRequest, context: Context
+    ) -> pb.IndexProductInlineResponse:
+        requests = as_stream(request, "product", pb.IndexProductRequest, self.settings.max_chunk_bytes)
+        with inline_image_errors():
+            response = await self.IndexProduct(requests, context)
+        return pb.IndexProductInlineResponse(product=response.product, created=response.created)
 
 
 def method_handlers(service: ImageSearchService) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:

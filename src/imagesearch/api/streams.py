@@ -1,9 +1,12 @@
 """Stream framing: the "head message, then image chunks" streams of Search and IndexProduct, and the bulk
-stream of IndexProducts, with the chunk and image byte limits enforced as the bytes arrive."""
+stream of IndexProducts, with the chunk and image byte limits enforced as the bytes arrive; and the unary forms
+(SearchInline, IndexProductInline) as those streams, so that both forms run one handler."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +74,35 @@ async def read_stream(requests: AsyncIterable[Any], head_field: str, settings: S
     if head is None:
         raise InvalidArgument(FieldViolation(head_field, "required: the first message must carry it"))
     return StreamedRequest(head=head, image=chunks.image)
+
+
+def as_stream(request: Any, head_field: str, message_type: type[Any], chunk_bytes: int) -> AsyncIterator[Any]:
+    """A unary form's request (the head and the whole image in `image`) as the stream of its streaming form: the
+    head message, then the image in chunks of `chunk_bytes`. An empty `image` is no image. The streaming handler
+    then applies the same limits and rules; `inline_image_errors` names the image field in its errors."""
+    if not request.HasField(head_field):
+        raise InvalidArgument(FieldViolation(head_field, "required"))
+    image = memoryview(request.image)
+
+    async def messages() -> AsyncIterator[Any]:
+        yield message_type(**{head_field: getattr(request, head_field)})
+        for start in range(0, len(image), chunk_bytes):
+            yield message_type(image_chunk=image[start : start + chunk_bytes].tobytes())
+
+    return messages()
+
+
+@contextlib.contextmanager
+def inline_image_errors() -> Iterator[None]:
+    """Around a streaming handler serving a unary form: the image the caller sent is the field `image`, not the
+    `image_chunk` messages it was split into."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if not any(v.field == "image_chunk" for v in exc.violations):
+            raise
+        renamed = [dataclasses.replace(v, field="image") if v.field == "image_chunk" else v for v in exc.violations]
+        raise type(exc)(renamed) from None
 
 
 async def read_bulk_stream(

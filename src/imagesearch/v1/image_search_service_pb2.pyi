@@ -57,6 +57,52 @@ query, if any, as one more positive example.
 """
 Global___QueryKind: _TypeAlias = QueryKind  # noqa: Y015
 
+class _SearchMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_MODE_UNSPECIFIED: _SearchMode.ValueType  # 0
+    """Not set: see `SearchQuery.mode` for the default. Never returned by the service."""
+    SEARCH_MODE_DENSE: _SearchMode.ValueType  # 1
+    """By CLIP vectors alone: the query's vector (text, image, both, or examples) against each product's image
+    vector. Scores are cosine similarities, -1 to 1.
+    """
+    SEARCH_MODE_HYBRID: _SearchMode.ValueType  # 2
+    """By the CLIP vector and by the words of each product's text (name, description, category and attribute
+    values; BM25 with English stop words and stemming), fused as `SearchQuery.hybrid_spec` says. Finds what
+    only the catalogue text carries (brands, model numbers, sizes, materials, patterns) and keeps the visual
+    match. Scores 0 to 1.
+    """
+    SEARCH_MODE_LEXICAL: _SearchMode.ValueType  # 3
+    """By the words alone (BM25 over each product's text); the model is not involved. The score is the product's
+    BM25 divided by the best BM25 any product of the catalogue reaches for the text, 0 to 1. Products with
+    none of the words are not returned; a text of stop words only ("the", "of") matches nothing.
+    """
+
+class SearchMode(_SearchMode, metaclass=_SearchModeEnumTypeWrapper):
+    """How a search matches its text against the catalogue."""
+
+SEARCH_MODE_UNSPECIFIED: SearchMode.ValueType  # 0
+"""Not set: see `SearchQuery.mode` for the default. Never returned by the service."""
+SEARCH_MODE_DENSE: SearchMode.ValueType  # 1
+"""By CLIP vectors alone: the query's vector (text, image, both, or examples) against each product's image
+vector. Scores are cosine similarities, -1 to 1.
+"""
+SEARCH_MODE_HYBRID: SearchMode.ValueType  # 2
+"""By the CLIP vector and by the words of each product's text (name, description, category and attribute
+values; BM25 with English stop words and stemming), fused as `SearchQuery.hybrid_spec` says. Finds what
+only the catalogue text carries (brands, model numbers, sizes, materials, patterns) and keeps the visual
+match. Scores 0 to 1.
+"""
+SEARCH_MODE_LEXICAL: SearchMode.ValueType  # 3
+"""By the words alone (BM25 over each product's text); the model is not involved. The score is the product's
+BM25 divided by the best BM25 any product of the catalogue reaches for the text, 0 to 1. Products with
+none of the words are not returned; a text of stop words only ("the", "of") matches nothing.
+"""
+Global___SearchMode: _TypeAlias = SearchMode  # noqa: Y015
+
 class _CacheOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -167,6 +213,80 @@ class SearchQuery(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class HybridSpec(_message.Message):
+        """The fusion of a hybrid search's two rankings: by the CLIP vector (the dense side: the text's vector, or the
+        combined vector of a multimodal or example query) and by the text's words (the lexical side: BM25). Each
+        side brings its 200 best matches among the products the filter admits; the fused ranking orders those (at
+        most 400 products), which bounds paging, group_by and diversity in HYBRID mode.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        class _Fusion:
+            ValueType = _typing.NewType("ValueType", _builtins.int)
+            V: _TypeAlias = ValueType  # noqa: Y015
+
+        class _FusionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[SearchQuery.HybridSpec._Fusion.ValueType], _builtins.type):
+            DESCRIPTOR: _descriptor.EnumDescriptor
+            FUSION_UNSPECIFIED: SearchQuery.HybridSpec._Fusion.ValueType  # 0
+            """Not set: FUSION_WEIGHTED_SCORE."""
+            FUSION_WEIGHTED_SCORE: SearchQuery.HybridSpec._Fusion.ValueType  # 1
+            """A weighted sum of the two scores: (1 - lexical_weight) * max(0, cosine similarity) + lexical_weight *
+            lexical score, where the lexical score is the product's BM25 divided by the best BM25 any product of the
+            catalogue reaches for the text (0 to 1). Each candidate's own cosine similarity counts, so a score
+            depends only on the query and the product: a filter never reorders results. The default: it puts a
+            product whose text holds a rare query word (a model number) first, where rank fusion often does not.
+            """
+            FUSION_RECIPROCAL_RANK: SearchQuery.HybridSpec._Fusion.ValueType  # 2
+            """Reciprocal rank fusion (k = 60): 30 * (1 / (59 + dense rank) + 1 / (59 + lexical rank)), ranks counted
+            from 1 among the products the filter admits; a product absent from one ranking gets nothing from it. 1
+            for a product first in both rankings, 0.5 for one first in one and absent from the other. Ranks, not
+            scores: how far ahead a product is does not count, and a filter can reorder results.
+            """
+
+        class Fusion(_Fusion, metaclass=_FusionEnumTypeWrapper):
+            """How the two rankings are fused."""
+
+        FUSION_UNSPECIFIED: SearchQuery.HybridSpec.Fusion.ValueType  # 0
+        """Not set: FUSION_WEIGHTED_SCORE."""
+        FUSION_WEIGHTED_SCORE: SearchQuery.HybridSpec.Fusion.ValueType  # 1
+        """A weighted sum of the two scores: (1 - lexical_weight) * max(0, cosine similarity) + lexical_weight *
+        lexical score, where the lexical score is the product's BM25 divided by the best BM25 any product of the
+        catalogue reaches for the text (0 to 1). Each candidate's own cosine similarity counts, so a score
+        depends only on the query and the product: a filter never reorders results. The default: it puts a
+        product whose text holds a rare query word (a model number) first, where rank fusion often does not.
+        """
+        FUSION_RECIPROCAL_RANK: SearchQuery.HybridSpec.Fusion.ValueType  # 2
+        """Reciprocal rank fusion (k = 60): 30 * (1 / (59 + dense rank) + 1 / (59 + lexical rank)), ranks counted
+        from 1 among the products the filter admits; a product absent from one ranking gets nothing from it. 1
+        for a product first in both rankings, 0.5 for one first in one and absent from the other. Ranks, not
+        scores: how far ahead a product is does not count, and a filter can reorder results.
+        """
+
+        FUSION_FIELD_NUMBER: _builtins.int
+        LEXICAL_WEIGHT_FIELD_NUMBER: _builtins.int
+        fusion: Global___SearchQuery.HybridSpec.Fusion.ValueType
+        """The fusion. Unset: FUSION_WEIGHTED_SCORE."""
+        lexical_weight: _builtins.float
+        """For FUSION_WEIGHTED_SCORE: the weight of the lexical score, 0 to 1 (0: the candidates ranked by their CLIP
+        similarity alone; 1: by their words alone). Unset means 0.5. Other values: INVALID_ARGUMENT. Ignored for
+        FUSION_RECIPROCAL_RANK.
+        """
+        def __init__(
+            self,
+            *,
+            fusion: Global___SearchQuery.HybridSpec.Fusion.ValueType = ...,
+            lexical_weight: _builtins.float | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["_lexical_weight", b"_lexical_weight", "lexical_weight", b"lexical_weight"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["_lexical_weight", b"_lexical_weight", "fusion", b"fusion", "lexical_weight", b"lexical_weight"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType__lexical_weight: _TypeAlias = _typing.Literal["lexical_weight"]  # noqa: Y015
+        _WhichOneofArgType__lexical_weight: _TypeAlias = _typing.Literal["_lexical_weight", b"_lexical_weight"]  # noqa: Y015
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__lexical_weight) -> _WhichOneofReturnType__lexical_weight | None: ...
+
     TEXT_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
@@ -181,6 +301,8 @@ class SearchQuery(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FACET_SPEC_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    HYBRID_SPEC_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text to search for, e.g. "red leather handbag". At most 1000 characters. Empty means an image-only
     search, which then needs image chunks. Text beyond the model's context (77 tokens for standard CLIP
@@ -191,13 +313,15 @@ class SearchQuery(_message.Message):
     the page size (unless `page_size` is set, which takes precedence).
     """
     score_threshold: _builtins.float
-    """Only return hits whose score (cosine similarity, -1 to 1) is above this (Qdrant's score_threshold).
-    Unset: no threshold.
+    """Only return hits whose score (`SearchHit.score`) is above this (Qdrant's score_threshold): in DENSE mode a
+    cosine similarity, -1 to 1; in HYBRID and LEXICAL mode a score from 0 to 1. Other values: INVALID_ARGUMENT.
+    Unset: no threshold. Setting it makes an unset `mode` DENSE.
     """
     text_weight: _builtins.float
     """For a multimodal query (text and image): the weight of the text embedding, 0 to 1. The query vector is
     normalize(text_weight * text_embedding + (1 - text_weight) * image_embedding), where both embeddings are
-    L2-normalised first. Unset means 0.5. Ignored for a text-only or image-only query.
+    L2-normalised first. Unset means 0.5. Ignored for a text-only or image-only query. In HYBRID mode it forms
+    the dense side; the lexical side is the text's words.
     """
     image_url: _builtins.str
     """An http(s) URL the server fetches the query image from, instead of image_chunk messages (sending both is
@@ -212,8 +336,8 @@ class SearchQuery(_message.Message):
     """Variants: the name of a `Product.attributes` key (e.g. "group_id") that groups products into families.
     Each family then appears once, as its best-scoring product, ranked by that product's score; products
     without this attribute form a family of their own. top_k / page_size count families, not products.
-    Families are found among the 5000 best matches at most (later ones are not returned). Empty: no
-    grouping. The key follows the rules for attribute keys (1 to 128 characters, no control characters,
+    Families are found among the 5000 best matches at most (later ones are not returned; in HYBRID mode, among
+    the fused ranking, see `HybridSpec`). Empty: no grouping. The key follows the rules for attribute keys (1 to 128 characters, no control characters,
     no "=").
     """
     diversity: _builtins.float
@@ -221,7 +345,9 @@ class SearchQuery(_message.Message):
     increasingly prefer products unlike those already ranked above them (each next result maximises
     (1 - diversity) * similarity_to_query - diversity * max_similarity_to_results_above). The results are
     picked from the 200 best matches, so a diversified search returns at most 200 results (over all pages).
-    Scores are still similarities to the query, so they are no longer sorted once diversity is set.
+    Scores are still similarities to the query, so they are no longer sorted once diversity is set. In HYBRID
+    and LEXICAL mode, similarity_to_query is the hit's score and similarity between results that of their
+    images (CLIP vectors); scores stay those of the undiversified search.
     """
     page_size: _builtins.int
     """Results per page: 1 to 100. 0 (unset) means `top_k`, which then acts as the page size; when both are
@@ -229,11 +355,18 @@ class SearchQuery(_message.Message):
     """
     page_token: _builtins.str
     """A `SearchResponse.next_page_token`, to get the next page. Empty: the first page. The rest of the query
-    (text, image, examples, filter, page size, threshold, weights, group_by, diversity) must be the same as
-    for the first page, and the catalogue unchanged since then; otherwise INVALID_ARGUMENT on
+    (text, image, examples, filter, page size, threshold, weights, group_by, diversity, mode, hybrid_spec) must
+    be the same as for the first page, and the catalogue unchanged since then; otherwise INVALID_ARGUMENT on
     `query.page_token` (start again from the first page). facet_spec may differ between pages. Paging
-    reaches at most the first 1000 results (or families). Any replica sharing the server's Redis cache
+    reaches at most the first 1000 results (or families; in HYBRID mode, the fused ranking's end). Any replica sharing the server's Redis cache
     honours a token; without a shared cache, only the replica that issued it (others refuse it as expired).
+    """
+    mode: Global___SearchMode.ValueType
+    """How the text is matched against the catalogue (see `SearchMode`). Unset (SEARCH_MODE_UNSPECIFIED): HYBRID
+    for a text-only query (no image, image_url, like_product_ids or unlike_product_ids) that sets no
+    score_threshold; DENSE for every other query, so that the scores and weights such queries are written for
+    keep their meaning. HYBRID and LEXICAL need `text`; LEXICAL takes no image, image_url or example products.
+    Otherwise INVALID_ARGUMENT on `query.mode`.
     """
     @_builtins.property
     def filter(self) -> Global___SearchFilter:
@@ -265,6 +398,12 @@ class SearchQuery(_message.Message):
     def facet_spec(self) -> Global___SearchQuery.FacetSpec:
         """Facet counts to return with the results. Unset: none."""
 
+    @_builtins.property
+    def hybrid_spec(self) -> Global___SearchQuery.HybridSpec:
+        """How a HYBRID search fuses its two rankings. Unset: FUSION_WEIGHTED_SCORE with lexical_weight 0.5. Ignored
+        unless the search runs in HYBRID mode.
+        """
+
     def __init__(
         self,
         *,
@@ -282,10 +421,12 @@ class SearchQuery(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         facet_spec: Global___SearchQuery.FacetSpec | None = ...,
+        mode: Global___SearchMode.ValueType = ...,
+        hybrid_spec: Global___SearchQuery.HybridSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "facet_spec", b"facet_spec", "filter", b"filter", "score_threshold", b"score_threshold", "text_weight", b"text_weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "facet_spec", b"facet_spec", "filter", b"filter", "hybrid_spec", b"hybrid_spec", "score_threshold", b"score_threshold", "text_weight", b"text_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "facet_spec", b"facet_spec", "filter", b"filter", "group_by", b"group_by", "image_url", b"image_url", "include_liked_products", b"include_liked_products", "like_product_ids", b"like_product_ids", "page_size", b"page_size", "page_token", b"page_token", "score_threshold", b"score_threshold", "text", b"text", "text_weight", b"text_weight", "top_k", b"top_k", "unlike_product_ids", b"unlike_product_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "facet_spec", b"facet_spec", "filter", b"filter", "group_by", b"group_by", "hybrid_spec", b"hybrid_spec", "image_url", b"image_url", "include_liked_products", b"include_liked_products", "like_product_ids", b"like_product_ids", "mode", b"mode", "page_size", b"page_size", "page_token", b"page_token", "score_threshold", b"score_threshold", "text", b"text", "text_weight", b"text_weight", "top_k", b"top_k", "unlike_product_ids", b"unlike_product_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__diversity: _TypeAlias = _typing.Literal["diversity"]  # noqa: Y015
     _WhichOneofArgType__diversity: _TypeAlias = _typing.Literal["_diversity", b"_diversity"]  # noqa: Y015
@@ -376,8 +517,10 @@ class SearchHit(_message.Message):
     PRODUCT_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     score: _builtins.float
-    """Output only. Cosine similarity between the query and the product's image embedding, -1 to 1; higher is
-    more similar. Scores are comparable within one model only.
+    """Output only. How well the product matches; higher is better. In DENSE mode the cosine similarity between
+    the query and the product's image embedding, -1 to 1. In HYBRID mode the fused score, 0 to 1 (see
+    `SearchQuery.HybridSpec.Fusion`); in LEXICAL mode the BM25 relative to the best match, 0 to 1. Scores are
+    comparable within one model and one mode only.
     """
     @_builtins.property
     def product(self) -> _products_pb2.Product:
@@ -468,6 +611,7 @@ class SearchResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     CATEGORY_FACETS_FIELD_NUMBER: _builtins.int
     ATTRIBUTE_FACETS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     query_kind: Global___QueryKind.ValueType
     """Output only. How the query was formed."""
     cached: _builtins.bool
@@ -482,12 +626,14 @@ class SearchResponse(_message.Message):
     """
     result_cache: Global___CacheOutcome.ValueType
     """Output only. Outcome of the result cache (embedding + example products + filter + page + threshold +
-    group_by + diversity -> hits).
+    group_by + diversity + mode -> hits).
     """
     next_page_token: _builtins.str
     """Output only. Token for the next page: send it as `SearchQuery.page_token` with the same query. Empty on
     the last page. Valid while the catalogue is unchanged; opaque, do not parse.
     """
+    mode: Global___SearchMode.ValueType
+    """Output only. The mode the search ran in: `SearchQuery.mode`, or its default when unset."""
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]:
         """Output only. The results of this page, best first (by score, or in diversified order when
@@ -519,6 +665,105 @@ class SearchResponse(_message.Message):
         next_page_token: _builtins.str = ...,
         category_facets: _abc.Iterable[Global___FacetCount] | None = ...,
         attribute_facets: _abc.Iterable[Global___AttributeFacet] | None = ...,
+        mode: Global___SearchMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_facets", b"attribute_facets", "cached", b"cached", "category_facets", b"category_facets", "embedding_cache", b"embedding_cache", "hits", b"hits", "mode", b"mode", "next_page_token", b"next_page_token", "query_kind", b"query_kind", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
+
+@_typing.final
+class SearchInlineRequest(_message.Message):
+    """Request message for the `SearchInline` method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    image: _builtins.bytes
+    """The query image, whole (JPEG, PNG, WebP, GIF (first frame), BMP or TIFF): at most
+    `GetServiceInfoResponse.limits.max_image_bytes` (default 10 MiB). In JSON, base64 (standard or URL-safe).
+    Empty: no image (a text, image URL or example search). Set together with `query.image_url`:
+    INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def query(self) -> Global___SearchQuery:
+        """Required. The search parameters, as in the first message of a `Search` stream. For a search by image URL,
+        set `query.image_url` and leave `image` empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        query: Global___SearchQuery | None = ...,
+        image: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "query", b"query"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchInlineRequest: _TypeAlias = SearchInlineRequest  # noqa: Y015
+
+@_typing.final
+class SearchInlineResponse(_message.Message):
+    """Response message for the `SearchInline` method: the fields of `SearchResponse`, with the same names and
+    numbers, so a caller reads both alike.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    QUERY_KIND_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    SERVER_TIME_MS_FIELD_NUMBER: _builtins.int
+    EMBEDDING_CACHE_FIELD_NUMBER: _builtins.int
+    RESULT_CACHE_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CATEGORY_FACETS_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_FACETS_FIELD_NUMBER: _builtins.int
+    query_kind: Global___QueryKind.ValueType
+    """Output only. As `SearchResponse.query_kind`."""
+    cached: _builtins.bool
+    """Output only. As `SearchResponse.cached`."""
+    server_time_ms: _builtins.float
+    """Output only. As `SearchResponse.server_time_ms`."""
+    embedding_cache: Global___CacheOutcome.ValueType
+    """Output only. As `SearchResponse.embedding_cache`."""
+    result_cache: Global___CacheOutcome.ValueType
+    """Output only. As `SearchResponse.result_cache`."""
+    next_page_token: _builtins.str
+    """Output only. As `SearchResponse.next_page_token`: send it as `query.page_token` of the next
+    `SearchInline` (or `Search`) with the same query.
+    """
+    @_builtins.property
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]:
+        """Output only. As `SearchResponse.hits`."""
+
+    @_builtins.property
+    def category_facets(self) -> _containers.RepeatedCompositeFieldContainer[Global___FacetCount]:
+        """Output only. As `SearchResponse.category_facets`."""
+
+    @_builtins.property
+    def attribute_facets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeFacet]:
+        """Output only. As `SearchResponse.attribute_facets`."""
+
+    def __init__(
+        self,
+        *,
+        hits: _abc.Iterable[Global___SearchHit] | None = ...,
+        query_kind: Global___QueryKind.ValueType = ...,
+        cached: _builtins.bool = ...,
+        server_time_ms: _builtins.float = ...,
+        embedding_cache: Global___CacheOutcome.ValueType = ...,
+        result_cache: Global___CacheOutcome.ValueType = ...,
+        next_page_token: _builtins.str = ...,
+        category_facets: _abc.Iterable[Global___FacetCount] | None = ...,
+        attribute_facets: _abc.Iterable[Global___AttributeFacet] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -526,7 +771,7 @@ class SearchResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
+Global___SearchInlineResponse: _TypeAlias = SearchInlineResponse  # noqa: Y015
 
 @_typing.final
 class IndexProductRequest(_message.Message):
@@ -585,6 +830,65 @@ class IndexProductResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IndexProductResponse: _TypeAlias = IndexProductResponse  # noqa: Y015
+
+@_typing.final
+class IndexProductInlineRequest(_message.Message):
+    """Request message for the `IndexProductInline` method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    image: _builtins.bytes
+    """The product image, whole (the formats and limit of `SearchInlineRequest.image`; base64 in JSON). Empty:
+    the server fetches `product.image_url` when it enables URL fetching (IMAGESEARCH_FETCH_IMAGE_URLS);
+    otherwise INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def product(self) -> _products_pb2.Product:
+        """Required. The product to index (same rules as `IndexProductRequest.product`)."""
+
+    def __init__(
+        self,
+        *,
+        product: _products_pb2.Product | None = ...,
+        image: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["product", b"product"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "product", b"product"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexProductInlineRequest: _TypeAlias = IndexProductInlineRequest  # noqa: Y015
+
+@_typing.final
+class IndexProductInlineResponse(_message.Message):
+    """Response message for the `IndexProductInline` method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """Output only. True if the id was new; false if an existing product was replaced."""
+    @_builtins.property
+    def product(self) -> _products_pb2.Product:
+        """Output only. The product as stored."""
+
+    def __init__(
+        self,
+        *,
+        product: _products_pb2.Product | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["product", b"product"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "product", b"product"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexProductInlineResponse: _TypeAlias = IndexProductInlineResponse  # noqa: Y015
 
 @_typing.final
 class IndexProductsRequest(_message.Message):

@@ -32,7 +32,9 @@ class ImageSearchServiceStub:
     message limit: send the request's metadata message first, then the image bytes in chunks of 64 KiB
     (recommended; any size up to 1 MiB is accepted). The whole image may be at most
     `GetServiceInfoResponse.limits.max_image_bytes` (default 10 MiB) and decode to at most `max_image_pixels`
-    (default 40 million) pixels.
+    (default 40 million) pixels. Callers that cannot send a client stream (plain HTTP/1.1 clients of the
+    HTTP/JSON port, browsers) use the unary forms `SearchInline` and `IndexProductInline`, which carry the image
+    whole in one message, or its URL.
 
     Every INVALID_ARGUMENT error carries a `google.rpc.BadRequest` detail naming each offending field.
     """
@@ -48,10 +50,20 @@ class ImageSearchServiceStub:
                 request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.SearchRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchInline = channel.unary_unary(
+                '/imagesearch.v1.ImageSearchService/SearchInline',
+                request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.SearchInlineRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.SearchInlineResponse.FromString,
+                _registered_method=True)
         self.IndexProduct = channel.stream_unary(
                 '/imagesearch.v1.ImageSearchService/IndexProduct',
                 request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductResponse.FromString,
+                _registered_method=True)
+        self.IndexProductInline = channel.unary_unary(
+                '/imagesearch.v1.ImageSearchService/IndexProductInline',
+                request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductInlineRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductInlineResponse.FromString,
                 _registered_method=True)
         self.IndexProducts = channel.stream_stream(
                 '/imagesearch.v1.ImageSearchService/IndexProducts',
@@ -87,7 +99,9 @@ class ImageSearchServiceServicer:
     message limit: send the request's metadata message first, then the image bytes in chunks of 64 KiB
     (recommended; any size up to 1 MiB is accepted). The whole image may be at most
     `GetServiceInfoResponse.limits.max_image_bytes` (default 10 MiB) and decode to at most `max_image_pixels`
-    (default 40 million) pixels.
+    (default 40 million) pixels. Callers that cannot send a client stream (plain HTTP/1.1 clients of the
+    HTTP/JSON port, browsers) use the unary forms `SearchInline` and `IndexProductInline`, which carry the image
+    whole in one message, or its URL.
 
     Every INVALID_ARGUMENT error carries a `google.rpc.BadRequest` detail naming each offending field.
     """
@@ -103,14 +117,38 @@ class ImageSearchServiceServicer:
         Possible errors:
         INVALID_ARGUMENT: no text, no image and no liked product; the first message is an image chunk; `query`
         sent twice; text too long; an image that cannot be decoded or is too large; a bad filter
-        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold, text_weight or
-        diversity out of range; a malformed product id in like_product_ids/unlike_product_ids, one id in both,
-        or too many; a bad group_by or facet_spec; a page_token that is malformed, was issued for another
-        query, or was issued before the catalogue changed (field `query.page_token`: search again without it).
+        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold (for the search's mode),
+        text_weight, diversity or hybrid_spec.lexical_weight out of range; a malformed product id in
+        like_product_ids/unlike_product_ids, one id in both, or too many; a bad group_by or facet_spec; mode
+        HYBRID or LEXICAL without text, or LEXICAL with an image, image_url or example products (field
+        `query.mode`); a page_token that is malformed, was issued for another query, or was issued before the
+        catalogue changed (field `query.page_token`: search again without it).
         NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
         it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
         UNAVAILABLE: the vector store cannot be reached; retry with backoff.
         DEADLINE_EXCEEDED: the caller's deadline passed before the search finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchInline(self, request, context):
+        """The unary form of `Search`: the whole search in one message, with the query image inline (`image`) or by
+        URL (`query.image_url`). For callers that cannot send a client stream: plain HTTP/1.1 clients of the
+        HTTP/JSON port (`POST /imagesearch.v1.ImageSearchService/SearchInline` with a JSON body; see the README),
+        browsers, and gRPC callers who prefer one message. Same rules, defaults, results and errors as `Search`.
+
+        The image travels whole in the one message, so a request may be as large as the image limit
+        (`GetServiceInfoResponse.limits.max_image_bytes`, default 10 MiB) plus 256 KiB for the other fields (as
+        JSON, the image's base64 is a third larger). Prefer `Search` for large images: its chunks are read under
+        flow control, where a unary message is received whole before the service looks at it.
+
+        Possible errors: those of `Search`, where a violation about the image names the field `image` (not
+        `image_chunk`), and:
+        INVALID_ARGUMENT: `query` is missing; `image` and `query.image_url` are both set.
+        RESOURCE_EXHAUSTED: the request is larger than the server accepts (the image limit plus 256 KiB; as
+        JSON over HTTP, with the image in base64); or too many encoding requests are in flight (with a
+        `google.rpc.RetryInfo`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +168,22 @@ class ImageSearchServiceServicer:
         UNAVAILABLE: the vector store cannot be reached; nothing was written; retry with backoff.
         DEADLINE_EXCEEDED: the caller's deadline passed; the product may or may not have been written, and
         retrying is safe because indexing is idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IndexProductInline(self, request, context):
+        """The unary form of `IndexProduct`: one product and its image in one message, the image inline (`image`) or,
+        when the server enables URL fetching and `image` is empty, fetched from `product.image_url`. For plain
+        HTTP/1.1 clients of the HTTP/JSON port and gRPC callers who prefer one message; the same upsert, rules and
+        errors as `IndexProduct`. The request size limit is that of `SearchInline`.
+
+        Possible errors: those of `IndexProduct`, where a violation about the image names the field `image` (not
+        `image_chunk`), and:
+        INVALID_ARGUMENT: `product` is missing.
+        RESOURCE_EXHAUSTED: the request is larger than the server accepts, or too many encoding requests are in
+        flight (with a `google.rpc.RetryInfo`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,10 +266,20 @@ def add_ImageSearchServiceServicer_to_server(servicer, server):
                     request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.SearchRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.SearchResponse.SerializeToString,
             ),
+            'SearchInline': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchInline,
+                    request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.SearchInlineRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.SearchInlineResponse.SerializeToString,
+            ),
             'IndexProduct': grpc.stream_unary_rpc_method_handler(
                     servicer.IndexProduct,
                     request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductResponse.SerializeToString,
+            ),
+            'IndexProductInline': grpc.unary_unary_rpc_method_handler(
+                    servicer.IndexProductInline,
+                    request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductInlineRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductInlineResponse.SerializeToString,
             ),
             'IndexProducts': grpc.stream_stream_rpc_method_handler(
                     servicer.IndexProducts,
@@ -257,7 +321,9 @@ class ImageSearchService:
     message limit: send the request's metadata message first, then the image bytes in chunks of 64 KiB
     (recommended; any size up to 1 MiB is accepted). The whole image may be at most
     `GetServiceInfoResponse.limits.max_image_bytes` (default 10 MiB) and decode to at most `max_image_pixels`
-    (default 40 million) pixels.
+    (default 40 million) pixels. Callers that cannot send a client stream (plain HTTP/1.1 clients of the
+    HTTP/JSON port, browsers) use the unary forms `SearchInline` and `IndexProductInline`, which carry the image
+    whole in one message, or its URL.
 
     Every INVALID_ARGUMENT error carries a `google.rpc.BadRequest` detail naming each offending field.
     """
@@ -290,6 +356,33 @@ class ImageSearchService:
             _registered_method=True)
 
     @staticmethod
+    def SearchInline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.ImageSearchService/SearchInline',
+            imagesearch_dot_v1_dot_image__search__service__pb2.SearchInlineRequest.SerializeToString,
+            imagesearch_dot_v1_dot_image__search__service__pb2.SearchInlineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def IndexProduct(request_iterator,
             target,
             options=(),
@@ -306,6 +399,33 @@ class ImageSearchService:
             '/imagesearch.v1.ImageSearchService/IndexProduct',
             imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductRequest.SerializeToString,
             imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IndexProductInline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.ImageSearchService/IndexProductInline',
+            imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductInlineRequest.SerializeToString,
+            imagesearch_dot_v1_dot_image__search__service__pb2.IndexProductInlineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,7 +33,9 @@ class ImageSearchServiceStub:
     message limit: send the request's metadata message first, then the image bytes in chunks of 64 KiB
     (recommended; any size up to 1 MiB is accepted). The whole image may be at most
     `GetServiceInfoResponse.limits.max_image_bytes` (default 10 MiB) and decode to at most `max_image_pixels`
-    (default 40 million) pixels.
+    (default 40 million) pixels. Callers that cannot send a client stream (plain HTTP/1.1 clients of the
+    HTTP/JSON port, browsers) use the unary forms `SearchInline` and `IndexProductInline`, which carry the image
+    whole in one message, or its URL.
 
     Every INVALID_ARGUMENT error carries a `google.rpc.BadRequest` detail naming each offending field.
     """
@@ -53,14 +55,34 @@ class ImageSearchServiceStub:
     Possible errors:
       INVALID_ARGUMENT: no text, no image and no liked product; the first message is an image chunk; `query`
         sent twice; text too long; an image that cannot be decoded or is too large; a bad filter
-        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold, text_weight or
-        diversity out of range; a malformed product id in like_product_ids/unlike_product_ids, one id in both,
-        or too many; a bad group_by or facet_spec; a page_token that is malformed, was issued for another
-        query, or was issued before the catalogue changed (field `query.page_token`: search again without it).
+        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold (for the search's mode),
+        text_weight, diversity or hybrid_spec.lexical_weight out of range; a malformed product id in
+        like_product_ids/unlike_product_ids, one id in both, or too many; a bad group_by or facet_spec; mode
+        HYBRID or LEXICAL without text, or LEXICAL with an image, image_url or example products (field
+        `query.mode`); a page_token that is malformed, was issued for another query, or was issued before the
+        catalogue changed (field `query.page_token`: search again without it).
       NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
         it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
       UNAVAILABLE: the vector store cannot be reached; retry with backoff.
       DEADLINE_EXCEEDED: the caller's deadline passed before the search finished.
+    """
+    SearchInline: _grpc.UnaryUnaryMultiCallable[_image_search_service_pb2.SearchInlineRequest, _image_search_service_pb2.SearchInlineResponse]
+    """The unary form of `Search`: the whole search in one message, with the query image inline (`image`) or by
+    URL (`query.image_url`). For callers that cannot send a client stream: plain HTTP/1.1 clients of the
+    HTTP/JSON port (`POST /imagesearch.v1.ImageSearchService/SearchInline` with a JSON body; see the README),
+    browsers, and gRPC callers who prefer one message. Same rules, defaults, results and errors as `Search`.
+
+    The image travels whole in the one message, so a request may be as large as the image limit
+    (`GetServiceInfoResponse.limits.max_image_bytes`, default 10 MiB) plus 256 KiB for the other fields (as
+    JSON, the image's base64 is a third larger). Prefer `Search` for large images: its chunks are read under
+    flow control, where a unary message is received whole before the service looks at it.
+
+    Possible errors: those of `Search`, where a violation about the image names the field `image` (not
+    `image_chunk`), and:
+      INVALID_ARGUMENT: `query` is missing; `image` and `query.image_url` are both set.
+      RESOURCE_EXHAUSTED: the request is larger than the server accepts (the image limit plus 256 KiB; as
+        JSON over HTTP, with the image in base64); or too many encoding requests are in flight (with a
+        `google.rpc.RetryInfo`).
     """
     IndexProduct: _grpc.StreamUnaryMultiCallable[_image_search_service_pb2.IndexProductRequest, _image_search_service_pb2.IndexProductResponse]
     """Indexes one product with its image: an upsert. Indexing an id that exists replaces its metadata and
@@ -76,6 +98,18 @@ class ImageSearchServiceStub:
       UNAVAILABLE: the vector store cannot be reached; nothing was written; retry with backoff.
       DEADLINE_EXCEEDED: the caller's deadline passed; the product may or may not have been written, and
         retrying is safe because indexing is idempotent.
+    """
+    IndexProductInline: _grpc.UnaryUnaryMultiCallable[_image_search_service_pb2.IndexProductInlineRequest, _image_search_service_pb2.IndexProductInlineResponse]
+    """The unary form of `IndexProduct`: one product and its image in one message, the image inline (`image`) or,
+    when the server enables URL fetching and `image` is empty, fetched from `product.image_url`. For plain
+    HTTP/1.1 clients of the HTTP/JSON port and gRPC callers who prefer one message; the same upsert, rules and
+    errors as `IndexProduct`. The request size limit is that of `SearchInline`.
+
+    Possible errors: those of `IndexProduct`, where a violation about the image names the field `image` (not
+    `image_chunk`), and:
+      INVALID_ARGUMENT: `product` is missing.
+      RESOURCE_EXHAUSTED: the request is larger than the server accepts, or too many encoding requests are in
+        flight (with a `google.rpc.RetryInfo`).
     """
     IndexProducts: _grpc.StreamStreamMultiCallable[_image_search_service_pb2.IndexProductsRequest, _image_search_service_pb2.IndexProductsResponse]
     """Indexes many products over one stream: a bulk import. Each product is a `product` message followed by
@@ -135,7 +169,9 @@ class ImageSearchServiceAsyncStub(ImageSearchServiceStub):
     message limit: send the request's metadata message first, then the image bytes in chunks of 64 KiB
     (recommended; any size up to 1 MiB is accepted). The whole image may be at most
     `GetServiceInfoResponse.limits.max_image_bytes` (default 10 MiB) and decode to at most `max_image_pixels`
-    (default 40 million) pixels.
+    (default 40 million) pixels. Callers that cannot send a client stream (plain HTTP/1.1 clients of the
+    HTTP/JSON port, browsers) use the unary forms `SearchInline` and `IndexProductInline`, which carry the image
+    whole in one message, or its URL.
 
     Every INVALID_ARGUMENT error carries a `google.rpc.BadRequest` detail naming each offending field.
     """
@@ -152,14 +188,34 @@ class ImageSearchServiceAsyncStub(ImageSearchServiceStub):
     Possible errors:
       INVALID_ARGUMENT: no text, no image and no liked product; the first message is an image chunk; `query`
         sent twice; text too long; an image that cannot be decoded or is too large; a bad filter
-        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold, text_weight or
-        diversity out of range; a malformed product id in like_product_ids/unlike_product_ids, one id in both,
-        or too many; a bad group_by or facet_spec; a page_token that is malformed, was issued for another
-        query, or was issued before the catalogue changed (field `query.page_token`: search again without it).
+        (price_min > price_max, a non-finite price); top_k, page_size, score_threshold (for the search's mode),
+        text_weight, diversity or hybrid_spec.lexical_weight out of range; a malformed product id in
+        like_product_ids/unlike_product_ids, one id in both, or too many; a bad group_by or facet_spec; mode
+        HYBRID or LEXICAL without text, or LEXICAL with an image, image_url or example products (field
+        `query.mode`); a page_token that is malformed, was issued for another query, or was issued before the
+        catalogue changed (field `query.page_token`: search again without it).
       NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
         it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
       UNAVAILABLE: the vector store cannot be reached; retry with backoff.
       DEADLINE_EXCEEDED: the caller's deadline passed before the search finished.
+    """
+    SearchInline: _aio.UnaryUnaryMultiCallable[_image_search_service_pb2.SearchInlineRequest, _image_search_service_pb2.SearchInlineResponse]  # type: ignore[assignment]
+    """The unary form of `Search`: the whole search in one message, with the query image inline (`image`) or by
+    URL (`query.image_url`). For callers that cannot send a client stream: plain HTTP/1.1 clients of the
+    HTTP/JSON port (`POST /imagesearch.v1.ImageSearchService/SearchInline` with a JSON body; see the README),
+    browsers, and gRPC callers who prefer one message. Same rules, defaults, results and errors as `Search`.
+
+    The image travels whole in the one message, so a request may be as large as the image limit
+    (`GetServiceInfoResponse.limits.max_image_bytes`, default 10 MiB) plus 256 KiB for the other fields (as
+    JSON, the image's base64 is a third larger). Prefer `Search` for large images: its chunks are read under
+    flow control, where a unary message is received whole before the service looks at it.
+
+    Possible errors: those of `Search`, where a violation about the image names the field `image` (not
+    `image_chunk`), and:
+      INVALID_ARGUMENT: `query` is missing; `image` and `query.image_url` are both set.
+      RESOURCE_EXHAUSTED: the request is larger than the server accepts (the image limit plus 256 KiB; as
+        JSON over HTTP, with the image in base64); or too many encoding requests are in flight (with a
+        `google.rpc.RetryInfo`).
     """
     IndexProduct: _aio.StreamUnaryMultiCallable[_image_search_service_pb2.IndexProductRequest, _image_search_service_pb2.IndexProductResponse]  # type: ignore[assignment]
     """Indexes one product with its image: an upsert. Indexing an id that exists replaces its metadata and
@@ -175,6 +231,18 @@ class ImageSearchServiceAsyncStub(ImageSearchServiceStub):
       UNAVAILABLE: the vector store cannot be reached; nothing was written; retry with backoff.
       DEADLINE_EXCEEDED: the caller's deadline passed; the product may or may not have been written, and
         retrying is safe because indexing is idempotent.
+    """
+    IndexProductInline: _aio.UnaryUnaryMultiCallable[_image_search_service_pb2.IndexProductInlineRequest, _image_search_service_pb2.IndexProductInlineResponse]  # type: ignore[assignment]
+    """The unary form of `IndexProduct`: one product and its image in one message, the image inline (`image`) or,
+    when the server enables URL fetching and `image` is empty, fetched from `product.image_url`. For plain
+    HTTP/1.1 clients of the HTTP/JSON port and gRPC callers who prefer one message; the same upsert, rules and
+    errors as `IndexProduct`. The request size limit is that of `SearchInline`.
+
+    Possible errors: those of `IndexProduct`, where a violation about the image names the field `image` (not
+    `image_chunk`), and:
+      INVALID_ARGUMENT: `product` is missing.
+      RESOURCE_EXHAUSTED: the request is larger than the server accepts, or too many encoding requests are in
+        flight (with a `google.rpc.RetryInfo`).
     """
     IndexProducts: _aio.StreamStreamMultiCallable[_image_search_service_pb2.IndexProductsRequest, _image_search_service_pb2.IndexProductsResponse]  # type: ignore[assignment]
     """Indexes many products over one stream: a bulk import. Each product is a `product` message followed by
@@ -233,7 +301,9 @@ class ImageSearchServiceServicer(metaclass=_abc_1.ABCMeta):
     message limit: send the request's metadata message first, then the image bytes in chunks of 64 KiB
     (recommended; any size up to 1 MiB is accepted). The whole image may be at most
     `GetServiceInfoResponse.limits.max_image_bytes` (default 10 MiB) and decode to at most `max_image_pixels`
-    (default 40 million) pixels.
+    (default 40 million) pixels. Callers that cannot send a client stream (plain HTTP/1.1 clients of the
+    HTTP/JSON port, browsers) use the unary forms `SearchInline` and `IndexProductInline`, which carry the image
+    whole in one message, or its URL.
 
     Every INVALID_ARGUMENT error carries a `google.rpc.BadRequest` detail naming each offending field.
     """
@@ -254,14 +324,40 @@ class ImageSearchServiceServicer(metaclass=_abc_1.ABCMeta):
         Possible errors:
           INVALID_ARGUMENT: no text, no image and no liked product; the first message is an image chunk; `query`
             sent twice; text too long; an image that cannot be decoded or is too large; a bad filter
-            (price_min > price_max, a non-finite price); top_k, page_size, score_threshold, text_weight or
-            diversity out of range; a malformed product id in like_product_ids/unlike_product_ids, one id in both,
-            or too many; a bad group_by or facet_spec; a page_token that is malformed, was issued for another
-            query, or was issued before the catalogue changed (field `query.page_token`: search again without it).
+            (price_min > price_max, a non-finite price); top_k, page_size, score_threshold (for the search's mode),
+            text_weight, diversity or hybrid_spec.lexical_weight out of range; a malformed product id in
+            like_product_ids/unlike_product_ids, one id in both, or too many; a bad group_by or facet_spec; mode
+            HYBRID or LEXICAL without text, or LEXICAL with an image, image_url or example products (field
+            `query.mode`); a page_token that is malformed, was issued for another query, or was issued before the
+            catalogue changed (field `query.page_token`: search again without it).
           NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
             it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
           UNAVAILABLE: the vector store cannot be reached; retry with backoff.
           DEADLINE_EXCEEDED: the caller's deadline passed before the search finished.
+        """
+
+    @_abc_1.abstractmethod
+    def SearchInline(
+        self,
+        request: _image_search_service_pb2.SearchInlineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_search_service_pb2.SearchInlineResponse, _abc.Awaitable[_image_search_service_pb2.SearchInlineResponse]]:
+        """The unary form of `Search`: the whole search in one message, with the query image inline (`image`) or by
+        URL (`query.image_url`). For callers that cannot send a client stream: plain HTTP/1.1 clients of the
+        HTTP/JSON port (`POST /imagesearch.v1.ImageSearchService/SearchInline` with a JSON body; see the README),
+        browsers, and gRPC callers who prefer one message. Same rules, defaults, results and errors as `Search`.
+
+        The image travels whole in the one message, so a request may be as large as the image limit
+        (`GetServiceInfoResponse.limits.max_image_bytes`, default 10 MiB) plus 256 KiB for the other fields (as
+        JSON, the image's base64 is a third larger). Prefer `Search` for large images: its chunks are read under
+        flow control, where a unary message is received whole before the service looks at it.
+
+        Possible errors: those of `Search`, where a violation about the image names the field `image` (not
+        `image_chunk`), and:
+          INVALID_ARGUMENT: `query` is missing; `image` and `query.image_url` are both set.
+          RESOURCE_EXHAUSTED: the request is larger than the server accepts (the image limit plus 256 KiB; as
+            JSON over HTTP, with the image in base64); or too many encoding requests are in flight (with a
+            `google.rpc.RetryInfo`).
         """
 
     @_abc_1.abstractmethod
@@ -283,6 +379,24 @@ class ImageSearchServiceServicer(metaclass=_abc_1.ABCMeta):
           UNAVAILABLE: the vector store cannot be reached; nothing was written; retry with backoff.
           DEADLINE_EXCEEDED: the caller's deadline passed; the product may or may not have been written, and
             retrying is safe because indexing is idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def IndexProductInline(
+        self,
+        request: _image_search_service_pb2.IndexProductInlineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_search_service_pb2.IndexProductInlineResponse, _abc.Awaitable[_image_search_service_pb2.IndexProductInlineResponse]]:
+        """The unary form of `IndexProduct`: one product and its image in one message, the image inline (`image`) or,
+        when the server enables URL fetching and `image` is empty, fetched from `product.image_url`. For plain
+        HTTP/1.1 clients of the HTTP/JSON port and gRPC callers who prefer one message; the same upsert, rules and
+        errors as `IndexProduct`. The request size limit is that of `SearchInline`.
+
+        Possible errors: those of `IndexProduct`, where a violation about the image names the field `image` (not
+        `image_chunk`), and:
+          INVALID_ARGUMENT: `product` is missing.
+          RESOURCE_EXHAUSTED: the request is larger than the server accepts, or too many encoding requests are in
+            flight (with a `google.rpc.RetryInfo`).
         """
 
     @_abc_1.abstractmethod
