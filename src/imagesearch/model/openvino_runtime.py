@@ -1,16 +1,18 @@
 """OpenVINO runtime for CLIP's towers: the loaded open_clip model's own weights, run by OpenVINO's CPU plugin.
 
-Why: on a 2-core AVX-512 CPU (benchmarks/runtimes.py), OpenVINO runs ViT-B-32's image tower ~1.7x faster than
-torch fp32 at f32 and ~3x faster in bf16 where the CPU computes bf16 natively (AVX512_BF16 or AMX), at cosine
->= 0.9999 to torch fp32; a one-query text forward is faster than the lean torch text tower too. Its thread pool
-also degrades far less than torch's OpenMP team when another process competes for the cores.
+Why (benchmarks/runtimes.py, ViT-B-32, 2 threads on an AVX-512 EPYC): OpenVINO runs the image tower ~1.7x faster
+than torch fp32 at f32 and ~3x faster in bf16 where the CPU computes bf16 natively (AVX512_BF16 or AMX), at
+cosine >= 0.9999 to torch fp32; int8 (opt-in, NNCF) ~4.5x at cosine >= 0.999. A one-query text forward beats the
+lean torch text tower too. Its thread pool also degrades far less than torch's OpenMP team when other processes
+compete for the cores.
 
 How: the graph is derived from the loaded model every time, never from a second copy of the weights: the tower
 + L2 normalisation -> ONNX (torch's TorchScript exporter) -> OpenVINO IR, stored in a cache directory under a key
 over everything the IR depends on (every weight byte, the module structure, the input size, the torch /
 open_clip / onnx / OpenVINO (/ NNCF) versions, the opset, the precision and our format version), so another
-model, weights file, runtime version or precision never reuses an entry. Only reading and compiling (~1 s for
-ViT-B-32) happen at a start with a cache entry; an export costs ~10 s.
+model, weights file, runtime version or precision never reuses an entry. A start with a cache entry only
+verifies, reads and compiles it (~1 s for ViT-B-32's image tower); without one, the export costs ~9 s (int8: a
+minute or more, for calibration).
 
 Precision is always set explicitly: OpenVINO's own default on a bf16-capable CPU is already bf16, so leaving it
 unset would make "f32" mean bf16 on one machine and f32 on another.
