@@ -4,12 +4,15 @@
     .venv/bin/python benchmarks/service.py --quick         # fewer iterations, smaller catalogue
     .venv/bin/python benchmarks/service.py --device cuda   # on a GPU (fp16)
     .venv/bin/python benchmarks/service.py --runtime torch # the image tower on torch instead of OpenVINO
+    .venv/bin/python benchmarks/service.py --tracing       # the server traced (sampled, exported over OTLP)
 
 Prints one table: p50/p95/p99 latency and throughput per path, next to the bare model floor (the model called
 directly in this process, no server, sampled between the service's calls, on the same runtime and precision as
 the server), and the ratio service/floor. Image paths are also compared with a fixed reference sampled in the
 same run: the torch fp32 image tower (`vs torch fp32`), so the gain of a runtime over it is a ratio within one
-run. Writes
+run. With --tracing the server traces every request (sampled, exported over OTLP/gRPC to a stand-in collector
+in this process) and the table shows the traced server; then uncached text searches alternate between it and a
+second, untraced server, for the overhead of tracing within one run. Writes
 the table as JSON under benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are
 speed figures only: they say nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
 """
@@ -23,14 +26,17 @@ import json
 import os
 import platform
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -165,10 +171,25 @@ async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: in
         await store.close()
 
 
-def start_server(data_dir: Path, args: argparse.Namespace, started_at: float) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESEARCH_")}
+def start_server(
+    data_dir: Path,
+    args: argparse.Namespace,
+    started_at: float,
+    *,
+    port: int | None = None,
+    otlp_endpoint: str | None = None,
+) -> subprocess.Popen[bytes]:
+    # OpenTelemetry's variables too: a server is traced only when asked (otlp_endpoint), never by this shell's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGESEARCH_", "OTEL_"))}
+    if otlp_endpoint is not None:
+        env.update(
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint,
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            OTEL_TRACES_SAMPLER="always_on",
+            OTEL_SERVICE_NAME="imagesearch-benchmark",
+        )
     env.update(
-        IMAGESEARCH_PORT=str(args.port),
+        IMAGESEARCH_PORT=str(port or args.port),
         IMAGESEARCH_HOST="127.0.0.1",
         IMAGESEARCH_DATA_DIR=str(data_dir),
         IMAGESEARCH_MODEL=args.model,
@@ -180,6 +201,30 @@ def start_server(data_dir: Path, args: argparse.Namespace, started_at: float) ->
         IMAGESEARCH_IMAGE_PRECISION=args.image_precision,
     )
     return subprocess.Popen([sys.executable, "-m", "imagesearch.cli", "serve"], env=env)
+
+
+class OtlpSink:
+    """A stand-in OpenTelemetry collector on loopback: accepts OTLP/gRPC trace exports and counts the spans, so a
+    traced server pays for creating, processing and exporting every span, as it would with a real collector."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        sink = self
+        self.spans = 0
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                sink.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self._server)
+        self.endpoint = f"http://127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(None)
 
 
 async def wait_serving(target: str, timeout_s: float = 300) -> None:
@@ -320,6 +365,46 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
     return rows, figures
 
 
+async def tracing_overhead(
+    args: argparse.Namespace, data_dir: Path, traced_target: str, model_id: str, dimension: int
+) -> tuple[list[Row], float]:
+    """Uncached text searches alternating between the traced server and an untraced twin (same catalogue, same
+    settings), each call after a pause, the order swapped every round: both see the same machine, which on a
+    shared one moves more between runs than tracing costs. Returns the rows (off, on) and the median of the
+    per-round differences (on - off, in ms), which slow swings of the machine's load do not move."""
+    twin_dir = data_dir / "untraced"
+    await fill_catalogue(twin_dir, model_id, dimension, args.catalogue)
+    twin_port = free_port()
+    twin = start_server(twin_dir, args, time.perf_counter(), port=twin_port)
+    off_s: list[float] = []
+    on_s: list[float] = []
+    try:
+        untraced_target = f"127.0.0.1:{twin_port}"
+        await wait_serving(untraced_target)
+        async with ImageSearchClient(untraced_target) as off, ImageSearchClient(traced_target) as on:
+            pairs = [(off, off_s), (on, on_s)]
+            for i in range(-3, max(100, 4 * args.n)):
+                for client, into in pairs if i % 2 else pairs[::-1]:
+                    # Longer than SETTLE_S: the other server's OpenMP threads spin on after its forward.
+                    await asyncio.sleep(0.05)
+                    started = time.perf_counter()
+                    await client.search(text=f"a green canvas tote, size {i}")
+                    if i >= 0:
+                        into.append(time.perf_counter() - started)
+    finally:
+        twin.terminate()
+        twin.wait(timeout=60)
+    paired_ms = statistics.median(on - off for on, off in zip(on_s, off_s, strict=True)) * 1000.0
+    return [row("text search, uncached, tracing off", off_s), row("text search, uncached, tracing on", on_s)], paired_ms
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 async def bulk_import(client: ImageSearchClient, count: int) -> Row:
     items = [(Product(id=f"bulk-{i}", category="bags"), photo_like_jpeg(50_000 + i)) for i in range(count)]
     started = time.perf_counter()
@@ -389,6 +474,12 @@ async def main() -> int:
         choices=["auto", "fp16", "fp32"],
         help="IMAGESEARCH_TEXT_WEIGHTS (default auto)",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="trace the server (always_on sampler, OTLP/gRPC to a local stand-in collector; needs the tracing "
+        "extra) and compare uncached text search with an untraced twin",
+    )
     args = parser.parse_args()
     args.n = args.n or (10 if args.quick else 30)
     args.catalogue = args.catalogue or (2000 if args.quick else 10_000)
@@ -411,21 +502,27 @@ async def main() -> int:
     text_path = encoder.text_path
     model_id, dimension = encoder.model_id, encoder.dimension
 
+    sink = OtlpSink() if args.tracing else None
+    otlp_endpoint = sink.endpoint if sink is not None else None
+    tracing_rows: list[Row] = []
+    tracing_paired_ms = float("nan")
     with tempfile.TemporaryDirectory(prefix="imagesearch-bench-") as tmp:
         data_dir = Path(tmp)
         await fill_catalogue(data_dir, model_id, dimension, args.catalogue)
-        server = start_server(data_dir, args, started_at := time.perf_counter())
+        server = start_server(data_dir, args, started_at := time.perf_counter(), otlp_endpoint=otlp_endpoint)
         try:
             target = f"127.0.0.1:{args.port}"
             await wait_serving(target)
             startup_s = time.perf_counter() - started_at
             # The benchmark keeps its own copies of the model (the floor, the reference) next to the server's.
             rows, floor = await run_paths(target, Floor(encoder, reference), args.n, args.quick)
+            if sink is not None:
+                tracing_rows, tracing_paired_ms = await tracing_overhead(args, data_dir, target, model_id, dimension)
         finally:
             server.terminate()
             server.wait(timeout=60)
         # Again on the same data directory: the runtime's converted graph now comes from its cache.
-        server = start_server(data_dir, args, started_at := time.perf_counter())
+        server = start_server(data_dir, args, started_at := time.perf_counter(), otlp_endpoint=otlp_endpoint)
         try:
             await wait_serving(target)
             cached_startup_s = time.perf_counter() - started_at
@@ -443,13 +540,30 @@ async def main() -> int:
     towers = f"image tower {image_tower}, text {text_path}"
     header = (
         f"imagesearch service benchmark: {args.model} ({towers}) on {args.device}; "
-        f"catalogue {args.catalogue}; {machine}"
+        f"catalogue {args.catalogue}; {machine}" + ("; tracing on (sampled, exported)" if args.tracing else "")
     )
     print_table(rows, floor, header)
     print(
         f"server start-up, process start to SERVING: {startup_s:.1f} s with the runtime's conversion cache cold, "
         f"{cached_startup_s:.1f} s cached"
     )
+    tracing: dict[str, Any] | None = None
+    if sink is not None:
+        sink.stop()  # after the servers: each exported what it still held as it stopped
+        off, on = tracing_rows
+        tracing = {
+            "spans_exported": sink.spans,
+            "rows": [asdict(r) for r in tracing_rows],
+            "p50_difference_ms": on.p50_ms - off.p50_ms,
+            "median_paired_difference_ms": tracing_paired_ms,
+        }
+        print(f"\ntracing: {sink.spans} spans exported to the local collector; alternating calls, same run:")
+        for r in tracing_rows:
+            print(f"  {r.path:<40} n={r.n}  p50 {r.p50_ms:.2f} ms  p95 {r.p95_ms:.2f} ms  p99 {r.p99_ms:.2f} ms")
+        print(
+            f"  p50 difference: {on.p50_ms - off.p50_ms:+.2f} ms ({on.p50_ms / off.p50_ms:.3f}x); median of the "
+            f"per-round differences (on - off, adjacent calls): {tracing_paired_ms:+.2f} ms"
+        )
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(
@@ -466,6 +580,7 @@ async def main() -> int:
                 "machine": machine,
                 "floor": floor,
                 "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+                "tracing": tracing,
             },
             indent=2,
         )

@@ -38,6 +38,24 @@ def test_service_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_service_benchmark_with_tracing_compares_with_an_untraced_twin(tmp_path: Path) -> None:
+    pytest.importorskip("opentelemetry.sdk.trace", reason="the tracing extra is not installed")
+    command = [sys.executable, str(BENCHMARKS / "service.py"), "--quick", "--model", "synthetic-clip", "--tracing"]
+    command += ["-n", "3", "--catalogue", "300", "--port", str(free_port()), "--results-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [written] = tmp_path.glob("service-*.json")
+    tracing = json.loads(written.read_text())["tracing"]
+    # Every request of the traced server was sampled and exported: the stand-in collector received the spans.
+    assert tracing["spans_exported"] > 0
+    assert [row["path"] for row in tracing["rows"]] == [
+        "text search, uncached, tracing off",
+        "text search, uncached, tracing on",
+    ]
+    assert "median of the per-round differences" in done.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["store_edge.py", "features.py"])
 def test_store_benchmarks_run(script: str) -> None:
     command = [sys.executable, str(BENCHMARKS / script), "--n", "2000", "--dim", "64", "--queries", "5"]
