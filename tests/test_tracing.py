@@ -9,10 +9,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http.server
+import json
+import os
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,7 +27,9 @@ pytest.importorskip("opentelemetry.sdk.trace", reason="the tracing extra is not 
 pytest.importorskip("opentelemetry.instrumentation.grpc", reason="the tracing extra is not installed")
 
 import structlog
-from conftest import RunningServer, jpeg_bytes, start_server, stop_server
+from conftest import TEST_MODEL, RunningServer, free_port, jpeg_bytes, start_server, stop_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -376,3 +383,87 @@ def test_start_without_the_extra_warns_and_stays_off(monkeypatch: pytest.MonkeyP
     [line] = logs
     assert line["log_level"] == "warning" and line["install"] == tracing.INSTALL_HINT
     assert not tracing.tracer.enabled
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver, as an OpenTelemetry Collector or Jaeger would be."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[str, _Collector]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    receiver = _Collector()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", receiver
+    finally:
+        server.stop(None)
+
+
+def test_serve_exports_spans_over_otlp_and_logs_their_trace_id(
+    tmp_path: Path, collector: tuple[str, _Collector]
+) -> None:
+    # A real `imagesearch serve` process, configured by OpenTelemetry's variables only: its spans reach an OTLP/gRPC
+    # receiver (the last ones when it stops), and its JSON rpc line names the trace the caller started.
+    endpoint, receiver = collector
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGESEARCH_", "OTEL_"))}
+    environ.update(
+        IMAGESEARCH_PORT=str(port),
+        IMAGESEARCH_HOST="127.0.0.1",
+        IMAGESEARCH_DATA_DIR=str(tmp_path / "data"),
+        IMAGESEARCH_MODEL=TEST_MODEL,
+        IMAGESEARCH_DEVICE="cpu",
+        IMAGESEARCH_LOG_FORMAT="json",
+        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+        OTEL_SERVICE_NAME="imagesearch-e2e",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imagesearch.cli", "serve"], env=environ, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            health.Check(health_pb2.HealthCheckRequest(), timeout=120, wait_for_ready=True)
+            search = channel.stream_unary(
+                f"/{SERVICE}/Search",
+                request_serializer=pb.SearchRequest.SerializeToString,
+                response_deserializer=pb.SearchResponse.FromString,
+            )
+            traceparent = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
+            query = pb.SearchRequest(query=search_query(text="red mug"))
+            search(iter([query]), metadata=(("traceparent", traceparent),))
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=120)
+    records = [json.loads(line) for line in stderr.decode().splitlines()]
+    [on] = [r for r in records if r.get("event") == "tracing on"]
+    assert on["service_name"] == "imagesearch-e2e" and on["exporter"] == f"otlp {endpoint}"
+    [line] = [r for r in records if r.get("event") == "rpc" and r.get("method", "").endswith("/Search")]
+    assert line["trace_id"] == CALLER_TRACE_ID
+
+    exported = [
+        (resource.resource, span)
+        for request in receiver.requests
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    server = [span for _, span in exported if span.name == f"/{SERVICE}/Search"]
+    assert len(server) == 1 and server[0].trace_id.hex() == CALLER_TRACE_ID
+    assert server[0].span_id.hex() == line["span_id"]
+    assert {"upload.read", "model.forward", "store.search"} <= {span.name for _, span in exported}
+    services = {a.value.string_value for r, _ in exported for a in r.attributes if a.key == "service.name"}
+    assert services == {"imagesearch-e2e"}
