@@ -1,46 +1,91 @@
 """Image URLs: fetched only when enabled, never from non-public addresses unless allow-listed (SSRF).
 
-A real HTTP server on loopback serves the images; loopback is exactly what the default policy must refuse, so
-the tests that fetch successfully allow-list 127.0.0.1 explicitly.
+Real HTTP servers on several loopback addresses (127.0.0.2, 127.0.0.3 and 127.0.0.1, all on one port) serve the
+images and record every request they get. Loopback is exactly what the default policy refuses, so each test
+allow-lists the one it fetches from, and every refusal is shown to be the check's own: the server it would have
+reached records no request. Host names resolve through a fake resolver (`FakeDns`) that answers with loopback
+addresses; no traffic ever leaves loopback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import http.server
+import io
 import ipaddress
+import random
+import socket
+import ssl
+import subprocess
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from conftest import RunningServer, jpeg_bytes, start_server, stop_server
+from grpc_health.v1 import health_pb2_grpc
+from PIL import Image
 from rpc import index, product, search, stream, violated_fields
 
 from imagesearch.config import Settings
-from imagesearch.errors import InvalidArgument
 from imagesearch.model.encoder import ClipEncoder
-from imagesearch.search.urlfetch import FetchPolicy, ImageFetcher, _is_public
+from imagesearch.search.urlfetch import FetchPolicy, ImageFetcher, Resolve, _is_public
+from imagesearch.server import build_server, open_components
 from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 IMAGE = jpeg_bytes((30, 160, 40), size=(96, 96))
+# A call that should be refused at once gets this long before DEADLINE_EXCEEDED shows it was not: a bound on a
+# wrong outcome, not a measurement.
+DEADLINE_S = 60
+
+
+def _noise_jpeg(size: int) -> bytes:
+    """A valid JPEG of well over `size` // 2 bytes (noise does not compress)."""
+    rng = random.Random(7)
+    side = 64
+    while True:
+        image = Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        if buffer.tell() > size:
+            return buffer.getvalue()
+        side *= 2
+
+
+BIG_IMAGE = _noise_jpeg(150_000)
+CAP = 100_000  # max_image_bytes for the size tests: BIG_IMAGE is over it, IMAGE well under
+
+
+# --- loopback HTTP servers that record what they get ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    path: str
+    host_header: str | None
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ImageHost
+
     def do_GET(self) -> None:
-        routes = {
-            "/shoe.jpg": (200, {"Content-Type": "image/jpeg"}, IMAGE),
-            "/big.jpg": (200, {"Content-Type": "image/jpeg"}, b"\xff" * 200_000),
-            "/missing.jpg": (404, {}, b"no"),
-            "/hop": (302, {"Location": "/shoe.jpg"}, b""),
-            "/loop": (302, {"Location": "/loop"}, b""),
-            "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
-        }
-        status, headers, body = routes.get(self.path, (404, {}, b""))
+        self.server.requests.append(Seen(self.path, self.headers.get("Host")))
+        route = self.server.routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            self._send(404, b"")
+        else:
+            route(self)
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
-        for name, value in headers.items():
+        for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -48,101 +93,424 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def image_host() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+Route = Callable[[_Handler], None]
+
+
+def ok(body: bytes) -> Route:
+    return lambda h: h._send(200, body, {"Content-Type": "image/jpeg"})
+
+
+def redirect(location: str) -> Route:
+    return lambda h: h._send(302, b"", {"Location": location})
+
+
+def chunked(body: bytes) -> Route:
+    """No Content-Length: only the running count can stop a body that is too large."""
+
+    def route(h: _Handler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        for start in range(0, len(body), 8192):
+            piece = body[start : start + 8192]
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        h.wfile.write(b"0\r\n\r\n")
+
+    return route
+
+
+def declares(length: int, body: bytes) -> Route:
+    """Declares `length` bytes, sends `body` (fewer) and holds the connection open."""
+
+    def route(h: _Handler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.send_header("Content-Length", str(length))
+        h.end_headers()
+        h.wfile.write(body)
+        h.wfile.flush()
+        h.server.release.wait()
+
+    return route
+
+
+def stalls(h: _Handler) -> None:
+    """Reads the request and never answers."""
+    h.server.release.wait()
+
+
+def trickles(h: _Handler) -> None:
+    """Answers, then sends a byte every 50 ms for as long as the client reads: no single read ever waits long."""
+    h.send_response(200)
+    h.send_header("Content-Type", "image/jpeg")
+    h.send_header("Connection", "close")
+    h.end_headers()
+    while not h.server.release.wait(0.05):
+        h.wfile.write(b"\xff")
+        h.wfile.flush()
+
+
+class ImageHost(http.server.ThreadingHTTPServer):
+    def __init__(self, address: str, port: int, routes: dict[str, Route]) -> None:
+        self.routes = routes
+        self.requests: list[Seen] = []
+        self.release = threading.Event()
+        super().__init__((address, port), _Handler)
+        self.port: int = self.server_address[1]
+        self.address = address
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def url(self, path: str, *, host: str | None = None, scheme: str = "http") -> str:
+        return f"{scheme}://{host or self.address}:{self.port}{path}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hung up on a refused or cut-off body
+
+    def stop(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+@dataclasses.dataclass
+class Hosts:
+    """One HTTP server on each of three loopback addresses, all on the same port, so that the same URL reaches
+    a different server depending only on which address the fetcher connects to."""
+
+    a: ImageHost  # 127.0.0.2: the one tests allow-list
+    b: ImageHost  # 127.0.0.3: another loopback address, not allow-listed
+    local: ImageHost  # 127.0.0.1: what the system resolver answers for "localhost"
+
+    @property
+    def all(self) -> list[ImageHost]:
+        return [self.a, self.b, self.local]
+
+
+def _routes(port: int) -> dict[str, Route]:
+    return {
+        "/shoe.jpg": ok(IMAGE),
+        "/big.jpg": ok(BIG_IMAGE),
+        "/big-chunked.jpg": chunked(BIG_IMAGE),
+        "/small-chunked.jpg": chunked(IMAGE),
+        "/declares-big.jpg": declares(10 * CAP, IMAGE),
+        "/stall.jpg": stalls,
+        "/trickle.jpg": trickles,
+        "/hop": redirect("/shoe.jpg"),
+        "/loop": redirect("/loop"),
+        "/to-b": redirect(f"http://127.0.0.3:{port}/shoe.jpg"),
+        "/to-localhost": redirect(f"http://localhost:{port}/shoe.jpg"),
+        "/to-ftp": redirect(f"ftp://127.0.0.2:{port}/shoe.jpg"),
+    }
 
 
 @pytest.fixture
-async def fetching(settings: Settings, encoder: ClipEncoder) -> AsyncIterator[RunningServer]:
-    running = await start_server(
-        dataclasses.replace(settings, fetch_image_urls=True, fetch_allowed_hosts="127.0.0.1", max_image_bytes=100_000),
-        encoder,
-    )
+def hosts() -> Iterator[Hosts]:
+    for _ in range(20):  # another process may hold the port on one of the other addresses: try another port
+        started: list[ImageHost] = []
+        try:
+            started.append(ImageHost("127.0.0.2", 0, {}))
+            port = started[0].port
+            started[0].routes.update(_routes(port))
+            started += [ImageHost(address, port, _routes(port)) for address in ("127.0.0.3", "127.0.0.1")]
+        except OSError:
+            for host in started:
+                host.stop()
+            continue
+        try:
+            yield Hosts(*started)
+        finally:
+            for host in started:
+                host.stop()
+        return
+    pytest.fail("no port free on 127.0.0.1, 127.0.0.2 and 127.0.0.3 at once")
+
+
+class FakeDns:
+    """The addresses of a few host names, recording every lookup. Literal addresses resolve to themselves, other
+    names do not resolve: nothing reaches a real DNS server."""
+
+    def __init__(self, answers: dict[str, list[str]] | None = None) -> None:
+        self.answers = answers or {}
+        self.lookups: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.lookups.append(host)
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        if host not in self.answers:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown name")
+        return self.answers[host]
+
+
+# --- the service under test ----------------------------------------------------------------------------------
+
+Start = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def start(settings: Settings, encoder: ClipEncoder) -> AsyncIterator[Start]:
+    """Starts a real server with URL fetching on and the given settings; with `resolve`, its fetcher looks host
+    names up there instead of in the system resolver (everything else as the server builds it)."""
+    started: list[RunningServer] = []
+
+    async def start_fetching(*, resolve: Resolve | None = None, **changes: Any) -> RunningServer:
+        data_dir = settings.data_dir.with_name(f"data-{len(started)}")  # each server its own store
+        changes.setdefault("fetch_image_urls", True)
+        fetching = dataclasses.replace(settings, data_dir=data_dir, **changes)
+        if resolve is None:
+            running = await start_server(fetching, encoder)
+        else:
+            running = await _start_with_resolver(fetching, encoder, resolve)
+        started.append(running)
+        return running
+
     try:
-        yield running
+        yield start_fetching
     finally:
-        await stop_server(running)
+        for running in started:
+            await stop_server(running)
+
+
+async def _start_with_resolver(settings: Settings, encoder: ClipEncoder, resolve: Resolve) -> RunningServer:
+    components = await open_components(settings, encoder=encoder)
+    await components.fetcher.close()
+    components.fetcher = ImageFetcher(components.fetcher.policy, resolve=resolve)
+    server, port, store_health = build_server(settings, components)
+    await server.start()
+    await store_health.serving()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return RunningServer(
+        server,
+        port,
+        components,
+        store_health,
+        channel,
+        pb_grpc.ImageSearchServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
 
 
 async def _search_url(running: RunningServer, url: str) -> pb.SearchResponse:
     response: pb.SearchResponse = await running.stub.Search(
-        stream(pb.SearchRequest(query=pb.SearchQuery(image_url=url)))
+        stream(pb.SearchRequest(query=pb.SearchQuery(image_url=url))), timeout=DEADLINE_S
     )
     return response
 
 
-async def test_search_by_image_url_matches_search_by_bytes(fetching: RunningServer, image_host: str) -> None:
-    await index(fetching.stub, product("shoe"), IMAGE)
-    await index(fetching.stub, product("other"), jpeg_bytes((200, 0, 200)))
-    by_url = await _search_url(fetching, f"{image_host}/shoe.jpg")
-    by_bytes = await search(fetching.stub, image=IMAGE)
+async def _refused(running: RunningServer, url: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _search_url(running, url)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, url
+    assert violated_fields(err.value) == ["query.image_url"], url
+
+
+def _paths(host: ImageHost) -> list[str]:
+    return [seen.path for seen in host.requests]
+
+
+# --- fetching that works --------------------------------------------------------------------------------------
+
+
+async def test_search_by_image_url_matches_search_by_bytes(start: Start, hosts: Hosts) -> None:
+    running = await start(fetch_allowed_hosts="127.0.0.2")
+    await index(running.stub, product("shoe"), IMAGE)
+    await index(running.stub, product("other"), jpeg_bytes((200, 0, 200)))
+    by_url = await _search_url(running, hosts.a.url("/shoe.jpg"))
+    by_bytes = await search(running.stub, image=IMAGE)
     assert [h.product.id for h in by_url.hits] == [h.product.id for h in by_bytes.hits]
     assert by_url.hits[0].product.id == "shoe"
     assert by_url.query_kind == pb.QUERY_KIND_IMAGE
-    redirected = await _search_url(fetching, f"{image_host}/hop")
+    redirected = await _search_url(running, hosts.a.url("/hop"))
     assert redirected.hits[0].product.id == "shoe"
+    assert _paths(hosts.a) == ["/shoe.jpg", "/hop", "/shoe.jpg"]
 
 
-async def test_index_fetches_product_image_url_when_no_chunks(fetching: RunningServer, image_host: str) -> None:
-    item = product("by-url", image_url=f"{image_host}/shoe.jpg")
-    response = await fetching.stub.IndexProduct(stream(pb.IndexProductRequest(product=item)))
+async def test_index_fetches_product_image_url_when_no_chunks(start: Start, hosts: Hosts) -> None:
+    running = await start(fetch_allowed_hosts="127.0.0.2")
+    item = product("by-url", image_url=hosts.a.url("/shoe.jpg"))
+    response = await running.stub.IndexProduct(stream(pb.IndexProductRequest(product=item)))
     assert response.created
-    assert (await search(fetching.stub, image=IMAGE)).hits[0].product.id == "by-url"
+    assert (await search(running.stub, image=IMAGE)).hits[0].product.id == "by-url"
+
+
+# --- which addresses: refused before any connection ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "127.0.0.3", "localhost", "LOCALHOST"])
+async def test_default_policy_refuses_loopback_without_connecting(start: Start, hosts: Hosts, host: str) -> None:
+    running = await start()  # no allow-list
+    await _refused(running, hosts.a.url("/shoe.jpg", host=host))
+    assert [h.requests for h in hosts.all] == [[], [], []]
+
+
+async def test_allow_list_by_network_admits_only_its_range(start: Start, hosts: Hosts) -> None:
+    running = await start(fetch_allowed_hosts="10.0.0.0/8, 127.0.0.2/32")
+    await _search_url(running, hosts.a.url("/shoe.jpg"))
+    await _refused(running, hosts.b.url("/shoe.jpg"))  # 127.0.0.3: loopback, outside the range
+    assert _paths(hosts.a) == ["/shoe.jpg"]
+    assert hosts.b.requests == []
+
+
+async def test_allow_list_by_name_admits_only_that_name(start: Start, hosts: Hosts) -> None:
+    dns = FakeDns({"images.internal": ["127.0.0.2"], "other.internal": ["127.0.0.2"]})
+    running = await start(fetch_allowed_hosts="Images.Internal", resolve=dns)
+    await _search_url(running, hosts.a.url("/shoe.jpg", host="images.internal"))
+    await _refused(running, hosts.a.url("/shoe.jpg", host="other.internal"))  # the same address, another name
+    await _refused(running, hosts.a.url("/shoe.jpg"))  # the address itself is not on the list either
+    assert hosts.a.requests == [Seen("/shoe.jpg", f"images.internal:{hosts.a.port}")]
+
+
+async def test_every_address_a_name_resolves_to_must_be_allowed(start: Start, hosts: Hosts) -> None:
+    # The first answer is allowed (and is the one a fetcher would connect to); the second is the cloud metadata
+    # endpoint. Refused, and no connection is made even to the allowed one.
+    dns = FakeDns({"mixed.test": ["127.0.0.2", "169.254.169.254"]})
+    running = await start(fetch_allowed_hosts="127.0.0.2", resolve=dns)
+    await _refused(running, hosts.a.url("/shoe.jpg", host="mixed.test"))
+    assert hosts.a.requests == []
+
+
+async def test_connection_goes_to_the_checked_address(start: Start, hosts: Hosts) -> None:
+    # DNS rebinding: the checked lookup says 127.0.0.2 (allowed), a second lookup would say 127.0.0.1 (what the
+    # system resolver answers for "localhost", where another server listens on the same port). The fetcher
+    # must connect to the address it checked, once per hop, with the name in the Host header.
+    dns = FakeDns({"localhost": ["127.0.0.2"]})
+    running = await start(fetch_allowed_hosts="127.0.0.2", resolve=dns)
+    await _search_url(running, hosts.a.url("/hop", host="localhost"))
+    host_header = f"localhost:{hosts.a.port}"
+    assert hosts.a.requests == [Seen("/hop", host_header), Seen("/shoe.jpg", host_header)]
+    assert hosts.local.requests == []
+    assert dns.lookups == ["localhost", "localhost"]  # each hop looked up and checked
+
+
+async def test_tls_server_name_is_the_host_name(start: Start, tls_host: TlsHost) -> None:
+    # Connecting to the checked address must still send the name in TLS SNI (and check the certificate for it).
+    # The test server's certificate is not trusted, so the fetch fails after the server has seen the name.
+    dns = FakeDns({"shop.test": ["127.0.0.2"]})
+    running = await start(fetch_allowed_hosts="127.0.0.2", resolve=dns)
+    await _refused(running, f"https://shop.test:{tls_host.port}/shoe.jpg")
+    assert tls_host.server_names == ["shop.test"]
+
+
+# --- redirects: every hop checked -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("path", "target"),
     [
-        pytest.param("/missing.jpg", id="http-404"),
-        pytest.param("/big.jpg", id="too-large"),
-        pytest.param("/loop", id="redirect-loop"),
-        pytest.param("/to-metadata", id="redirect-to-link-local"),
+        pytest.param("/to-b", "b", id="to-another-loopback-address"),
+        pytest.param("/to-localhost", "local", id="to-localhost"),
     ],
 )
-async def test_bad_image_urls_are_refused(fetching: RunningServer, image_host: str, path: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _search_url(fetching, image_host + path)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(err.value) == ["query.image_url"]
+async def test_redirect_to_a_refused_address_is_not_followed(
+    start: Start, hosts: Hosts, path: str, target: str
+) -> None:
+    running = await start(fetch_allowed_hosts="127.0.0.2")
+    await _refused(running, hosts.a.url(path))
+    assert _paths(hosts.a) == [path]
+    assert getattr(hosts, target).requests == []
 
 
-async def test_default_policy_refuses_loopback(settings: Settings, encoder: ClipEncoder, image_host: str) -> None:
-    running = await start_server(dataclasses.replace(settings, fetch_image_urls=True), encoder)  # no allow-list
-    try:
-        for url in (f"{image_host}/shoe.jpg", "http://localhost/x.jpg", "file:///etc/passwd", "ftp://a/b.jpg"):
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await _search_url(running, url)
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, url
-    finally:
-        await stop_server(running)
+async def test_redirects_are_limited(start: Start, hosts: Hosts) -> None:
+    running = await start(fetch_allowed_hosts="127.0.0.2", fetch_max_redirects=2)
+    await _refused(running, hosts.a.url("/loop"))
+    assert _paths(hosts.a) == ["/loop"] * 3  # the request and two redirects, then no more
 
 
-async def test_fetching_is_off_by_default(running: RunningServer, image_host: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _search_url(running, f"{image_host}/shoe.jpg")
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("ftp://127.0.0.2:{port}/shoe.jpg", id="ftp"),
+        pytest.param("gopher://127.0.0.2:{port}/shoe.jpg", id="gopher"),
+        pytest.param("ws://127.0.0.2:{port}/shoe.jpg", id="ws"),
+        pytest.param("file:///etc/passwd", id="file"),
+        pytest.param("//127.0.0.2:{port}/shoe.jpg", id="no-scheme"),
+        pytest.param("http:///shoe.jpg", id="no-host"),
+        pytest.param("127.0.0.2:{port}/shoe.jpg", id="not-a-url"),
+        pytest.param("http://127.0.0.2:{port}/to-ftp", id="redirect-to-ftp"),
+    ],
+)
+async def test_only_http_and_https_are_fetched(start: Start, hosts: Hosts, url: str) -> None:
+    # The host is allowed: only the scheme check can refuse, and it does before looking anything up.
+    dns = FakeDns()
+    running = await start(fetch_allowed_hosts="127.0.0.2", resolve=dns)
+    redirects = "/to-" in url
+    await _refused(running, url.format(port=hosts.a.port))
+    assert dns.lookups == (["127.0.0.2"] if redirects else [])
+    assert _paths(hosts.a) == (["/to-ftp"] if redirects else [])
+
+
+# --- size and time limits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/big.jpg", "/big-chunked.jpg"], ids=["content-length", "chunked"])
+async def test_body_over_the_limit_is_refused(start: Start, hosts: Hosts, path: str) -> None:
+    # BIG_IMAGE is a valid image: without the cap it would be searched with.
+    running = await start(fetch_allowed_hosts="127.0.0.2", max_image_bytes=CAP)
+    await _refused(running, hosts.a.url(path))
+    await _search_url(running, hosts.a.url("/small-chunked.jpg"))  # the same server, under the limit
+    larger = await start(fetch_allowed_hosts="127.0.0.2", max_image_bytes=2 * len(BIG_IMAGE))
+    await _search_url(larger, hosts.a.url(path))
+
+
+async def test_declared_length_over_the_limit_is_refused_before_reading(start: Start, hosts: Hosts) -> None:
+    # The server declares more than the limit, sends less and waits: only the declared length can refuse this
+    # before the (long) fetch timeout; reading the body would run into DEADLINE_EXCEEDED instead.
+    running = await start(fetch_allowed_hosts="127.0.0.2", max_image_bytes=CAP, fetch_timeout_s=3 * DEADLINE_S)
+    await _refused(running, hosts.a.url("/declares-big.jpg"))
+
+
+@pytest.mark.parametrize("path", ["/stall.jpg", "/trickle.jpg"], ids=["no-answer", "endless-body"])
+async def test_fetch_timeout_bounds_a_slow_server(start: Start, hosts: Hosts, path: str) -> None:
+    # Without the timeout the call would run into its deadline (DEADLINE_EXCEEDED); the server did get the
+    # request, so the refusal is the timeout's, not a connection error.
+    running = await start(fetch_allowed_hosts="127.0.0.2", fetch_timeout_s=0.5)
+    await _refused(running, hosts.a.url(path))
+    assert _paths(hosts.a) == [path]
+
+
+async def test_http_error_answer_is_refused(start: Start, hosts: Hosts) -> None:
+    running = await start(fetch_allowed_hosts="127.0.0.2")
+    await _refused(running, hosts.a.url("/missing.jpg"))
+    assert _paths(hosts.a) == ["/missing.jpg"]
+
+
+# --- off by default, and one image per request ----------------------------------------------------------------
+
+
+async def test_fetching_is_off_by_default(running: RunningServer, hosts: Hosts) -> None:
+    await _refused(running, hosts.a.url("/shoe.jpg"))
+    assert hosts.a.requests == []
+
+
+async def test_fetching_stays_off_with_an_allow_list(start: Start, hosts: Hosts) -> None:
+    running = await start(fetch_image_urls=False, fetch_allowed_hosts="127.0.0.2")
+    await _refused(running, hosts.a.url("/shoe.jpg"))
     with pytest.raises(grpc.aio.AioRpcError) as err:  # and a product URL alone is not an image
         await running.stub.IndexProduct(
-            stream(pb.IndexProductRequest(product=product("p", image_url=f"{image_host}/shoe.jpg")))
+            stream(pb.IndexProductRequest(product=product("p", image_url=hosts.a.url("/shoe.jpg"))))
         )
     assert "image_chunk" in violated_fields(err.value)
+    assert hosts.a.requests == []
 
 
-async def test_image_url_and_chunks_together_are_refused(fetching: RunningServer, image_host: str) -> None:
+async def test_image_url_and_chunks_together_are_refused(start: Start, hosts: Hosts) -> None:
+    running = await start(fetch_allowed_hosts="127.0.0.2")
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await fetching.stub.Search(
+        await running.stub.Search(
             stream(
-                pb.SearchRequest(query=pb.SearchQuery(image_url=f"{image_host}/shoe.jpg")),
+                pb.SearchRequest(query=pb.SearchQuery(image_url=hosts.a.url("/shoe.jpg"))),
                 pb.SearchRequest(image_chunk=IMAGE),
             )
         )
     assert violated_fields(err.value) == ["query.image_url"]
+    assert hosts.a.requests == []
+
+
+# --- the address rule and the allow-list syntax ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -151,6 +519,7 @@ async def test_image_url_and_chunks_together_are_refused(fetching: RunningServer
         ("93.184.216.34", True),
         ("2606:4700::1111", True),
         ("127.0.0.1", False),
+        ("127.0.0.2", False),
         ("10.1.2.3", False),
         ("172.16.0.1", False),
         ("192.168.1.1", False),
@@ -158,23 +527,81 @@ async def test_image_url_and_chunks_together_are_refused(fetching: RunningServer
         ("100.64.0.1", False),  # carrier-grade NAT
         ("0.0.0.0", False),
         ("224.0.0.1", False),
+        ("255.255.255.255", False),
         ("::1", False),
+        ("::", False),
         ("fe80::1", False),
         ("fd00::1", False),
+        ("ff02::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("::ffff:169.254.169.254", False),
     ],
 )
 def test_public_address_rule(address: str, public: bool) -> None:
     assert _is_public(ipaddress.ip_address(address)) is public
 
 
-async def test_allow_list_accepts_networks_and_names() -> None:
-    hosts, networks = FetchPolicy.parse_allow_list(" Images.Internal , 10.0.0.0/8,127.0.0.1")
+def test_allow_list_accepts_networks_and_names() -> None:
+    hosts, networks = FetchPolicy.parse_allow_list(" Images.Internal , 10.0.0.0/8,127.0.0.1,, fd00::/8")
     assert hosts == frozenset({"images.internal"})
-    assert [str(n) for n in networks] == ["10.0.0.0/8", "127.0.0.1/32"]
-    fetcher = ImageFetcher(FetchPolicy(enabled=True))
+    assert [str(n) for n in networks] == ["10.0.0.0/8", "127.0.0.1/32", "fd00::/8"]
+
+
+# --- a TLS server that records the server name clients ask for ------------------------------------------------
+
+
+class TlsHost:
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.server_names: list[str | None] = []
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        context.sni_callback = self._record_name
+        self._context = context
+        self._socket = socket.create_server(("127.0.0.2", 0))
+        self.port: int = self._socket.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _record_name(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, name: str | None, context: ssl.SSLContext
+    ) -> None:
+        self.server_names.append(name)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._socket.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    with self._context.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)
+                except (OSError, ssl.SSLError):
+                    pass
+
+    def stop(self) -> None:
+        self._socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone would not
+        self._socket.close()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=shop.test",
+         "-addext", "subjectAltName=DNS:shop.test"],
+        cwd=d, check=True, capture_output=True,
+    )  # fmt: skip
+    return d / "cert.pem", d / "key.pem"
+
+
+@pytest.fixture
+def tls_host(self_signed: tuple[Path, Path]) -> Iterator[TlsHost]:
+    host = TlsHost(*self_signed)
     try:
-        with pytest.raises(InvalidArgument):
-            await fetcher.fetch("http://127.0.0.1:9/x.jpg", field="f")
+        yield host
     finally:
-        await fetcher.close()
+        host.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -25,6 +26,14 @@ from imagesearch.errors import FieldViolation, ImageTooLarge, InvalidArgument
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# (host, port) -> the addresses it resolves to; raises OSError when it does not resolve.
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to, from the system resolver."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,9 @@ class FetchPolicy:
 
 
 class ImageFetcher:
-    def __init__(self, policy: FetchPolicy) -> None:
+    def __init__(self, policy: FetchPolicy, *, resolve: Resolve = resolve_host) -> None:
         self.policy = policy
+        self._resolve = resolve  # tests give names loopback addresses, and change the answer between lookups
         self._client = httpx.AsyncClient(
             follow_redirects=False,
             timeout=httpx.Timeout(policy.timeout_s),
@@ -116,10 +126,9 @@ class ImageFetcher:
 
     async def _checked_address(self, host: str, port: int, field: str) -> str:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            addresses = await self._resolve(host, port)
         except OSError:
             raise InvalidArgument(FieldViolation(field, f"cannot resolve host {host!r}")) from None
-        addresses = [str(info[4][0]) for info in infos]
         if not addresses:
             raise InvalidArgument(FieldViolation(field, f"cannot resolve host {host!r}"))
         host_allowed = host.lower() in self.policy.allowed_hosts
