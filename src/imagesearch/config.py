@@ -88,6 +88,10 @@ class Settings:
     cache_namespace: str = ""
     # Prometheus /metrics endpoint on host:metrics_port; 0 = off.
     metrics_port: int = 0
+    # The HTTP/JSON port (api/http.py): every rpc through the Connect protocol (JSON POSTs), gRPC-Web, /healthz,
+    # /openapi.json and /docs, with the same handlers, keys and TLS as the gRPC port. Unset = off; 0 = any free
+    # port. Off unless set, so that an upgrade opens no new port by itself; the container images set 8080.
+    http_port: int | None = None
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     max_image_bytes: int = 10 * 1024 * 1024
@@ -121,6 +125,12 @@ class Settings:
         _require(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0 (off) to 65535")
         _require(
             self.metrics_port == 0 or self.metrics_port != self.port, "metrics_port", "must differ from the gRPC port"
+        )
+        _require(self.http_port is None or 0 <= self.http_port <= 65535, "http_port", "must be 0..65535 (unset: off)")
+        _require(
+            not self.http_port or self.http_port not in (self.port, self.metrics_port),
+            "http_port",
+            "must differ from the gRPC and metrics ports",
         )
         _require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = automatic)")
         _require(self.decode_threads >= 0, "decode_threads", "must be >= 0 (0 = automatic)")

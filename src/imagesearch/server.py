@@ -1,13 +1,17 @@
-"""Wiring: builds the components and the grpc.aio server, runs it, and shuts it down gracefully."""
+"""Wiring: builds the components, the grpc.aio server and the HTTP/JSON server, runs them, and shuts them down
+gracefully."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
+import math
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -15,8 +19,9 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imagesearch import tracing
-from imagesearch.api.auth import ApiKeyFileError, ApiKeyInterceptor, load_api_keys
+from imagesearch.api.auth import ApiKey, ApiKeyFileError, ApiKeyInterceptor, load_api_keys
 from imagesearch.api.health import StoreHealth
+from imagesearch.api.http import ApiKeys, HttpServer, TlsFiles, bind, build_app
 from imagesearch.api.interceptors import RequestLoggingInterceptor
 from imagesearch.api.service import SERVICE, ImageSearchService, add_to_server
 from imagesearch.config import Settings, otel_environment
@@ -34,7 +39,7 @@ log = structlog.get_logger(__name__)
 SERVICE_NAME = SERVICE.full_name
 # Exit code when the server cannot start (bad config, model or store): distinct from a crash (1).
 STARTUP_FAILURE = 3
-# Room for a request's non-image fields (product metadata, filters) on top of the largest image chunk.
+# Room for a request's non-image fields (product metadata, filters) on top of the image bytes it carries.
 _MESSAGE_OVERHEAD_BYTES = 256 * 1024
 
 
@@ -144,8 +149,28 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
     )
 
 
+@dataclass
+class Servers:
+    grpc: grpc.aio.Server
+    # The gRPC port as bound (useful with port 0).
+    port: int
+    store_health: StoreHealth
+    # The one service both ports call.
+    service: ImageSearchService
+    # The HTTP/JSON port's server, when IMAGESEARCH_HTTP_PORT is set.
+    http: HttpServer | None = None
+
+
 def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.Server, int, StoreHealth]:
-    """Build (not start) the server. Returns it, the bound port (useful with port 0) and its health reporter."""
+    """Build (not start) the gRPC server alone. Returns it, the bound port (useful with port 0) and its health
+    reporter."""
+    servers = build_servers(dataclasses.replace(settings, http_port=None), components)
+    return servers.grpc, servers.port, servers.store_health
+
+
+def build_servers(settings: Settings, components: Components) -> Servers:
+    """Build (not start) the gRPC server and, when IMAGESEARCH_HTTP_PORT is set, the HTTP/JSON server, both on one
+    ImageSearchService and one health servicer."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
     server_span = tracing.server_interceptor()
     if server_span is not None:
@@ -156,12 +181,14 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
     # Binds request_id/method for every log line of the RPC and logs its final status, including the refusals of
     # the interceptors after it.
     interceptors.append(RequestLoggingInterceptor(components.metrics))
-    if settings.api_keys_file is not None:
+    keys = load_api_keys(settings.api_keys_file) if settings.api_keys_file is not None else None
+    if keys is not None:
         # Before any handler runs: an unauthenticated caller never reaches the model or the store.
-        interceptors.append(
-            ApiKeyInterceptor(load_api_keys(settings.api_keys_file), protect_all=settings.auth_protect_all)
-        )
-    max_message = settings.max_chunk_bytes + _MESSAGE_OVERHEAD_BYTES
+        interceptors.append(ApiKeyInterceptor(keys, protect_all=settings.auth_protect_all))
+    # The unary forms (SearchInline, IndexProductInline) carry a whole image in one message. grpc receives a unary
+    # message whole before the handler runs (and before admission control), so one call may now hold this much;
+    # streamed uploads still arrive in chunks of at most max_chunk_bytes (streams.py), under flow control.
+    max_message = settings.max_image_bytes + _MESSAGE_OVERHEAD_BYTES
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", max_message), ("grpc.so_reuseport", 0)],
@@ -177,7 +204,8 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
     health_servicer = health.aio.HealthServicer()
     # "" is the whole server; clients may also ask for the service by name.
     store_health = StoreHealth(health_servicer, components.store, ("", SERVICE_NAME))
-    add_to_server(ImageSearchService(catalog, settings, store_health), server)
+    service = ImageSearchService(catalog, settings, store_health)
+    add_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
@@ -186,7 +214,33 @@ def build_server(settings: Settings, components: Components) -> tuple[grpc.aio.S
         port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"could not bind {settings.address}")
-    return server, port, store_health
+    http_server = None
+    if settings.http_port is not None:
+        http_server = build_http_server(settings, service, health_servicer, components.metrics, keys)
+    return Servers(server, port, store_health, service, http_server)
+
+
+def build_http_server(
+    settings: Settings,
+    service: ImageSearchService,
+    health_servicer: health.aio.HealthServicer,
+    metrics: Metrics,
+    keys: list[ApiKey] | None,
+) -> HttpServer:
+    """The HTTP/JSON port (api/http.py) on the same service, health, keys and TLS settings as the gRPC port."""
+    assert settings.http_port is not None
+    app = build_app(
+        service,
+        health_servicer,
+        metrics=metrics,
+        api_keys=ApiKeys(keys, protect_all=settings.auth_protect_all) if keys is not None else None,
+        # A unary request carries a whole image, in JSON as base64 (a third larger), plus the other fields.
+        max_request_bytes=4 * math.ceil(settings.max_image_bytes / 3) + _MESSAGE_OVERHEAD_BYTES,
+    )
+    tls = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls = TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    return HttpServer(app, bind(settings.host, settings.http_port), tls)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -207,7 +261,8 @@ async def serve(settings: Settings) -> int:
         log.error("startup failed", error=str(exc))
         return STARTUP_FAILURE
     try:
-        server, port, store_health = build_server(settings, components)
+        servers = build_servers(settings, components)
+        server, port, store_health, http_server = servers.grpc, servers.port, servers.store_health, servers.http
         metrics_endpoint = (
             components.metrics.start_http_server(settings.metrics_port, settings.host)
             if settings.metrics_port
@@ -223,10 +278,13 @@ async def serve(settings: Settings) -> int:
     model = components.encoder.describe()
     with _signals_set(stop, force):
         await server.start()
+        if http_server is not None:
+            await http_server.start()
         await store_health.serving()
         log.info(
             "serving",
             address=f"{settings.host}:{port}",
+            http=f"{http_server.scheme}://{settings.host}:{http_server.port}" if http_server is not None else "off",
             model=model.model_id,
             device=model.device,
             image_tower=f"{model.image_runtime} {model.image_precision}",
@@ -237,7 +295,7 @@ async def serve(settings: Settings) -> int:
             gc_frozen_objects=frozen,
         )
         await stop.wait()
-        await shutdown(server, store_health, components, settings.shutdown_grace_s, force)
+        await shutdown(server, store_health, components, settings.shutdown_grace_s, force, http_server)
         if metrics_endpoint is not None:
             metrics_endpoint.stop()  # last: the drain itself can be watched
     return 0
@@ -261,18 +319,26 @@ async def shutdown(
     components: Components,
     grace_s: float,
     force: asyncio.Event,
+    http: HttpServer | None = None,
 ) -> None:
-    # 1. Health goes NOT_SERVING for good, so load balancers stop routing here while we drain.
+    # 1. Health goes NOT_SERVING for good (gRPC health and GET /healthz), so load balancers stop routing here while
+    #    we drain.
     await store_health.servicer.enter_graceful_shutdown()
     await store_health.close()
     log.info("shutting down", grace_s=grace_s)
-    # 2. Refuse new RPCs and let in-flight ones finish within the grace period; a second SIGINT cuts it short.
-    stopping = asyncio.ensure_future(server.stop(grace_s))
+    # 2. Both ports refuse new calls and let in-flight ones finish within the grace period; a second SIGINT cuts
+    #    it short.
+    stopping: asyncio.Future[Any] = asyncio.gather(
+        server.stop(grace_s), *([http.stop(grace_s)] if http is not None else [])
+    )
     forced = asyncio.ensure_future(force.wait())
     await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
     if not stopping.done():
         log.warning("forced exit: cancelling in-flight RPCs")
+        if http is not None:
+            http.force_exit()
         await server.stop(0)
+        await stopping
     forced.cancel()
     # 3. Only now close the backends: no RPC can use them any more.
     await components.close()

@@ -726,6 +726,7 @@ class SearchInlineResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     CATEGORY_FACETS_FIELD_NUMBER: _builtins.int
     ATTRIBUTE_FACETS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     query_kind: Global___QueryKind.ValueType
     """Output only. As `SearchResponse.query_kind`."""
     cached: _builtins.bool
@@ -740,6 +741,8 @@ class SearchInlineResponse(_message.Message):
     """Output only. As `SearchResponse.next_page_token`: send it as `query.page_token` of the next
     `SearchInline` (or `Search`) with the same query.
     """
+    mode: Global___SearchMode.ValueType
+    """Output only. As `SearchResponse.mode`."""
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]:
         """Output only. As `SearchResponse.hits`."""
@@ -764,10 +767,11 @@ class SearchInlineResponse(_message.Message):
         next_page_token: _builtins.str = ...,
         category_facets: _abc.Iterable[Global___FacetCount] | None = ...,
         attribute_facets: _abc.Iterable[Global___AttributeFacet] | None = ...,
+        mode: Global___SearchMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_facets", b"attribute_facets", "cached", b"cached", "category_facets", b"category_facets", "embedding_cache", b"embedding_cache", "hits", b"hits", "next_page_token", b"next_page_token", "query_kind", b"query_kind", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_facets", b"attribute_facets", "cached", b"cached", "category_facets", b"category_facets", "embedding_cache", b"embedding_cache", "hits", b"hits", "mode", b"mode", "next_page_token", b"next_page_token", "query_kind", b"query_kind", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
