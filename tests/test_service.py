@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 
 import grpc
+import numpy as np
 import pytest
 from conftest import RunningServer, jpeg_bytes, start_server, stop_server
 from grpc_health.v1 import health_pb2
 from rpc import index, product, search, stream, violated_fields
 
+from imagesearch.api import service
 from imagesearch.config import Settings
 from imagesearch.model.encoder import ClipEncoder
 from imagesearch.model.openvino_runtime import cpu_has_native_bf16
@@ -65,11 +68,51 @@ async def test_search_by_text_returns_indexed_products(running: RunningServer) -
     assert response.server_time_ms > 0
 
 
-async def test_search_with_text_and_image_is_multimodal(running: RunningServer) -> None:
-    await index(running.stub, product("red"), RED)
-    response = await search(running.stub, text="a red mug", image=RED, text_weight=0.3)
-    assert response.query_kind == pb.QUERY_KIND_MULTIMODAL
-    assert [h.product.id for h in response.hits] == ["red"]
+GREEN = jpeg_bytes((30, 200, 40))
+
+
+def scores(response: pb.SearchResponse) -> dict[str, float]:
+    return {h.product.id: h.score for h in response.hits}
+
+
+async def index_three_colours(running: RunningServer) -> None:
+    for name, image in (("red", RED), ("blue", BLUE), ("green", GREEN)):
+        await index(running.stub, product(name), image)
+
+
+async def test_search_with_text_and_image_mixes_them_by_text_weight(running: RunningServer) -> None:
+    await index_three_colours(running)
+    # The reference: each product's cosine to normalize(w * text + (1 - w) * image), from the stored vectors and
+    # the model's text embedding (BLUE is indexed as "blue", so its stored vector is the query image's).
+    stored = await running.components.store.vectors(["red", "blue", "green"])
+    text = await running.components.encoder.encode_text("a red mug")
+
+    def expected(weight: float) -> dict[str, float]:
+        mixed = weight * text + (1 - weight) * stored["blue"]
+        mixed /= np.linalg.norm(mixed)
+        return {pid: float(vector @ mixed) for pid, vector in stored.items()}
+
+    for weight in (0.0, 0.3, 0.8, 1.0):
+        response = await search(running.stub, text="a red mug", image=BLUE, text_weight=weight)
+        assert response.query_kind == pb.QUERY_KIND_MULTIMODAL
+        assert scores(response) == pytest.approx(expected(weight), abs=1e-4), weight
+    assert expected(0.3) != pytest.approx(expected(0.8), abs=1e-2)  # the weights do make a difference here
+
+
+async def test_search_without_text_weight_weighs_text_and_image_equally(
+    settings: Settings, encoder: ClipEncoder
+) -> None:
+    # No result cache: each search is ranked afresh, so equal answers come from equal query vectors.
+    running = await start_server(dataclasses.replace(settings, cache="none"), encoder)
+    try:
+        await index_three_colours(running)
+        default = scores(await search(running.stub, text="a red mug", image=BLUE))
+        half = scores(await search(running.stub, text="a red mug", image=BLUE, text_weight=0.5))
+        other = scores(await search(running.stub, text="a red mug", image=BLUE, text_weight=0.2))
+        assert default == pytest.approx(half, abs=1e-5)
+        assert default != pytest.approx(other, abs=1e-3)
+    finally:
+        await stop_server(running)
 
 
 async def test_search_filters_restrict_results(running: RunningServer) -> None:
@@ -132,7 +175,16 @@ async def test_service_info_describes_model_store_cache_and_limits(running: Runn
     assert info.cache.backend == "memory"
     assert info.limits.max_image_bytes == settings.max_image_bytes
     assert info.limits.max_top_k == settings.max_top_k
-    assert info.server_version
+    assert info.server_version == importlib.metadata.version("imagesearch")
+
+
+def test_server_version_falls_back_when_the_package_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Run from a source tree without installing: no package metadata.
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(service, "version", not_installed)
+    assert service.server_version() == "0+unknown"
 
 
 async def test_health_reports_serving_for_server_and_service(running: RunningServer) -> None:

@@ -23,6 +23,7 @@ from imagesearch.domain import FacetCount, FacetSpec, Product, SearchFilter
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store import EdgeStore, QdrantServerStore, VectorStore
 from imagesearch.store.base import Vector
+from imagesearch.store.edge import indexed_clip_vectors
 
 # qdrant-client's local mode warns that it ignores payload indexes; the store creates them for real servers.
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
@@ -237,8 +238,25 @@ async def test_calls_raise_unavailable_when_store_is_closed(store: VectorStore) 
         await store.get("a")
 
 
-async def test_ping_succeeds_when_store_is_open(store: VectorStore) -> None:
-    await store.ping()
+async def test_ping_answers_while_the_store_can_serve_and_fails_once_it_cannot(tmp_path: Path) -> None:
+    # Health probes rely on ping: it must tell a store that serves from one that cannot, not only not raise.
+    edge = await open_store("embedded", tmp_path)
+    await seed(edge)
+    assert await edge.ping() is None
+    await edge.close()
+    with pytest.raises(StoreUnavailable):
+        await edge.ping()
+
+    client = AsyncQdrantClient(location=":memory:")
+    server = await QdrantServerStore.from_client(client, DIM, MODEL, collection="pinged", where=":memory:")
+    try:
+        await seed(server)
+        assert await server.ping() is None
+        await client.delete_collection("pinged")  # e.g. dropped by an operator: nothing left to search
+        with pytest.raises(StoreUnavailable):
+            await server.ping()
+    finally:
+        await server.close()
 
 
 # --- embedded store: persistence and configuration ---
@@ -532,8 +550,8 @@ async def test_embedded_store_builds_its_vector_index_at_open_past_the_threshold
     path = tmp_path / "edge"
 
     def indexed(store: EdgeStore) -> int:
-        # The engine's own count; the store has no public use for it.
-        return int(store._open_shard().info().indexed_vectors_count)
+        # The engine's own count (less its sparse vectors); the store has no public use for it.
+        return indexed_clip_vectors(store._open_shard())
 
     plain = await EdgeStore.open(path, dimension, MODEL)  # the default threshold, 0: never index
     for start in range(0, count, 1000):
