@@ -51,11 +51,15 @@ def product(
 
 
 async def index(
-    stub: pb_grpc.ImageSearchServiceAsyncStub, item: products_pb2.Product, image: bytes | None
+    stub: pb_grpc.ImageSearchServiceAsyncStub,
+    item: products_pb2.Product,
+    image: bytes | None,
+    *,
+    timeout: float | None = None,
 ) -> pb.IndexProductResponse:
     messages: list[object] = [pb.IndexProductRequest(product=item)]
     messages += [pb.IndexProductRequest(image_chunk=c) for c in chunks(image or b"")]
-    response: pb.IndexProductResponse = await stub.IndexProduct(stream(*messages))
+    response: pb.IndexProductResponse = await stub.IndexProduct(stream(*messages), timeout=timeout)
     return response
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from imagesearch.config import Settings
 from imagesearch.errors import StoreUnavailable
 from imagesearch.model.encoder import ClipEncoder
 from imagesearch.server import SERVICE_NAME
+from imagesearch.v1 import image_search_service_pb2 as pb
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -75,30 +77,127 @@ async def test_store_outage_gives_unavailable_and_health_follows_the_store(
     assert [h.product.id for h in (await search(running.stub, text="something new")).hits] == ["a"]
 
 
-async def test_search_past_its_deadline_is_abandoned(
-    running: RunningServer, encoder: ClipEncoder, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await index(running.stub, product("a"), jpeg_bytes())
-    slow_forward(monkeypatch, encoder, 0.5)
-    store_calls = 0
-    original_search = running.components.store.search
+def rpc_codes(running: RunningServer, method: str) -> dict[str, float]:
+    """The server's own record of finished RPCs of `method` by status code (its metrics), not the client's."""
+    counts: dict[str, float] = {}
+    for metric in running.components.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "imagesearch_rpcs_total" and sample.labels["method"] == method and sample.value:
+                counts[sample.labels["code"]] = sample.value
+    return counts
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    """Wait for an event the test cannot await directly; the timeout only bounds a hang, it is not asserted on."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.01)
+
+
+class HeldForward:
+    """Model forwards that wait, in the model thread, until the test releases them: work the server has queued
+    or started, held for as long as the test needs (no sleeps)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, encoder: ClipEncoder) -> None:
+        self.release = threading.Event()
+        self.finished = threading.Event()
+        original = encoder.encode_pixels
+
+        def held(batch: torch.Tensor) -> Any:
+            self.release.wait(60)
+            try:
+                return original(batch)
+            finally:
+                self.finished.set()
+
+        monkeypatch.setattr(encoder, "encode_pixels", held)
+
+    async def release_and_wait(self) -> None:
+        self.release.set()
+        await asyncio.to_thread(self.finished.wait, 60)
+
+
+@pytest.fixture
+def held_forward(monkeypatch: pytest.MonkeyPatch, encoder: ClipEncoder) -> Iterator[HeldForward]:
+    held = HeldForward(monkeypatch, encoder)
+    try:
+        yield held
+    finally:
+        held.release.set()  # never leave the model thread waiting
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(owner, name)
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal store_calls
-        store_calls += 1
-        return await original_search(*args, **kwargs)
+        calls[0] += 1
+        return await original(*args, **kwargs)
 
-    monkeypatch.setattr(running.components.store, "search", counted)
-    call = running.stub.Search(
-        _one_image_search(jpeg_bytes((1, 2, 3))),
-        timeout=0.2,
-    )
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+async def test_search_past_its_deadline_is_abandoned_and_answered_by_the_server(
+    running: RunningServer, held_forward: HeldForward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held_forward.release.set()
+    await index(running.stub, product("a"), jpeg_bytes())
+    held_forward.release.clear()
+    store_searches = count_calls(monkeypatch, running.components.store, "search")
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
+        await running.stub.Search(_one_image_search(jpeg_bytes((1, 2, 3))), timeout=0.2)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await asyncio.sleep(0.6)  # let the slow forward finish
-    assert store_calls == 0, "the store was queried after the deadline had passed"
+
+    # The server's deadline wrapper stopped the handler and answered DEADLINE_EXCEEDED itself. (Without it, grpc
+    # cancels the handler when the caller's timer fires, and the server records the RPC as CANCELLED.)
+    await until(lambda: bool(rpc_codes(running, "Search")), "the server to finish the Search RPC")
+    assert rpc_codes(running, "Search") == {"DEADLINE_EXCEEDED": 1}
+    # The forward it started finishes, and nothing after it runs: the RPC has ended, so its store query, which
+    # would come before the end, never comes.
+    await held_forward.release_and_wait()
+    assert store_searches == [0], "the store was queried after the deadline had passed"
     assert await health_status(running) == SERVING
+
+
+async def test_index_past_its_deadline_stores_nothing(
+    running: RunningServer, held_forward: HeldForward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upserts = count_calls(monkeypatch, running.components.store, "upsert")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await index(running.stub, product("late"), jpeg_bytes((5, 6, 7)), timeout=0.2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await until(lambda: bool(rpc_codes(running, "IndexProduct")), "the server to finish the IndexProduct RPC")
+    assert rpc_codes(running, "IndexProduct") == {"DEADLINE_EXCEEDED": 1}
+    await held_forward.release_and_wait()
+    assert upserts == [0]
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await running.stub.GetProduct(pb.GetProductRequest(id="late"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_queued_encode_of_an_abandoned_search_never_runs(
+    running: RunningServer, held_forward: HeldForward
+) -> None:
+    # One search holds the model; a second one, queued behind it, runs out of time while it waits.
+    held_forward.release.set()
+    await index(running.stub, product("a"), jpeg_bytes())
+    held_forward.release.clear()
+    batcher = running.components.encoder.images
+    batcher.batch_sizes.clear()
+    first = asyncio.ensure_future(search(running.stub, image=jpeg_bytes((9, 9, 9))))
+    await until(lambda: bool(batcher.batch_sizes), "the first search to reach the model")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await running.stub.Search(_one_image_search(jpeg_bytes((1, 2, 3))), timeout=0.2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    held_forward.release.set()
+    assert (await first).hits
+    # The batcher took its next batch when the first forward returned, before the first search could finish.
+    assert list(batcher.batch_sizes) == [1]
+    await until(lambda: sum(rpc_codes(running, "Search").values()) == 2, "both Search RPCs to finish")
+    assert rpc_codes(running, "Search") == {"OK": 1, "DEADLINE_EXCEEDED": 1}
 
 
 async def _lazy_image_search(image: bytes) -> AsyncIterator[Any]:

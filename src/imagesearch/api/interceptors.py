@@ -137,9 +137,9 @@ async def _echo_request_id(context: grpc.aio.ServicerContext[Any, Any], request_
 
 
 def _failure_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    code = context.code() or grpc.StatusCode.UNKNOWN
+    code = context.code()
     # An exception with no status set means the RPC was cancelled (client gone, server stopping).
-    return grpc.StatusCode.CANCELLED if code == grpc.StatusCode.OK else code
+    return grpc.StatusCode.CANCELLED if code in (None, grpc.StatusCode.OK) else code
 
 
 def _end(code: grpc.StatusCode, started: float, method: str, metrics: Metrics | None) -> None:

@@ -42,6 +42,8 @@ STATUS_FOR_ERROR: dict[type[ImageSearchError], grpc.StatusCode] = {
 # RESOURCE_EXHAUSTED).
 RETRY_DELAY_S = 1
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# A cancellation this close to the caller's deadline is recorded as DEADLINE_EXCEEDED, not CANCELLED (_within).
+DEADLINE_TOLERANCE_S = 0.05
 # google.rpc.ResourceInfo.resource_type of a product, for NOT_FOUND details.
 PRODUCT_RESOURCE_TYPE = products_pb2.Product.DESCRIPTOR.full_name
 
@@ -153,6 +155,12 @@ async def _within(deadline: float | None) -> AsyncIterator[None]:
             yield
     except TimeoutError:
         raise DeadlineExceeded("the deadline passed before the request finished") from None
+    except asyncio.CancelledError:
+        # The caller's own timer fires at the same deadline and grpc then cancels the RPC, often a moment before
+        # our timer (the deadline reached us later than the caller set it). That cancellation is the deadline too.
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline - DEADLINE_TOLERANCE_S:
+            raise DeadlineExceeded("the deadline passed before the request finished") from None
+        raise
 
 
 @contextlib.asynccontextmanager

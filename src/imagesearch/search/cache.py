@@ -250,6 +250,8 @@ def _decode_hits(raw: bytes | None) -> list[Hit] | None:
         return None
     try:
         rows: Any = json.loads(raw)
+        if not isinstance(rows, list):
+            return None  # e.g. an empty JSON object, which would read as no hits
         return [Hit(product=Product.from_row(row), score=float(score)) for score, row in rows]
     except (ValueError, TypeError, AttributeError):
         # Corrupted or foreign value: treat as a miss.
