@@ -10,6 +10,7 @@ import dataclasses
 import http.server
 import json
 import ssl
+import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from imagesearch.api.status import status_for
 from imagesearch.config import Settings
-from imagesearch.errors import StoreUnavailable
+from imagesearch.errors import FieldViolation, InvalidArgument, StoreUnavailable
 from imagesearch.model.encoder import ClipEncoder
 from imagesearch.server import Components, Servers, build_servers, open_components
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -464,6 +466,53 @@ def test_connect_error_json_shape() -> None:
     assert json.loads(codec.encode(pb.IndexProductInlineResponse())) == {"created": False}
     decoded = codec.decode(b'{"query": {"topK": 3, "page_size": 2}}', pb.SearchInlineRequest)
     assert isinstance(decoded, pb.SearchInlineRequest) and (decoded.query.top_k, decoded.query.page_size) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(
+            pb.SearchInlineResponse(
+                hits=[
+                    pb.SearchHit(
+                        product=products_pb2.Product(id="p", price=2.5, attributes={"k": "v"}), score=0.28108305
+                    )
+                ],
+                query_kind=pb.QUERY_KIND_TEXT,
+                server_time_ms=1.5,
+            ),
+            id="search",
+        ),
+        pytest.param(
+            pb.GetServiceInfoResponse(store=pb.GetServiceInfoResponse.StoreInfo(product_count=2**40)), id="int64"
+        ),
+        pytest.param(pb.IndexProductInlineResponse(), id="defaults"),
+        pytest.param(
+            pb.IndexProductsResponse(id="x", error=status_for(InvalidArgument(FieldViolation("product.id", "bad")))),
+            id="status-with-details",
+        ),
+    ],
+)
+def test_json_codec_writes_what_json_format_writes(message: Message) -> None:
+    from google.protobuf import json_format
+
+    from imagesearch.api.http import JsonCodec
+
+    expected = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    # Floats match as float32 (json_format prints a float's shortest float32 form, protobuf-py its double form).
+    assert _float32(json.loads(JsonCodec().encode(message))) == _float32(expected)
+
+
+def _float32(value: Any) -> Any:
+    if isinstance(value, float):
+        return struct.unpack("f", struct.pack("f", value))[0]
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_float32(v) for v in value]
+    return value
 
 
 def test_grpc_status_maps_to_the_same_connect_code() -> None:
