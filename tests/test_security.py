@@ -36,10 +36,12 @@ KEYS_FILE = f"# scopes\nread {READ_KEY}\nwrite {WRITE_KEY}  # the indexer\n"
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageSearchService"]
 EXPECTED_SCOPES = {
     "Search": "read",
+    "SearchInline": "read",
     "GetProduct": "read",
     "ListProducts": "read",
     "GetServiceInfo": "read",
     "IndexProduct": "write",
+    "IndexProductInline": "write",
     "IndexProducts": "write",
     "DeleteProduct": "write",
 }
@@ -113,6 +115,12 @@ async def _search(client: Client, metadata: Metadata) -> None:
     assert [hit.product.id for hit in response.hits] == [SEEDED]
 
 
+async def _search_inline(client: Client, metadata: Metadata) -> None:
+    request = pb.SearchInlineRequest(query=pb.SearchQuery(text="a red product"))
+    response = await client.stub.SearchInline(request, metadata=metadata)
+    assert [hit.product.id for hit in response.hits] == [SEEDED]
+
+
 async def _get_product(client: Client, metadata: Metadata) -> None:
     response = await client.stub.GetProduct(pb.GetProductRequest(id=SEEDED), metadata=metadata)
     assert response.product.id == SEEDED
@@ -136,6 +144,13 @@ async def _index_product(client: Client, metadata: Metadata) -> None:
     assert await _catalogue(client.stub) == sorted(["one", SEEDED])
 
 
+async def _index_product_inline(client: Client, metadata: Metadata) -> None:
+    request = pb.IndexProductInlineRequest(product=product("inline"), image=jpeg_bytes((0, 90, 200)))
+    response = await client.stub.IndexProductInline(request, metadata=metadata)
+    assert response.created
+    assert await _catalogue(client.stub) == sorted(["inline", SEEDED])
+
+
 async def _index_products(client: Client, metadata: Metadata) -> None:
     messages = [pb.IndexProductsRequest(product=product("bulk")), pb.IndexProductsRequest(image_chunk=jpeg_bytes())]
 
@@ -154,10 +169,12 @@ async def _delete_product(client: Client, metadata: Metadata) -> None:
 
 CALLS: dict[str, Call] = {
     "Search": _search,
+    "SearchInline": _search_inline,
     "GetProduct": _get_product,
     "ListProducts": _list_products,
     "GetServiceInfo": _get_service_info,
     "IndexProduct": _index_product,
+    "IndexProductInline": _index_product_inline,
     "IndexProducts": _index_products,
     "DeleteProduct": _delete_product,
 }
