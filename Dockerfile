@@ -61,16 +61,18 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models \
     IMAGESEARCH_MODEL=${MODEL} \
     IMAGESEARCH_DATA_DIR=/data \
+    IMAGESEARCH_HTTP_PORT=8080 \
     IMAGESEARCH_METRICS_PORT=9464
 # Declared after the chown above, so a fresh named volume starts with this ownership and content (the baked
 # weights, with PRELOAD_MODEL=true).
 VOLUME ["/data", "/models"]
 USER 10001:10001
 WORKDIR /home/imagesearch
-# gRPC, Prometheus /metrics
-EXPOSE 50051 9464
-# The gRPC health service, through a small script on the service's own dependencies (no probe binary). The start
-# period covers loading the model, or downloading it at first start (~600 MB for the default).
+# gRPC, HTTP/JSON (Connect protocol, /healthz, /docs), Prometheus /metrics
+EXPOSE 50051 8080 9464
+# The gRPC health service, and GET /healthz on the HTTP/JSON port while IMAGESEARCH_HTTP_PORT is set, through a
+# small script on the service's own dependencies (no probe binary). The start period covers loading the model, or
+# downloading it at first start (~600 MB for the default).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 CMD ["imagesearch-healthcheck"]
 ENTRYPOINT ["imagesearch"]
 CMD ["serve"]

@@ -2,7 +2,8 @@
 # End-to-end check of the polyglot clients against a real server: installs the Go and Java toolchains if missing
 # (clients/install_toolchains.sh), starts `imagesearch serve` with the bundled synthetic-clip model on a free
 # loopback port and a temporary data directory, indexes a small synthetic catalogue of distractors (no red
-# mugs), then runs the grpcurl walkthrough and the Go, Java and Python examples, each with its own red-mug
+# mugs), then runs the grpcurl walkthrough, the curl walkthrough of the HTTP/JSON port and the Go, Java and Python
+# examples, each with its own red-mug
 # photo (a ~480 KB PNG, so it travels in 8 chunks of 64 KiB). Each client must get its own product back first
 # for its image and for the text "red mug", and delete it again. Finally SIGTERM must stop the server with exit 0.
 #
@@ -64,12 +65,14 @@ protoc --version
 
 section "server ($MODEL)"
 port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+http_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 target=127.0.0.1:$port
 IMAGESEARCH_MODEL=$MODEL IMAGESEARCH_OFFLINE=1 IMAGESEARCH_HOST=127.0.0.1 IMAGESEARCH_PORT=$port \
+  IMAGESEARCH_HTTP_PORT=$http_port \
   IMAGESEARCH_DATA_DIR=$work/data IMAGESEARCH_LOG_FORMAT=json \
   .venv/bin/imagesearch serve >"$work/server.log" 2>&1 &
 server_pid=$!
-echo "pid $server_pid, $target, data in $work/data, model $MODEL"
+echo "pid $server_pid, $target (HTTP/JSON on port $http_port), data in $work/data, model $MODEL"
 for _ in $(seq 360); do
   if "$GRPCURL" -plaintext -max-time 2 "$target" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"'; then
     break
@@ -91,7 +94,7 @@ from imagesearch.synthetic import make_catalogue, render
 
 work = Path(sys.argv[1])
 # One red-mug photo per client, each a different render, 512 px PNG: several 64 KiB chunks on the wire.
-for seed, client in enumerate(("grpcurl", "go", "java", "python"), 101):
+for seed, client in enumerate(("grpcurl", "go", "java", "python", "curl"), 101):
     render("mug", "red", "plain", random.Random(seed), size=512).save(work / f"{client}.png")
 # Distractors: every other colour and kind, and no red mug, so "red mug" has one right answer per client.
 for item in make_catalogue(48, seed=7):
@@ -142,6 +145,18 @@ if $check_text; then
   echo "e2e check ok: grpcurl text search -> grpcurl-e2e-1 first"
 fi
 
+section "curl walkthrough (HTTP/JSON port)"
+WALKTHROUGH_ID=curl-e2e-1 clients/curl_walkthrough.sh "http://127.0.0.1:$http_port" "$work/curl.png" | tee "$work/curl.log"
+top=$(tail -n 1 "$work/curl.log")
+case "$top" in
+  "top hits: image=curl-e2e-1 text="*) echo "e2e check ok: curl image search -> curl-e2e-1 first" ;;
+  *) fail "curl walkthrough: $top" ;;
+esac
+if $check_text; then
+  [ "$top" = "top hits: image=curl-e2e-1 text=curl-e2e-1" ] || fail "curl walkthrough: $top"
+  echo "e2e check ok: curl text search -> curl-e2e-1 first"
+fi
+
 section "Go example (generate, build, run)"
 clients/go/run.sh "$target" "$work/go.png" -id go-e2e-1 -text "red mug" | tee "$work/go.log"
 expect_first "$work/go.log" image go-e2e-1
@@ -175,4 +190,4 @@ finish_section
 printf '\n========== timings ==========\n'
 printf '%s\n' "${timings[@]}"
 awk -v t0="$started" -v t1="$(date +%s.%N)" 'BEGIN { printf "%-42s %6.1f s\n", "total", t1 - t0 }'
-echo "E2E PASSED: grpcurl, Go, Java and Python clients against $MODEL"
+echo "E2E PASSED: grpcurl, curl (HTTP/JSON), Go, Java and Python clients against $MODEL"

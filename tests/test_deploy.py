@@ -37,6 +37,7 @@ CLIENT_NAMES = {ENV_PREFIX + "TARGET"}
 ENV_NAME = re.compile(r"\b" + ENV_PREFIX + r"[A-Z0-9_]+")
 
 GRPC_PORT = 50051
+HTTP_PORT = 8080
 QDRANT_REST_PORT = 6333
 QDRANT_GRPC_PORT = 6334
 REDIS_PORT = 6379
@@ -188,7 +189,8 @@ def test_compose_publishes_the_ports_the_image_exposes() -> None:
     service = compose()["services"]["imagesearch"]
     container_ports = {int(str(p).rsplit(":", 1)[1]) for p in service["ports"]}
     metrics_port = int(service_env(service)["IMAGESEARCH_METRICS_PORT"])
-    assert container_ports == {GRPC_PORT, metrics_port}
+    http_port = int(service_env(service)["IMAGESEARCH_HTTP_PORT"])
+    assert container_ports == {GRPC_PORT, http_port, metrics_port}
     exposed = {int(p) for args in dockerfile_args("EXPOSE") for p in args.split()}
     assert container_ports <= exposed
 
@@ -235,14 +237,19 @@ def test_k8s_manifests_parse_and_are_all_in_the_kustomization() -> None:
     assert set(kustomization["resources"]) == manifests
 
 
-def test_k8s_probes_are_grpc_on_the_container_port() -> None:
+def test_k8s_probes_are_on_the_container_ports() -> None:
     container = the_container()
-    [grpc_port] = [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     [configmap] = k8s("ConfigMap", "imagesearch")
-    assert int(configmap["data"].get("IMAGESEARCH_PORT", GRPC_PORT)) == grpc_port
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert int(configmap["data"].get("IMAGESEARCH_PORT", GRPC_PORT)) == ports["grpc"]
+    for probe in ("startupProbe", "livenessProbe"):
         assert set(container[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
+        assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+    # Readiness through the HTTP/JSON port's /healthz: the same health, and that port answering too.
+    readiness = container["readinessProbe"]
+    assert set(readiness) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"httpGet"}
+    assert readiness["httpGet"]["path"] == "/healthz" and readiness["httpGet"]["port"] == "http"
+    assert int(configmap["data"]["IMAGESEARCH_HTTP_PORT"]) == ports["http"] == HTTP_PORT
 
 
 def test_k8s_labels_and_selectors_match() -> None:
@@ -401,6 +408,32 @@ def test_image_healthcheck_follows_the_grpc_health_service(health_server: tuple[
     assert result.returncode == 1 and "NOT_SERVING" in result.stdout
     servicer.set("imagesearch.v1.ImageSearchService", health_pb2.HealthCheckResponse.SERVING)
     assert run_healthcheck(target, "imagesearch.v1.ImageSearchService").returncode == 0
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False)])
+def test_image_healthcheck_checks_the_http_port_when_set(
+    health_server: tuple[int, health.HealthServicer], monkeypatch: pytest.MonkeyPatch, status: int, healthy: bool
+) -> None:
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"status": "SERVING"}' if status == 200 else b'{"status": "NOT_SERVING"}'
+            self.send_response(status if self.path == "/healthz" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("IMAGESEARCH_HTTP_PORT", str(server.server_port))
+        assert (run_healthcheck(f"127.0.0.1:{health_server[0]}").returncode == 0) is healthy
+        monkeypatch.setenv("IMAGESEARCH_HTTP_PORT", str(free_port()))  # nothing listens there
+        assert run_healthcheck(f"127.0.0.1:{health_server[0]}").returncode == 1
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_image_healthcheck_fails_when_nothing_listens() -> None:
