@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as redis
-from conftest import RedisProcess, RunningServer, jpeg_bytes, start_server, stop_server
+from conftest import RedisProcess, RunningServer, free_port, jpeg_bytes, start_server, stop_server
 from rpc import index, product, search
 
+from imagesearch import server
 from imagesearch.config import Settings
 from imagesearch.model.encoder import ClipEncoder
-from imagesearch.search.cache import KEY_VERSION, LruCache
+from imagesearch.search.cache import KEY_VERSION, CacheBackend, LruCache
+from imagesearch.search.redis_cache import RedisCache
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 RED = jpeg_bytes((220, 20, 20))
@@ -125,6 +130,22 @@ async def test_different_filters_and_top_k_never_share_results(cached: RunningSe
     assert [[h.product.id for h in r.hits] for r in repeat] == [[h.product.id for h in r.hits] for r in first]
 
 
+async def test_including_the_liked_product_or_not_never_shares_results(cached: RunningServer) -> None:
+    # The toggle changes only which ids the ranking excludes: the result key must tell the two apart.
+    await index(cached.stub, product("red"), RED)
+    await index(cached.stub, product("blue"), BLUE)
+    await index(cached.stub, product("dark-red"), jpeg_bytes((150, 10, 10)))
+    liked = {"like_product_ids": ["red"], "top_k": 3}
+    without = await search(cached.stub, **liked)
+    including = await search(cached.stub, **liked, include_liked_products=True)
+    assert (without.result_cache, including.result_cache) == (MISS, MISS)
+    assert "red" not in [h.product.id for h in without.hits]
+    assert including.hits[0].product.id == "red"
+    again = [await search(cached.stub, **liked), await search(cached.stub, **liked, include_liked_products=True)]
+    assert [r.result_cache for r in again] == [HIT, HIT]
+    assert [list(r.hits) for r in again] == [list(without.hits), list(including.hits)]
+
+
 async def test_service_info_counts_hits_and_misses(cached: RunningServer) -> None:
     await index(cached.stub, product("red"), RED)
     await search(cached.stub, text="mug")
@@ -134,8 +155,33 @@ async def test_service_info_counts_hits_and_misses(cached: RunningServer) -> Non
     assert (info.embedding_hits, info.embedding_misses, info.result_hits, info.result_misses) == (1, 1, 1, 1)
 
 
+# Short enough to wait for: the tests wait for the real back-off to pass, never skip it.
+RETRY_AFTER_S = 0.3
+
+
+@pytest.fixture
+def short_redis_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers started by the test build their RedisCache with a short retry interval (a constructor argument)."""
+
+    def open_cache_backend(settings: Settings) -> CacheBackend:
+        assert settings.redis_url is not None
+        return RedisCache(settings.redis_url, retry_after_s=RETRY_AFTER_S)
+
+    monkeypatch.setattr(server, "open_cache_backend", open_cache_backend)
+
+
+async def search_until_cached_again(running: RunningServer, **query: Any) -> pb.SearchResponse:
+    """Search until the cache is consulted again: the back-off must end by itself (bounded, never asserted on)."""
+    deadline = time.monotonic() + 60
+    while True:
+        response = await search(running.stub, **query)
+        if response.result_cache != BYPASS or time.monotonic() > deadline:
+            return response
+        await asyncio.sleep(RETRY_AFTER_S / 3)
+
+
 async def test_redis_outage_never_fails_searches_and_caching_resumes(
-    settings: Settings, encoder: ClipEncoder, cache_namespace: str
+    settings: Settings, encoder: ClipEncoder, cache_namespace: str, short_redis_back_off: None
 ) -> None:
     own_redis = RedisProcess()  # this test stops and restarts it
     own_redis.start()
@@ -156,41 +202,83 @@ async def test_redis_outage_never_fails_searches_and_caching_resumes(
         assert not info.available
 
         own_redis.start()  # empty again: nothing survived the restart
-        running.components.cache.backend._down_until = 0.0  # type: ignore[attr-defined]  # skip the 1 s back-off
-        resumed = await search(running.stub, image=BLUE)
+        resumed = await search_until_cached_again(running, image=BLUE)
         assert resumed.result_cache == MISS
         assert resumed.hits[0].product.id == "blue"
         assert (await search(running.stub, image=BLUE)).result_cache == HIT
+        assert (await running.stub.GetServiceInfo(pb.GetServiceInfoRequest())).cache.available
     finally:
         await stop_server(running)
         own_redis.stop()
 
 
+class RedisLink:
+    """A TCP relay between a server and a Redis that stays up: cutting it makes Redis unreachable for that server
+    only (entries and generation survive); restoring it reconnects on the same port."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.port = free_port()
+        self._listener: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def restore(self) -> None:
+        self._listener = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
+
+    async def cut(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+            self._listener = None
+        for writer in list(self._writers):
+            writer.close()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self._writers |= {client_writer, redis_writer}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(pipe(client_reader, redis_writer), pipe(redis_reader, client_writer))
+        self._writers -= {client_writer, redis_writer}
+
+
 async def test_write_during_outage_invalidates_results_cached_before_it(
-    settings: Settings, encoder: ClipEncoder, redis_process: RedisProcess, cache_namespace: str
+    settings: Settings,
+    encoder: ClipEncoder,
+    redis_process: RedisProcess,
+    cache_namespace: str,
+    short_redis_back_off: None,
 ) -> None:
-    # Redis stays up but becomes unreachable for this server only: point it at a port where nothing listens,
-    # then back. Results cached before the write must not be served after it.
+    # Redis stays up, with the results cached before the write and the generation they were cached under, but
+    # this server cannot reach it when it writes: the generation bump is missed. It must not serve them after.
+    link = RedisLink(redis_process.port)
+    await link.restore()
     running = await start_server(
-        dataclasses.replace(settings, cache="redis", redis_url=redis_process.url, cache_namespace=cache_namespace),
-        encoder,
+        dataclasses.replace(settings, cache="redis", redis_url=link.url, cache_namespace=cache_namespace), encoder
     )
-    backend = running.components.cache.backend
     try:
         await index(running.stub, product("red"), RED)
         await search(running.stub, image=BLUE)
         assert (await search(running.stub, image=BLUE)).cached
-        real_client = backend._client  # type: ignore[attr-defined]
-        backend._client = redis.Redis(port=1, socket_connect_timeout=0.1)  # type: ignore[attr-defined]
+        await link.cut()
         await index(running.stub, product("blue"), BLUE)  # the generation bump fails
-        await backend._client.aclose()  # type: ignore[attr-defined]
-        backend._client = real_client  # type: ignore[attr-defined]
-        backend._down_until = 0.0  # type: ignore[attr-defined]
-        after = await search(running.stub, image=BLUE)
-        assert not after.cached
+        await link.restore()
+        after = await search_until_cached_again(running, image=BLUE)
+        assert after.result_cache == MISS
         assert after.hits[0].product.id == "blue"
     finally:
         await stop_server(running)
+        await link.cut()
 
 
 async def test_corrupted_cache_values_are_misses(
