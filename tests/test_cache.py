@@ -135,7 +135,7 @@ async def test_including_the_liked_product_or_not_never_shares_results(cached: R
     await index(cached.stub, product("red"), RED)
     await index(cached.stub, product("blue"), BLUE)
     await index(cached.stub, product("dark-red"), jpeg_bytes((150, 10, 10)))
-    liked = {"like_product_ids": ["red"], "top_k": 3}
+    liked: dict[str, Any] = {"like_product_ids": ["red"], "top_k": 3}
     without = await search(cached.stub, **liked)
     including = await search(cached.stub, **liked, include_liked_products=True)
     assert (without.result_cache, including.result_cache) == (MISS, MISS)
