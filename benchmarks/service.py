@@ -195,10 +195,9 @@ def start_server(
         IMAGESEARCH_MODEL=args.model,
         IMAGESEARCH_DEVICE=args.device,
         IMAGESEARCH_LOG_LEVEL="warning",
-        IMAGESEARCH_QUANTIZE_IMAGE_TOWER=str(args.int8).lower(),
         IMAGESEARCH_TEXT_WEIGHTS=args.text_weights,
         IMAGESEARCH_RUNTIME=args.runtime,
-        IMAGESEARCH_IMAGE_PRECISION=args.image_precision,
+        IMAGESEARCH_PRECISION=args.precision,
     )
     return subprocess.Popen([sys.executable, "-m", "imagesearch.cli", "serve"], env=env)
 
@@ -366,24 +365,29 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
 
 
 async def tracing_overhead(
-    args: argparse.Namespace, data_dir: Path, traced_target: str, model_id: str, dimension: int
-) -> tuple[list[Row], float]:
+    args: argparse.Namespace, data_dir: Path, traced: subprocess.Popen[bytes], model_id: str, dimension: int
+) -> tuple[list[Row], dict[str, float]]:
     """Uncached text searches alternating between the traced server and an untraced twin (same catalogue, same
     settings), each call after a pause, the order swapped every round: both see the same machine, which on a
-    shared one moves more between runs than tracing costs. Returns the rows (off, on) and the median of the
-    per-round differences (on - off, in ms), which slow swings of the machine's load do not move."""
+    shared one moves more between runs than tracing costs. Returns the rows (off, on) and figures: the median of
+    the per-round differences (on - off, in ms), which slow swings of the machine's load do not move, and each
+    server's CPU time per search (all its threads, the span exporter's included), which waiting does not move."""
     twin_dir = data_dir / "untraced"
     await fill_catalogue(twin_dir, model_id, dimension, args.catalogue)
     twin_port = free_port()
     twin = start_server(twin_dir, args, time.perf_counter(), port=twin_port)
     off_s: list[float] = []
     on_s: list[float] = []
+    rounds = max(100, 4 * args.n)
+    cpu_s: dict[int, float] = {}
     try:
         untraced_target = f"127.0.0.1:{twin_port}"
         await wait_serving(untraced_target)
-        async with ImageSearchClient(untraced_target) as off, ImageSearchClient(traced_target) as on:
+        async with ImageSearchClient(untraced_target) as off, ImageSearchClient(f"127.0.0.1:{args.port}") as on:
             pairs = [(off, off_s), (on, on_s)]
-            for i in range(-3, max(100, 4 * args.n)):
+            for i in range(-3, rounds):
+                if i == 0:
+                    cpu_s = {pid: process_cpu_s(pid) for pid in (twin.pid, traced.pid)}
                 for client, into in pairs if i % 2 else pairs[::-1]:
                     # Longer than SETTLE_S: the other server's OpenMP threads spin on after its forward.
                     await asyncio.sleep(0.05)
@@ -391,11 +395,24 @@ async def tracing_overhead(
                     await client.search(text=f"a green canvas tote, size {i}")
                     if i >= 0:
                         into.append(time.perf_counter() - started)
+            # The traced server's last spans are exported within its batch delay (5 s): count that work too.
+            await asyncio.sleep(6)
+            cpu_s = {pid: process_cpu_s(pid) - before for pid, before in cpu_s.items()}
     finally:
         twin.terminate()
         twin.wait(timeout=60)
-    paired_ms = statistics.median(on - off for on, off in zip(on_s, off_s, strict=True)) * 1000.0
-    return [row("text search, uncached, tracing off", off_s), row("text search, uncached, tracing on", on_s)], paired_ms
+    figures = {
+        "median_paired_difference_ms": statistics.median(on - off for on, off in zip(on_s, off_s, strict=True)) * 1e3,
+        "cpu_ms_per_search_off": cpu_s[twin.pid] / rounds * 1000.0,
+        "cpu_ms_per_search_on": cpu_s[traced.pid] / rounds * 1000.0,
+    }
+    return [row("text search, uncached, tracing off", off_s), row("text search, uncached, tracing on", on_s)], figures
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds a process has used, all threads (Linux: /proc/PID/stat utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -461,12 +478,11 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="n=10, catalogue 2000, smaller concurrency runs")
     parser.add_argument("--port", type=int, default=50999)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}")
-    parser.add_argument("--int8", action="store_true", help="int8 image tower (CPU, torch), floor included")
     parser.add_argument(
         "--runtime", default="auto", choices=["auto", "torch", "openvino"], help="IMAGESEARCH_RUNTIME (default auto)"
     )
     parser.add_argument(
-        "--image-precision", default="auto", choices=["auto", "bf16", "f32"], help="IMAGESEARCH_IMAGE_PRECISION"
+        "--precision", default="auto", choices=["auto", "bf16", "f32", "int8"], help="IMAGESEARCH_PRECISION"
     )
     parser.add_argument(
         "--text-weights",
@@ -492,10 +508,9 @@ async def main() -> int:
     encoder = ClipEncoder.load(
         args.model,
         device=args.device,
-        quantize_image_tower=args.int8,
         text_weights=args.text_weights,
         runtime=args.runtime,
-        image_precision=args.image_precision,
+        precision=args.precision,
     )
     torch.manual_seed(0)
     reference = ClipEncoder.load(args.model, device=args.device, runtime="torch", text_weights=args.text_weights)
@@ -505,7 +520,7 @@ async def main() -> int:
     sink = OtlpSink() if args.tracing else None
     otlp_endpoint = sink.endpoint if sink is not None else None
     tracing_rows: list[Row] = []
-    tracing_paired_ms = float("nan")
+    tracing_figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="imagesearch-bench-") as tmp:
         data_dir = Path(tmp)
         await fill_catalogue(data_dir, model_id, dimension, args.catalogue)
@@ -517,7 +532,7 @@ async def main() -> int:
             # The benchmark keeps its own copies of the model (the floor, the reference) next to the server's.
             rows, floor = await run_paths(target, Floor(encoder, reference), args.n, args.quick)
             if sink is not None:
-                tracing_rows, tracing_paired_ms = await tracing_overhead(args, data_dir, target, model_id, dimension)
+                tracing_rows, tracing_figures = await tracing_overhead(args, data_dir, server, model_id, dimension)
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -555,15 +570,18 @@ async def main() -> int:
             "spans_exported": sink.spans,
             "rows": [asdict(r) for r in tracing_rows],
             "p50_difference_ms": on.p50_ms - off.p50_ms,
-            "median_paired_difference_ms": tracing_paired_ms,
+            **tracing_figures,
         }
         print(f"\ntracing: {sink.spans} spans exported to the local collector; alternating calls, same run:")
         for r in tracing_rows:
             print(f"  {r.path:<40} n={r.n}  p50 {r.p50_ms:.2f} ms  p95 {r.p95_ms:.2f} ms  p99 {r.p99_ms:.2f} ms")
+        cpu_off, cpu_on = tracing_figures["cpu_ms_per_search_off"], tracing_figures["cpu_ms_per_search_on"]
+        paired = tracing_figures["median_paired_difference_ms"]
         print(
             f"  p50 difference: {on.p50_ms - off.p50_ms:+.2f} ms ({on.p50_ms / off.p50_ms:.3f}x); median of the "
-            f"per-round differences (on - off, adjacent calls): {tracing_paired_ms:+.2f} ms"
+            f"per-round differences (on - off, adjacent calls): {paired:+.2f} ms"
         )
+        print(f"  server CPU per search: {cpu_off:.2f} ms off, {cpu_on:.2f} ms on ({cpu_on - cpu_off:+.2f} ms)")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(
@@ -571,7 +589,7 @@ async def main() -> int:
             {
                 "model": args.model,
                 "device": args.device,
-                "int8": args.int8,
+                "precision": args.precision,
                 "image_tower": image_tower,
                 "text_path": text_path,
                 "startup_s": startup_s,

@@ -98,7 +98,7 @@ def assert_lean_path_matches_padded(model: ClipEncoder, tolerance: float) -> Non
 
 
 def test_lean_text_path_equals_open_clip_padded_path(encoder: ClipEncoder) -> None:
-    exact = ClipEncoder.load("synthetic-clip", device="cpu", text_weights="fp32")
+    exact = ClipEncoder.load("synthetic-clip", device="cpu", runtime="torch", text_weights="fp32")
     assert exact.text_path == "unpadded, fp32 weights"
     assert_lean_path_matches_padded(exact, 1e-5)
 
@@ -109,12 +109,12 @@ def test_lean_text_path_on_real_architectures_is_exact_in_fp32_and_close_in_fp16
     # Real architectures with random weights: agreement, not relevance, is what is tested. Random weights are
     # not fp16-representable, so the fp16 check is a real one (the synthetic model's are).
     torch.manual_seed(0)
-    exact = ClipEncoder.load(f"{arch}:random", device="cpu", text_weights="fp32")
+    exact = ClipEncoder.load(f"{arch}:random", device="cpu", runtime="torch", text_weights="fp32")
     assert_lean_path_matches_padded(exact, 1e-5)
     if not loading_module.fp16_weight_kernels_available():
         pytest.skip("fp16 text weights need fbgemm, which this CPU build of torch lacks (x86 only)")
     torch.manual_seed(0)
-    half = ClipEncoder.load(f"{arch}:random", device="cpu", text_weights="fp16")
+    half = ClipEncoder.load(f"{arch}:random", device="cpu", runtime="torch", text_weights="fp16")
     assert half.text_path == "unpadded, fp16 weights"
     reference = exact.encode_texts_padded(TEXTS)
     assert np.sum(half.encode_texts(TEXTS) * reference, axis=1).min() >= 0.9999
@@ -124,9 +124,9 @@ def test_lean_text_path_on_real_architectures_is_exact_in_fp32_and_close_in_fp16
 def test_text_weights_auto_falls_back_to_fp32_without_fp16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     # fbgemm (and so fp16 weights) exists on x86 only; this machine is x86, so an ARM CPU is simulated.
     monkeypatch.setattr(loading_module, "fp16_weight_kernels_available", lambda: False)
-    assert ClipEncoder.load("synthetic-clip", device="cpu").text_path == "unpadded, fp32 weights"
+    assert ClipEncoder.load("synthetic-clip", device="cpu", runtime="torch").text_path == "unpadded, fp32 weights"
     with pytest.raises(ModelLoadError, match="fp16 kernels"):
-        ClipEncoder.load("synthetic-clip", device="cpu", text_weights="fp16")
+        ClipEncoder.load("synthetic-clip", device="cpu", runtime="torch", text_weights="fp16")
 
 
 def test_embeddings_are_normalised_float32(encoder: ClipEncoder) -> None:
@@ -200,14 +200,15 @@ async def test_micro_batcher_gives_every_caller_the_batch_error() -> None:
     assert all(isinstance(r, RuntimeError) for r in results)
 
 
-def test_int8_image_tower_agrees_with_fp32() -> None:
-    fp32 = ClipEncoder.load("synthetic-clip", device="cpu", runtime="torch")
-    int8 = ClipEncoder.load("synthetic-clip", device="cpu", quantize_image_tower=True)
-    images = [Image.new("RGB", (64, 64), (i * 40 % 256, 90, 200 - i * 20)) for i in range(8)]
-    image_cosines = np.sum(fp32.encode_images(images) * int8.encode_images(images), axis=1)
-    assert image_cosines.min() >= 0.999
-    assert (int8.image_precision, fp32.image_precision) == ("int8", "fp32")
-    assert (int8.image_runtime, fp32.image_runtime) == ("torch", "torch")
+def test_precision_other_than_auto_needs_the_openvino_runtime() -> None:
+    with pytest.raises(ModelLoadError, match="runtime openvino"):
+        ClipEncoder.load("synthetic-clip", device="cpu", runtime="torch", precision="f32")
+
+
+def test_torch_runtime_keeps_both_towers_on_torch() -> None:
+    fp32 = ClipEncoder.load("synthetic-clip", device="cpu", runtime="torch", text_weights="fp32")
+    assert (fp32.image_runtime, fp32.image_precision) == ("torch", "fp32")
+    assert (fp32.text_runtime, fp32.text_path) == ("torch", "unpadded, fp32 weights")
 
 
 def test_half_precision_towers_take_half_precision_inputs(
@@ -218,7 +219,7 @@ def test_half_precision_towers_take_half_precision_inputs(
     # dtype of their weights. open_clip keeps embeddings and norms in fp32 when it halves the matrices.
     for module in (encoder_module, loading_module):
         monkeypatch.setattr(module, "precision_for", lambda device: "fp16")
-    half = ClipEncoder.load("synthetic-clip", device="cpu")
+    half = ClipEncoder.load("synthetic-clip", device="cpu", runtime="torch")
     images = [Image.new("RGB", (64, 64), (i * 40 % 256, 90, 200 - i * 20)) for i in range(4)]
     image_cosines = np.sum(encoder.encode_images(images) * half.encode_images(images), axis=1)
     text_cosines = np.sum(encoder.encode_texts(TEXTS) * half.encode_texts(TEXTS), axis=1)

@@ -42,7 +42,7 @@ def torch_fp32() -> ClipEncoder:
 
 @pytest.fixture(scope="module", params=PRECISIONS)
 def openvino(request: pytest.FixtureRequest) -> ClipEncoder:
-    encoder = ClipEncoder.load("synthetic-clip", device="cpu", runtime="openvino", image_precision=request.param)
+    encoder = ClipEncoder.load("synthetic-clip", device="cpu", runtime="openvino", precision=request.param)
     assert encoder.image_runtime == "openvino"
     return encoder
 

@@ -17,7 +17,6 @@ from imagesearch.api import service
 from imagesearch.config import Settings
 from imagesearch.model.encoder import ClipEncoder
 from imagesearch.model.openvino_runtime import cpu_has_native_bf16
-from imagesearch.model.text_tower import fp16_weight_kernels_available
 from imagesearch.server import SERVICE_NAME
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -161,12 +160,10 @@ async def test_service_info_describes_model_store_cache_and_limits(running: Runn
     assert info.model.name == "synthetic-clip"
     assert info.model.embedding_dimension == running.components.encoder.encoder.dimension
     assert info.model.device == "cpu"
-    # The test encoder's defaults: the image tower on OpenVINO, in bf16 where the CPU computes it natively, else
-    # fp32; the text tower on torch, fp16 text weights where fbgemm exists (x86), else fp32.
-    image_precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    text_precision = "fp16" if fp16_weight_kernels_available() else "fp32"
-    assert (info.model.image_tower_runtime, info.model.image_tower_precision) == ("openvino", image_precision)
-    assert (info.model.text_tower_runtime, info.model.text_tower_precision) == ("torch", text_precision)
+    # The test encoder's defaults: both towers on OpenVINO, in bf16 where the CPU computes it natively, else fp32.
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert (info.model.image_tower_runtime, info.model.image_tower_precision) == ("openvino", precision)
+    assert (info.model.text_tower_runtime, info.model.text_tower_precision) == ("openvino", precision)
     assert info.model.torch_threads >= 1
     # The micro-batching settings reach the batchers (the one path by which every server builds its encoder).
     images = running.components.encoder.images

@@ -44,6 +44,13 @@ def test_settings_read_prefixed_environment_and_overrides() -> None:
         pytest.param({"IMAGESEARCH_CACHE": "redis"}, "IMAGESEARCH_CACHE", id="redis-without-url"),
         pytest.param({"IMAGESEARCH_OFFLINE": "maybe"}, "IMAGESEARCH_OFFLINE", id="bool"),
         pytest.param({"IMAGESEARCH_MAX_TOP_K": "5"}, "IMAGESEARCH_DEFAULT_TOP_K", id="default-above-max"),
+        pytest.param({"IMAGESEARCH_PRECISION": "fp8"}, "IMAGESEARCH_PRECISION", id="precision-choice"),
+        pytest.param({"IMAGESEARCH_RUNTIME": "onnx"}, "IMAGESEARCH_RUNTIME", id="runtime-choice"),
+        # Removed settings are refused with what replaces them, never silently ignored.
+        pytest.param(
+            {"IMAGESEARCH_QUANTIZE_IMAGE_TOWER": "true"}, "IMAGESEARCH_PRECISION=int8", id="removed-int8-switch"
+        ),
+        pytest.param({"IMAGESEARCH_IMAGE_PRECISION": "f32"}, "IMAGESEARCH_PRECISION", id="renamed-precision"),
     ],
 )
 def test_settings_reject_invalid_values_naming_the_variable(env: dict[str, str], variable: str) -> None:

@@ -18,7 +18,13 @@ CacheBackendName = Literal["auto", "redis", "memory", "none"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 TextWeightsName = Literal["auto", "fp16", "fp32"]
 RuntimeName = Literal["auto", "torch", "openvino"]
-ImagePrecisionName = Literal["auto", "bf16", "f32"]
+PrecisionName = Literal["auto", "bf16", "f32", "int8"]
+# Variables that were removed, and what replaces each: set, they stop start-up with this message instead of
+# being silently ignored.
+REMOVED_VARIABLES = {
+    "QUANTIZE_IMAGE_TOWER": "int8 now runs on OpenVINO: set IMAGESEARCH_PRECISION=int8 (needs the int8 extra)",
+    "IMAGE_PRECISION": "renamed IMAGESEARCH_PRECISION (both towers)",
+}
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -48,18 +54,16 @@ class Settings:
     # that are still being decoded when the model frees up (a lone request never waits).
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
-    # What runs the image tower. auto = OpenVINO on CPU where it is installed (1.7x faster than torch at f32, ~3x
-    # in bf16: benchmarks/runtimes.py), torch on CUDA. The OpenVINO graph is derived from the loaded model and
-    # cached under data_dir/runtime-cache.
+    # What runs the towers. auto = OpenVINO on CPU where it is installed (image tower ~1.7x faster than torch at
+    # f32, ~3x in bf16: benchmarks/runtimes.py), torch on CUDA. The OpenVINO graphs are derived from the loaded
+    # model and cached under data_dir/runtime-cache.
     runtime: RuntimeName = "auto"
-    # OpenVINO's precision for the image tower: auto = bf16 where the CPU computes bf16 natively (AVX512_BF16 or
-    # AMX), else f32; f32 forces full precision.
-    image_precision: ImagePrecisionName = "auto"
+    # OpenVINO's precision: auto = bf16 where the CPU computes bf16 natively (AVX512_BF16 or AMX), else f32; f32
+    # forces full precision; int8 (opt-in, the int8 extra) quantises the image tower, the text tower stays auto.
+    precision: PrecisionName = "auto"
     # CUDA: decode and preprocess JPEGs on the GPU (nvJPEG through torchvision); other formats, and JPEGs it
     # refuses, take the CPU path. Off: every image decodes on the CPU.
     device_jpeg_decode: bool = True
-    # CPU only: int8 dynamic quantisation of the image tower (faster; agreement with fp32 in the README).
-    quantize_image_tower: bool = False
     # CPU: how the text tower's weights are held. auto = fp16 where the CPU has fbgemm's fp16 kernels (x86), else
     # fp32. fp16 halves what a query forward reads (2x faster, cosine > 0.9999 to fp32). On CUDA the whole
     # model runs in fp16 and only auto/fp16 are accepted.
@@ -187,6 +191,9 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from IMAGESEARCH_<NAME> variables, then `overrides` (CLI flags; None values are ignored)."""
         env = os.environ if environ is None else environ
+        for name, instead in REMOVED_VARIABLES.items():
+            if env.get(ENV_PREFIX + name):
+                raise SettingsError(f"{ENV_PREFIX}{name} is no longer read: {instead}")
         values: dict[str, Any] = {}
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):

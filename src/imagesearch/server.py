@@ -101,10 +101,9 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
             device=settings.device,
             offline=settings.offline,
             threads=settings.torch_threads,
-            quantize_image_tower=settings.quantize_image_tower,
             text_weights=settings.text_weights,
             runtime=settings.runtime,
-            image_precision=settings.image_precision,
+            precision=settings.precision,
             runtime_cache_dir=settings.runtime_cache_dir,
             # None: on CUDA only (the setting's default); False: never.
             device_jpeg_decode=None if settings.device_jpeg_decode else False,

@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import structlog
@@ -41,7 +40,9 @@ from imagesearch.model.text_tower import LeanTextTower, TextWeights
 from imagesearch.tracing import IMAGE_BYTES, tracer
 
 if TYPE_CHECKING:
-    from imagesearch.model.openvino_runtime import OpenVinoImageTower
+    from imagesearch.model.openvino_runtime import OpenVinoImageTower, OpenVinoTextTower
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -58,8 +59,8 @@ class ClipEncoder:
         tokenizer: Any,
         device: str,
         text_weights: TextWeights = "fp32",
-        image_int8: bool = False,
         image_tower: OpenVinoImageTower | None = None,
+        text_tower: OpenVinoTextTower | None = None,
         device_jpeg_decode: bool | None = None,
     ) -> None:
         self.spec = spec
@@ -70,23 +71,27 @@ class ClipEncoder:
         # dtype": open_clip keeps embeddings and norms in fp32 when it halves the matrix weights.
         self._image_dtype = torch.float16 if precision_for(device) == "fp16" else torch.float32
         self._model = model
-        # The image tower's runtime when it is not torch (OpenVINO); its graph was derived from model.visual.
+        # The towers' runtime where it is not torch (OpenVINO); their graphs were derived from this model.
         self._image_tower = image_tower
+        self._text_tower = text_tower
         self.image_runtime: Runtime = "openvino" if image_tower is not None else "torch"
+        self.text_runtime: Runtime = "openvino" if text_tower is not None else "torch"
         self._preprocess = preprocess
         # On CUDA, JPEGs decode and preprocess on the GPU (device_decode.py); everything else on the CPU. None
         # means on CUDA only; True also on the CPU (torchvision's CPU decoder: how the tests check the pixels).
         on_device = device.startswith("cuda") if device_jpeg_decode is None else device_jpeg_decode
         self._device_jpeg = DeviceJpegPreprocessor.for_model(preprocess, device) if on_device else None
         self._tokenizer = tokenizer
-        # Queries run through the lean text tower (unpadded, optionally fp16 weights) when the model's layout
-        # allows it, else through open_clip's own padded path.
-        self._lean_text = LeanTextTower(model, text_weights).eval() if LeanTextTower.supports(model) else None
-        # How each tower's weights are held (GetServiceInfo); fp16 weights on CPU exist only on the lean path.
-        self.image_precision: str = "int8" if image_int8 else precision_for(device)
-        if image_tower is not None:
-            self.image_precision = "fp32" if image_tower.precision == "f32" else image_tower.precision
-        self.text_precision = text_weights if self._lean_text is not None else precision_for(device)
+        # On torch, queries run through the lean text tower (unpadded, optionally fp16 weights) when the model's
+        # layout allows it, else through open_clip's own padded path.
+        lean = text_tower is None and LeanTextTower.supports(model)
+        self._lean_text = LeanTextTower(model, text_weights).eval() if lean else None
+        # The precision each tower computes in (GetServiceInfo); fp16 weights on CPU exist only on the lean path.
+        self.image_precision = _precision_name(image_tower.precision) if image_tower else precision_for(device)
+        if text_tower is not None:
+            self.text_precision = _precision_name(text_tower.precision)
+        else:
+            self.text_precision = text_weights if self._lean_text is not None else precision_for(device)
         self.image_size = image_tower.image_size if image_tower is not None else _image_size(model)
         # Repeated queries ("red shoes") are common; BPE tokenizing is pure Python, so memoise it.
         self._tokens = functools.lru_cache(maxsize=4096)(lambda text: tokenizer([text])[0])
@@ -98,6 +103,8 @@ class ClipEncoder:
     @property
     def text_path(self) -> str:
         """Which text path queries take, for logs and benchmarks, e.g. "unpadded, fp16 weights"."""
+        if self._text_tower is not None:
+            return f"unpadded, {self.text_precision}"
         return f"unpadded, {self.text_precision} weights" if self._lean_text is not None else "padded (open_clip)"
 
     @property
@@ -113,48 +120,48 @@ class ClipEncoder:
         device: str = "auto",
         offline: bool = False,
         threads: int = 0,
-        quantize_image_tower: bool = False,
         text_weights: Literal["auto", "fp16", "fp32"] = "auto",
         runtime: Literal["auto", "torch", "openvino"] = "auto",
-        image_precision: Literal["auto", "bf16", "f32"] = "auto",
+        precision: Literal["auto", "bf16", "f32", "int8"] = "auto",
         runtime_cache_dir: Path | None = None,
         device_jpeg_decode: bool | None = None,
     ) -> ClipEncoder:
         """Load a model by spec. Raises ModelLoadError with instructions when the weights cannot be had.
 
-        `quantize_image_tower` (CPU only): int8 dynamic quantisation of the image tower's linear layers, faster
-        at a small cost in precision (benchmarks/quantization.py). `text_weights` (see text_tower.py): "fp16"
-        keeps the CPU text tower's weights in half precision, halving what a query forward reads; "auto" picks
-        it where the CPU has the kernels. On CUDA the whole model is fp16 and "fp32" is refused.
+        `runtime` (see loading.resolve_runtime): "auto" runs both towers with OpenVINO on CPU where it is
+        installed, torch elsewhere. OpenVINO computes at `precision`: "auto" is bf16 where the CPU computes it
+        natively, else f32; "int8" (opt-in, needs the `int8` extra) quantises the image tower with NNCF and keeps
+        the text tower at auto. The graphs are converted from this model and kept in `runtime_cache_dir` for the
+        next start (None: converted into a temporary directory, not kept).
 
-        `runtime` (see loading.resolve_runtime): "auto" runs the image tower with OpenVINO on CPU where it is
-        installed, at `image_precision` ("auto": bf16 where the CPU computes it natively, else f32). Its graph is
-        converted from this model and kept in `runtime_cache_dir` for the next start (None: converted into a
-        temporary directory, not kept). `device_jpeg_decode`: JPEGs decode on the model's device (None: on CUDA
-        only; False: never).
+        On torch, `text_weights` (see text_tower.py): "fp16" keeps the CPU text tower's weights in half
+        precision, halving what a query forward reads; "auto" picks it where the CPU has the kernels. On CUDA the
+        whole model is fp16 and "fp32" is refused. `device_jpeg_decode`: JPEGs decode on the model's device
+        (None: on CUDA only; False: never).
         """
         parsed = ModelSpec.parse(spec)
         resolved_device = resolve_device(device)
         resolved_text_weights = resolve_text_weights(text_weights, resolved_device)
-        if quantize_image_tower and resolved_device != "cpu":
-            raise ModelLoadError(f"int8 quantisation is a CPU option; the device is {resolved_device}")
-        resolved_runtime = resolve_runtime(runtime, resolved_device, image_int8=quantize_image_tower)
+        resolved_runtime = resolve_runtime(runtime, resolved_device)
+        if precision != "auto" and resolved_runtime != "openvino":
+            raise ModelLoadError(
+                f"precision {precision} is the OpenVINO runtime's; this model runs on {resolved_runtime} "
+                f"(runtime {runtime}, device {resolved_device}): use precision auto, or runtime openvino on a CPU"
+            )
         # torch sizes its pool by the host's cores; a container's CPU quota can be far lower (see cpus.py).
         torch.set_num_threads(threads if threads > 0 else min(torch.get_num_threads(), available_cpus()))
         if offline:
             enable_hub_offline_mode()
         try:
             model, preprocess, tokenizer = create_model(parsed, resolved_device)
-            if quantize_image_tower:
-                model.visual = _int8_linears(model.visual)
         except ModelLoadError:
             raise
         except Exception as exc:  # open_clip / huggingface_hub raise many unrelated types
             raise ModelLoadError(load_failure_message(parsed, exc)) from exc
-        image_tower = None
+        image_tower = text_tower = None
         if resolved_runtime == "openvino":
-            image_tower = _openvino_image_tower(
-                model, runtime_cache_dir, image_precision, explicit=runtime == "openvino"
+            image_tower, text_tower = _openvino_towers(
+                model, preprocess, runtime_cache_dir, precision, explicit=runtime == "openvino"
             )
         return cls(
             parsed,
@@ -163,8 +170,8 @@ class ClipEncoder:
             tokenizer,
             resolved_device,
             resolved_text_weights,
-            quantize_image_tower,
             image_tower,
+            text_tower,
             device_jpeg_decode,
         )
 
@@ -203,6 +210,8 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts -> (N, dim) float32, L2-normalised. Text past the context length is truncated."""
+        if self._text_tower is not None:
+            return self._text_tower(self._token_batch(texts))
         if self._lean_text is None:
             return self.encode_texts_padded(texts)
         return _to_numpy(self._lean_text(self._token_batch(texts)))
@@ -309,7 +318,7 @@ class AsyncEncoder:
             text_precision=e.text_precision,
             torch_threads=e.torch_threads,
             image_runtime=e.image_runtime,
-            text_runtime="torch",
+            text_runtime=e.text_runtime,
             text_path=e.text_path,
         )
 
@@ -332,40 +341,54 @@ class AsyncEncoder:
         return self.encoder.pixels_from_bytes(data, field=field, max_pixels=max_pixels)
 
 
-def _openvino_image_tower(
-    model: Any, cache_dir: Path | None, precision: Literal["auto", "bf16", "f32"], *, explicit: bool
-) -> OpenVinoImageTower | None:
-    """The image tower compiled by OpenVINO; None (torch runs it) when `runtime` was auto and it cannot be built
-    here, so that auto never stops a start that torch can serve."""
-    from imagesearch.model.openvino_runtime import OpenVinoImageTower
+def _openvino_towers(
+    model: Any,
+    preprocess: Any,
+    cache_dir: Path | None,
+    precision: Literal["auto", "bf16", "f32", "int8"],
+    *,
+    explicit: bool,
+) -> tuple[OpenVinoImageTower | None, OpenVinoTextTower | None]:
+    """Both towers compiled by OpenVINO. A tower it cannot build here is None (torch runs it) when the runtime
+    was auto, so that auto never stops a start that torch can serve; with runtime openvino it is an error."""
+    from imagesearch.model.openvino_runtime import OpenVinoImageTower, OpenVinoTextTower
 
-    try:
-        if cache_dir is not None:
-            return OpenVinoImageTower.build(model.visual, cache_dir=cache_dir, precision=precision)
-        with tempfile.TemporaryDirectory(prefix="imagesearch-openvino-") as scratch:
-            return OpenVinoImageTower.build(model.visual, cache_dir=Path(scratch), precision=precision)
-    except ModelLoadError as exc:
-        if explicit:
-            raise
-        log.warning("openvino unavailable for this model; the image tower runs on torch", error=str(exc))
-        return None
+    def built(build: Callable[[Path], T], tower: str) -> T | None:
+        try:
+            if cache_dir is not None:
+                return build(cache_dir)
+            with tempfile.TemporaryDirectory(prefix="imagesearch-openvino-") as scratch:
+                return build(Path(scratch))
+        except ModelLoadError as exc:
+            if explicit:
+                raise
+            log.warning("openvino cannot run a tower of this model; torch runs it", tower=tower, error=str(exc))
+            return None
+
+    image = built(
+        lambda directory: OpenVinoImageTower.build(
+            model.visual, cache_dir=directory, precision=precision, preprocess=preprocess
+        ),
+        "image",
+    )
+    text = None
+    if OpenVinoTextTower.supports(model):
+        # int8 is the image tower's option: the text tower is known to lose too much to it.
+        text_precision = "auto" if precision == "int8" else precision
+        text = built(
+            lambda directory: OpenVinoTextTower.build(model, cache_dir=directory, precision=text_precision), "text"
+        )
+    return image, text
+
+
+def _precision_name(precision: str) -> str:
+    # The names GetServiceInfo has always used: "fp32", not OpenVINO's "f32".
+    return "fp32" if precision == "f32" else precision
 
 
 def _image_size(model: Any) -> int:
     size = getattr(model.visual, "image_size", 224)
     return int(size[0] if isinstance(size, tuple | list) else size)
-
-
-def _int8_linears(module: torch.nn.Module) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao, which we do not depend on; the eager API
-        # still works on the torch versions we support, and this is an opt-in.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        quantized: torch.nn.Module = torch.ao.quantization.quantize_dynamic(
-            module, {torch.nn.Linear}, dtype=torch.qint8
-        )
-    return quantized
 
 
 def _to_numpy(features: torch.Tensor) -> np.ndarray:

@@ -150,9 +150,9 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def resolve_runtime(requested: Literal["auto", "torch", "openvino"], device: str, *, image_int8: bool) -> Runtime:
-    """The image tower's runtime. auto = OpenVINO on CPU where it is installed (and the tower is not torch's
-    int8), torch on CUDA; an explicit choice that cannot be honoured is an error, never a silent fallback."""
+def resolve_runtime(requested: Literal["auto", "torch", "openvino"], device: str) -> Runtime:
+    """The towers' runtime. auto = OpenVINO on CPU where it is installed, torch on CUDA; an explicit choice that
+    cannot be honoured is an error, never a silent fallback."""
     if requested == "torch":
         return "torch"
     if requested == "openvino":
@@ -160,9 +160,5 @@ def resolve_runtime(requested: Literal["auto", "torch", "openvino"], device: str
             raise ModelLoadError(f"runtime openvino runs on the CPU; the device is {device}: use runtime auto or torch")
         if not openvino_installed():
             raise ModelLoadError("runtime openvino needs the openvino package (pip install openvino), or runtime torch")
-        if image_int8:
-            raise ModelLoadError(
-                "the int8 image tower (IMAGESEARCH_QUANTIZE_IMAGE_TOWER) is torch's; use runtime auto or torch with it"
-            )
         return "openvino"
-    return "openvino" if device == "cpu" and openvino_installed() and not image_int8 else "torch"
+    return "openvino" if device == "cpu" and openvino_installed() else "torch"
