@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up for development and CI, idempotent: installs redis-server (the tests start their own instances of it),
-# creates .venv and installs the project with its dev tools and the tracing extra (its tests run in CI).
+# creates .venv and installs the project with its dev tools and the tracing and int8 extras (their tests run in CI).
 #
 # Usage: bash tools/install.sh
 set -euo pipefail
@@ -26,5 +26,5 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch comes in through open-clip-torch; where a pip constraint file caps it (as on our build machines), pip
 # takes the capped local build.
-.venv/bin/python -m pip install --quiet -e '.[dev,tracing]'
+.venv/bin/python -m pip install --quiet -e '.[dev,tracing,int8]'
 echo "install.sh: ready. Run the tests with: .venv/bin/python -m pytest"
