@@ -209,6 +209,46 @@ async def test_inline_rpcs_over_grpc(running: Running) -> None:
     assert [h.product.id for h in found.hits] == ["green"] and found.query_kind == pb.QUERY_KIND_IMAGE
 
 
+def envelope(message: dict[str, Any], flags: int = 0) -> bytes:
+    data = json.dumps(message).encode()
+    return struct.pack(">BI", flags, len(data)) + data
+
+
+def unenvelope(body: bytes) -> list[tuple[int, Any]]:
+    messages, pos = [], 0
+    while pos < len(body):
+        flags, length = struct.unpack(">BI", body[pos : pos + 5])
+        messages.append((flags, json.loads(body[pos + 5 : pos + 5 + length])))
+        pos += 5 + length
+    return messages
+
+
+async def test_client_stream_over_connect_streaming(running: Running) -> None:
+    # Connect clients (connect-go, connect-es, ...) call the streaming rpcs themselves: enveloped JSON messages.
+    image = jpeg_bytes((30, 160, 40))
+    await index(running, "green", image)
+    body = envelope({"query": {"top_k": 1}}) + envelope({"image_chunk": b64(image)})
+    response = await running.http.post(
+        SERVICE + "Search", content=body, headers={"content-type": "application/connect+json"}
+    )
+    assert response.status_code == 200
+    [(_, result), (end_flags, end)] = unenvelope(response.content)
+    assert [h["product"]["id"] for h in result["hits"]] == ["green"]
+    assert end_flags == 2 and "error" not in end
+
+
+async def test_grpc_web_for_browsers(running: Running) -> None:
+    response = await running.http.post(
+        SERVICE + "GetServiceInfo", content=envelope({}), headers={"content-type": "application/grpc-web+json"}
+    )
+    assert response.status_code == 200
+    body = response.content
+    length = struct.unpack(">I", body[1:5])[0]
+    assert json.loads(body[5 : 5 + length])["server_version"]
+    trailers = body[5 + length :]
+    assert trailers[0] == 0x80 and b"grpc-status:0" in trailers.replace(b" ", b"")
+
+
 def test_search_inline_response_mirrors_search_response() -> None:
     # SearchInline answers with the bytes of a SearchResponse (service.py): the two must keep one wire format.
     def fields(message: Any) -> list[tuple[Any, ...]]:
