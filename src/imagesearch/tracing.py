@@ -11,8 +11,8 @@ at each call, so a provider installed later (at start, or by a test, see `instal
 global OpenTelemetry state is set. With nothing installed a span costs one attribute read and a shared no-op
 context manager.
 
-Spans never carry image bytes, query text, URLs (a signed URL holds credentials) or API keys: sizes, counts,
-cache outcomes and the store operation only.
+Spans never carry image bytes, query text, an image URL's path or query (a signed URL holds credentials: its host
+only) or API keys: sizes, counts, cache outcomes and the store operation.
 """
 
 from __future__ import annotations
