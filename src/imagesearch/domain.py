@@ -21,6 +21,13 @@ CACHE_OUTCOMES: tuple[CacheOutcome, ...] = ("hit", "miss", "bypass")
 CacheTier = Literal["embedding", "result"]
 # What a tower encodes: also the first part of an encoding's cache key.
 Modality = Literal["text", "image"]
+# How a search matches its text: by the CLIP embedding alone (dense), by the words of each product's text (lexical:
+# BM25), or by both, fused (hybrid).
+SearchMode = Literal["dense", "hybrid", "lexical"]
+SEARCH_MODES: tuple[SearchMode, ...] = ("dense", "hybrid", "lexical")
+# How a hybrid search fuses its two rankings: a weighted sum of their scores, or reciprocal rank fusion.
+Fusion = Literal["weighted", "rank"]
+FUSIONS: tuple[Fusion, ...] = ("weighted", "rank")
 
 # Product ids are caller strings; the store needs UUID (or integer) point ids. UUIDv5 under a fixed namespace
 # makes the mapping deterministic, so re-indexing an id always lands on the same point (an upsert).
@@ -111,10 +118,28 @@ class SearchFilter:
 
 @dataclass(frozen=True)
 class Hit:
-    """One ranked search result: the stored product and its cosine similarity to the query (-1..1)."""
+    """One ranked search result: the stored product and its score (dense: the cosine similarity to the query,
+    -1..1; hybrid and lexical: 0..1, see VectorStore.search)."""
 
     product: Product
     score: float
+
+
+@dataclass(frozen=True)
+class LexicalQuery:
+    """The lexical side of a search: `text` matched against the words of every product's text (BM25).
+
+    When it is fused with a vector (hybrid), `fusion` says how, and `weight` is the lexical score's share of a
+    weighted fusion (0 to 1).
+    """
+
+    text: str
+    fusion: Fusion = "weighted"
+    weight: float = 0.5
+
+    def key_value(self) -> dict[str, Any]:
+        """The lexical side for `canonical_bytes` (cache keys, page-token digests)."""
+        return {"text": self.text, "fusion": self.fusion, "weight": float(self.weight)}
 
 
 @dataclass(frozen=True)
@@ -181,6 +206,9 @@ class QueryRequest:
     group_by: str = ""
     diversity: float | None = None
     facets: FacetSpec | None = None
+    mode: SearchMode | None = None
+    fusion: Fusion | None = None
+    lexical_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +226,8 @@ class Query:
     image to fetch instead.
 
     `top_k` is the page size. `like_ids`/`unlike_ids` are example products (deduplicated, disjoint); `page` is
-    the decoded page token (None: the first page).
+    the decoded page token (None: the first page). `mode` is resolved (never unset); `fusion` and
+    `lexical_weight` are the defaults unless a hybrid search uses them.
     """
 
     text: str
@@ -215,6 +244,9 @@ class Query:
     diversity: float | None = None
     page: SearchPage | None = None
     facets: FacetSpec = field(default_factory=FacetSpec)
+    mode: SearchMode = "dense"
+    fusion: Fusion = "weighted"
+    lexical_weight: float = 0.5
 
     @property
     def kind(self) -> QueryKind:
@@ -227,7 +259,15 @@ class Query:
 
     @property
     def encodes(self) -> bool:
-        return bool(self.text) or self.image is not None
+        # A lexical search matches words only: nothing goes through the model.
+        return self.mode != "lexical" and (bool(self.text) or self.image is not None)
+
+    @property
+    def lexical(self) -> LexicalQuery | None:
+        """The lexical side of a hybrid or lexical search; None for a dense one."""
+        if self.mode == "dense":
+            return None
+        return LexicalQuery(self.text, self.fusion, self.lexical_weight)
 
     @property
     def exclude_ids(self) -> tuple[str, ...]:
@@ -251,6 +291,9 @@ class Query:
             "top_k": self.top_k,
             "group_by": self.group_by,
             "diversity": self.diversity,
+            "mode": self.mode,
+            "fusion": self.fusion,
+            "lexical_weight": self.lexical_weight,
         }
         return digest(canonical_bytes(ranking), image)[:32]
 
@@ -264,6 +307,7 @@ class SearchOutcome:
     server_time_ms: float
     next_page_token: str = ""
     facets: Facets | None = None
+    mode: SearchMode = "dense"
 
     @property
     def cached(self) -> bool:

@@ -1,7 +1,8 @@
-"""The vector store interface, and the payload layout every backend shares.
+"""The vector store interface, and the point layout every backend shares.
 
-Both backends store a product under the same point id and payload, so a catalogue can move between the embedded
-store and a Qdrant server (snapshot or re-import) without any translation.
+Both backends store a product under the same point id, payload and vectors (the unnamed dense CLIP vector and the
+sparse `bm25` vector of its words), so a catalogue can move between the embedded store and a Qdrant server
+(snapshot or re-import) without any translation.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+import qdrant_edge as qe
 
-from imagesearch.domain import FacetCount, Facets, FacetSpec, Hit, Product, SearchFilter, point_id_for
+from imagesearch.domain import FacetCount, Facets, FacetSpec, Hit, LexicalQuery, Product, SearchFilter, point_id_for
 
 #: An embedding: float32, L2-normalised, shape (dimension,).
 Vector = npt.NDArray[np.float32]
@@ -43,6 +45,27 @@ DIVERSITY_CANDIDATES = 200
 #: attribute pairs than this can lose a rare value (at 100k products it costs about 50 ms unfiltered, 3 ms for a
 #: 1% filter, in the embedded store).
 FACET_SCAN_VALUES = 100_000
+
+#: The CLIP vector's name: the unnamed (default) vector, as in stores written before hybrid search.
+DENSE_VECTOR = ""
+#: The sparse vector that holds a product's words as BM25 term weights, next to its unnamed CLIP vector. Terms
+#: come from Qdrant's own BM25 (`qdrant_edge.Bm25`: its tokenizer, English stop words and stemmer), in both
+#: backends, so both tokenise alike; the engine applies the IDF modifier at query time, over the whole collection.
+LEXICAL_VECTOR = "bm25"
+# Pinned rather than left to the library's defaults: stored term weights are only comparable with queries made
+# with the same parameters. LEXICAL_MODEL records them with the store; a store whose record differs re-derives its
+# lexical side when it opens.
+_BM25 = qe.Bm25(qe.Bm25Config(k=1.2, b=0.75, avg_len=256.0, language="english"))
+LEXICAL_MODEL = "qdrant-bm25 k=1.2 b=0.75 avg_len=256 english"
+
+#: A hybrid search fuses the HYBRID_CANDIDATES best matches of each side (the CLIP vector and the words); the
+#: fused ranking holds at most twice as many products. Fixed, not derived from the page, so that every page of
+#: one query is a slice of the same fused ranking.
+HYBRID_CANDIDATES = 200
+#: Reciprocal rank fusion adds 1 / (RRF_K + rank) per ranking (rank counting from 0, Qdrant's convention); the
+#: usual constant. A product first in both rankings gets 2 / RRF_K, which RRF_SCALE maps to a score of 1.
+RRF_K = 60
+RRF_SCALE = RRF_K / 2
 
 
 class VectorStore(Protocol):
@@ -77,7 +100,7 @@ class VectorStore(Protocol):
 
     async def search(
         self,
-        vector: Vector,
+        vector: Vector | None,
         flt: SearchFilter,
         limit: int,
         offset: int = 0,
@@ -85,17 +108,31 @@ class VectorStore(Protocol):
         *,
         exclude_ids: Collection[str] = (),
         diversity: float | None = None,
+        lexical: LexicalQuery | None = None,
     ) -> list[Hit]:
-        """Products most similar to `vector` (cosine similarity), best first, among those matching `flt`.
+        """The best matches among the products matching `flt`, best first.
+
+        Dense (`vector` only): by cosine similarity to `vector`; the score is that similarity (-1 to 1).
+        Lexical (`lexical` only): by BM25 of `lexical.text` against each product's words; the score is that BM25
+        divided by the best BM25 any product of the collection reaches for this text (0 to 1), so that a filter
+        never changes a score. A text with no indexable word (only stop words) matches nothing.
+        Hybrid (both): the HYBRID_CANDIDATES best of each side, fused. `lexical.fusion` "weighted": the score is
+        (1 - w) * (1 + cosine) / 2 + w * lexical score (w = `lexical.weight`; 0 to 1), with every candidate's own
+        cosine, so that a filter never changes a score either. "rank": reciprocal rank fusion, RRF_SCALE * sum
+        of 1 / (RRF_K + rank) over the two rankings (0 to 1; 1 for a product first in both), ranks taken among
+        the products matching `flt`.
 
         `offset` skips that many best hits (paging: page n is offset=n*limit). Hits scoring at or below
-        `score_threshold` are dropped (Qdrant keeps only scores strictly above it). Products in `exclude_ids`
-        are never returned.
+        `score_threshold` (in the score's own scale) are dropped (Qdrant keeps only scores strictly above it).
+        Products in `exclude_ids` are never returned.
 
         `diversity` in (0, 1] re-ranks the DIVERSITY_CANDIDATES best matches by Maximal Marginal Relevance with
-        lambda = 1 - diversity: each next hit maximises lambda * similarity_to_query - (1 - lambda) *
-        max_similarity_to_hits_before_it. `offset` then applies to the re-ranked list; scores stay the
-        similarities to `vector`. None or 0: plain ranking.
+        lambda = 1 - diversity: each next hit maximises lambda * relevance - (1 - lambda) *
+        max_similarity_to_hits_before_it, where relevance is the score and similarity the cosine between the
+        products' CLIP vectors. `offset` then applies to the re-ranked list; scores stay those of the plain
+        ranking. None or 0: plain ranking.
+
+        Raises ValueError when neither `vector` nor `lexical` is given.
         """
         ...
 
@@ -149,13 +186,74 @@ def vector_values(vector: Vector, dimension: int) -> list[float]:
 
 
 def stored_vector(raw: Any, dimension: int) -> Vector:
-    # The unnamed vector comes back as a plain list; some client versions wrap it as {"": [...]}.
+    # The unnamed vector comes back as a plain list, or by name ({"": [...]}) with the point's other vectors.
     if isinstance(raw, Mapping):
-        raw = raw.get("")
+        raw = raw.get(DENSE_VECTOR)
     vector = np.asarray(raw, dtype=np.float32)
     if vector.shape != (dimension,):
         raise ValueError(f"stored vector has shape {vector.shape}, expected ({dimension},)")
     return vector
+
+
+def lexical_text(product: Product) -> str:
+    """The words a product is found by: its name, description, category and attribute values."""
+    return "\n".join([product.name, product.description, product.category, *product.attributes.values()])
+
+
+def lexical_document(product: Product) -> qe.SparseVector | None:
+    """The product's sparse BM25 vector (LEXICAL_VECTOR): term-frequency weights of its words. None for a product
+    without words (or only stop words): such a point is stored without the vector, so that the points that have
+    it are exactly those in the engine's sparse index (the embedded store counts its HNSW index by that)."""
+    terms = _BM25.embed_document(lexical_text(product))
+    return terms if terms.indices else None
+
+
+def point_vectors(vector: list[float], product: Product) -> dict[str, Any]:
+    """A point's named vectors: the unnamed CLIP vector and, when the product has words, LEXICAL_VECTOR."""
+    terms = lexical_document(product)
+    return {DENSE_VECTOR: vector} if terms is None else {DENSE_VECTOR: vector, LEXICAL_VECTOR: terms}
+
+
+def lexical_terms(text: str) -> qe.SparseVector:
+    """A query text as a sparse vector of its terms (weight 1 each), to match against LEXICAL_VECTOR."""
+    return _BM25.embed_query(text)
+
+
+def score_scale(has_vector: bool, lexical: LexicalQuery, best: float | None) -> float:
+    """The factor from the engine's score of a lexical or hybrid query to the score VectorStore.search documents
+    (`best`: the best BM25 in the collection for the text, None when nothing matches)."""
+    if not has_vector:
+        return 1.0 / best if best else 1.0  # BM25 relative to the best match
+    return RRF_SCALE if lexical.fusion == "rank" else 1.0  # the weighted formula computes the score itself
+
+
+def check_search(vector: Vector | None, lexical: LexicalQuery | None) -> None:
+    if vector is None and lexical is None:
+        raise ValueError("a search needs a vector, a lexical query or both")
+
+
+def mmr_order(relevance: Sequence[float], vectors: npt.NDArray[np.float32], diversity: float, count: int) -> list[int]:
+    """The first `count` of the candidates (rows of `vectors`, L2-normalised; `relevance` per row, best first) in
+    Maximal Marginal Relevance order with lambda = 1 - diversity, as indices: each next one maximises
+    lambda * relevance - (1 - lambda) * its largest cosine similarity to those already picked. Ties keep the
+    candidates' order, so the result is deterministic."""
+    wanted = min(count, len(relevance))
+    if wanted <= 0:
+        return []
+    lam = 1.0 - diversity
+    gains = np.asarray(relevance, dtype=np.float64)
+    similarity = np.asarray(vectors, dtype=np.float64) @ np.asarray(vectors, dtype=np.float64).T
+    picked = [int(np.argmax(gains))]
+    nearest = similarity[picked[0]].copy()
+    taken = np.zeros(len(gains), dtype=bool)
+    taken[picked[0]] = True
+    while len(picked) < wanted:
+        marginal = np.where(taken, -np.inf, lam * gains - (1.0 - lam) * nearest)
+        best = int(np.argmax(marginal))
+        picked.append(best)
+        taken[best] = True
+        nearest = np.maximum(nearest, similarity[best])
+    return picked
 
 
 def point_ids_by_product(product_ids: Iterable[str]) -> dict[str, str]:

@@ -15,6 +15,10 @@ What this module relies on, found by experiment with qdrant-edge-py 0.9.0 (see t
 - Without flushes the WAL is never truncated (100k 512-d upserts leave ~335 MB of WAL to replay on load).
 - The shard holds an exclusive lock on its WAL: a second open of the same directory fails, also across processes.
 - Errors are raised as the bare `Exception` class.
+- A sparse vector can be added to an existing shard (`UpdateOperation.create_sparse_vector`, idempotent and
+  non-destructive, through the WAL) and filled in point by point (`update_vectors`); a point given an empty sparse
+  vector counts as having it (`HasVectorCondition`). That is how a store written before hybrid search gets its
+  lexical side at open, without touching its CLIP vectors.
 """
 
 from __future__ import annotations
@@ -27,30 +31,42 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import numpy as np
 import qdrant_edge as qe
 import structlog
 
-from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter, point_id_for
+from imagesearch.domain import Facets, FacetSpec, Hit, LexicalQuery, Product, SearchFilter, point_id_for
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store.base import (
     ATTRIBUTE_PAIRS,
     CATEGORY,
+    DENSE_VECTOR,
     DIVERSITY_CANDIDATES,
     FACET_SCAN_VALUES,
+    HYBRID_CANDIDATES,
     INDEXED_FIELDS,
+    LEXICAL_MODEL,
+    LEXICAL_VECTOR,
     PRICE,
+    RRF_K,
     Vector,
     attribute_pair,
     check_cursor,
     check_paging,
+    check_search,
     created_flags,
     facets_from_counts,
     last_per_id,
+    lexical_document,
+    lexical_terms,
+    mmr_order,
     point_ids_by_product,
+    point_vectors,
     product_from_payload,
     product_to_payload,
+    score_scale,
     stored_vector,
     vector_values,
 )
@@ -65,6 +81,9 @@ _META_FILE = "imagesearch-store.json"
 _SCHEMA_TYPES = {"keyword": qe.PayloadSchemaType.Keyword, "float": qe.PayloadSchemaType.Float}
 # attribute_pairs is only ever matched, never read back (the `attributes` map is); skip converting it per hit.
 _HIT_PAYLOAD = qe.PayloadSelector.Exclude([ATTRIBUTE_PAIRS])
+_LEXICAL_PARAMS = qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)
+# Points whose lexical side is filled in per update while an older store is brought up to date.
+_BACKFILL_BATCH = 1000
 
 
 class EdgeStore:
@@ -137,7 +156,11 @@ class EdgeStore:
             # loop lets the loop run at every GIL switch interval during a large batch.
             latest = {point_id_for(pid): item for pid, item in last_per_id(items).items()}
             points = [
-                qe.Point(point_id, vector_values(vector, self.dimension), product_to_payload(product))
+                qe.Point(
+                    point_id,
+                    point_vectors(vector_values(vector, self.dimension), product),
+                    product_to_payload(product),
+                )
                 for point_id, (product, vector) in latest.items()
             ]
             # Checking and writing in one job on the single worker makes the created flags race-free.
@@ -176,7 +199,7 @@ class EdgeStore:
 
     async def search(
         self,
-        vector: Vector,
+        vector: Vector | None,
         flt: SearchFilter,
         limit: int,
         offset: int = 0,
@@ -184,9 +207,16 @@ class EdgeStore:
         *,
         exclude_ids: Collection[str] = (),
         diversity: float | None = None,
+        lexical: LexicalQuery | None = None,
     ) -> list[Hit]:
         """See VectorStore.search."""
         check_paging(limit, offset)
+        check_search(vector, lexical)
+        if lexical is not None:
+            return await self._search_words(
+                vector, lexical, flt, limit, offset, score_threshold, exclude_ids, diversity
+            )
+        assert vector is not None
         values = vector_values(vector, self.dimension)
         query: qe.ScoringQueryType = (
             # Edge's Mmr takes MMR's lambda (1 = relevance only); qdrant-client's takes diversity = 1 - lambda.
@@ -204,11 +234,56 @@ class EdgeStore:
         points = await self._run(lambda: shard.query(request), "search")
         return [Hit(product_from_payload(p.payload or {}), p.score) for p in points]
 
+    async def _search_words(
+        self,
+        vector: Vector | None,
+        lexical: LexicalQuery,
+        flt: SearchFilter,
+        limit: int,
+        offset: int,
+        score_threshold: float | None,
+        exclude_ids: Collection[str],
+        diversity: float | None,
+    ) -> list[Hit]:
+        # A lexical or hybrid search: two engine calls in one job, so both see the same state of the shard.
+        values = None if vector is None else vector_values(vector, self.dimension)
+        terms = lexical_terms(lexical.text)
+        edge_filter = _edge_filter(flt, exclude_ids)
+        shard = self._open_shard()
+
+        def run() -> tuple[list[qe.ScoredPoint], float]:
+            # Unfiltered: lexical scores are relative to the best match in the whole collection.
+            best = _best_lexical_score(shard, terms)
+            if values is None and best is None:
+                return [], 1.0  # no product has any of the words
+            scale = score_scale(values is not None, lexical, best)
+            query, prefetches = _ranking(values, terms, lexical, best, edge_filter)
+            start, count = (0, DIVERSITY_CANDIDATES) if diversity else (offset, limit)
+            request = qe.QueryRequest(
+                limit=count,
+                offset=start,
+                query=query,
+                prefetches=prefetches,
+                filter=edge_filter,
+                with_payload=_HIT_PAYLOAD,
+                with_vector=[DENSE_VECTOR] if diversity else False,
+                score_threshold=None if score_threshold is None else score_threshold / scale,
+            )
+            return shard.query(request), scale
+
+        points, scale = await self._run(run, "search")
+        hits = [Hit(product_from_payload(p.payload or {}), p.score * scale) for p in points]
+        if not diversity or not hits:
+            return hits
+        vectors = np.asarray([stored_vector(p.vector, self.dimension) for p in points], dtype=np.float32)
+        order = mmr_order([h.score for h in hits], vectors, diversity, offset + limit)
+        return [hits[i] for i in order[offset:]]
+
     async def vectors(self, product_ids: Sequence[str]) -> dict[str, Vector]:
         """See VectorStore.vectors."""
         by_point = point_ids_by_product(product_ids)
         shard = self._open_shard()
-        records = await self._run(lambda: shard.retrieve(list(by_point), False, True), "vectors")
+        records = await self._run(lambda: shard.retrieve(list(by_point), False, [DENSE_VECTOR]), "vectors")
         return {by_point[str(r.id)]: stored_vector(r.vector, self.dimension) for r in records}
 
     async def facets(self, flt: SearchFilter, spec: FacetSpec, *, exclude_ids: Collection[str] = ()) -> Facets:
@@ -321,18 +396,64 @@ def _edge_filter(flt: SearchFilter, exclude_ids: Collection[str] = ()) -> qe.Fil
     return qe.Filter(must=conditions or None, must_not=excluded or None)
 
 
+def _best_lexical_score(shard: qe.EdgeShard, terms: qe.SparseVector) -> float | None:
+    """The best BM25 any point reaches for these terms (None when no point has any of them)."""
+    if not terms.indices:
+        return None
+    top = shard.query(qe.QueryRequest(limit=1, query=qe.Query.Nearest(terms, using=LEXICAL_VECTOR)))
+    return top[0].score if top and top[0].score > 0 else None
+
+
+def _ranking(
+    values: list[float] | None,
+    terms: qe.SparseVector,
+    lexical: LexicalQuery,
+    best: float | None,
+    edge_filter: qe.Filter | None,
+) -> tuple[qe.ScoringQueryType, list[qe.Prefetch] | None]:
+    """The query (and prefetches) of a lexical or hybrid search; see VectorStore.search for the scores."""
+    words = qe.Query.Nearest(terms, using=LEXICAL_VECTOR)
+    if values is None:
+        return words, None
+    # The filter goes on every leaf: prefetch limits then count matching products only.
+    dense = qe.Prefetch(limit=HYBRID_CANDIDATES, query=qe.Query.Nearest(values), filter=edge_filter)
+    lexical_side = qe.Prefetch(limit=HYBRID_CANDIDATES, query=words, filter=edge_filter)
+    if lexical.fusion == "rank":
+        # The stubs type Fusion.Rrf as a class of its own rather than as a Fusion.
+        return cast("qe.ScoringQueryType", qe.Fusion.Rrf(RRF_K)), [dense, lexical_side]
+    # The lexical candidates rescored by the CLIP vector: every candidate gets its true cosine ($score[2]), not
+    # only those among the best dense matches ($score[0]).
+    rescored = qe.Prefetch(
+        limit=HYBRID_CANDIDATES, prefetches=[lexical_side], query=qe.Query.Nearest(values), filter=edge_filter
+    )
+    e = qe.Expression
+    # (1 - w) * (1 + cosine) / 2 + w * BM25 / best, the cosine mapped onto 0..1 as the lexical score is.
+    cosine = e.Max([e.Variable("$score[0]"), e.Variable("$score[2]")])
+    formula = e.Sum(
+        [
+            e.Mult([e.Constant((1.0 - lexical.weight) / 2), e.Sum([cosine, e.Constant(1.0)])]),
+            e.Mult([e.Constant(lexical.weight / (best or 1.0)), e.Variable("$score[1]")]),
+        ]
+    )
+    # A product missing from one list: no cosine from it (-1 loses the max) and no lexical score.
+    missing = {"$score[0]": -1.0, "$score[1]": 0.0, "$score[2]": -1.0}
+    return qe.Formula(formula, defaults=missing), [dense, lexical_side, rescored]
+
+
 def _open_shard(path: Path, dimension: int, model_id: str, index_threshold: int) -> qe.EdgeShard:
     meta_path = path / _META_FILE
     meta = _read_meta(meta_path)
     if meta is not None:
         _check_meta(meta, path, dimension, model_id)
     shard_path = path / _SHARD_DIR
-    config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine))
+    dense = qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine)
     try:
         if (shard_path / "edge_config.json").exists():
-            # Passing the config makes the engine check it against the stored segments.
-            shard = qe.EdgeShard.load(str(shard_path), config)
+            # Passing the dense config makes the engine check it against the stored segments; the sparse vectors
+            # are left out so that they are inherited: a store written before hybrid search has none yet.
+            shard = qe.EdgeShard.load(str(shard_path), qe.EdgeConfig(vectors=dense))
         else:
+            config = qe.EdgeConfig(vectors=dense, sparse_vectors={LEXICAL_VECTOR: _LEXICAL_PARAMS})
             shard = qe.EdgeShard.create(str(shard_path), config)
     except Exception as exc:
         if type(exc) is not Exception:
@@ -340,14 +461,54 @@ def _open_shard(path: Path, dimension: int, model_id: str, index_threshold: int)
         raise _open_error(exc, path, dimension, model_id) from exc
     try:
         _ensure_payload_indexes(shard)
-        if meta is None:
-            # Recorded only once the engine has accepted the dimension, so a wrong record is never written.
-            _write_meta(meta_path, {"dimension": dimension, "model_id": model_id})
+        recorded = None if meta is None else meta.get("lexical")
+        if recorded != LEXICAL_MODEL:
+            _update_lexical_side(shard, path, rederive=recorded is not None)
+        if recorded != LEXICAL_MODEL:
+            # Recorded only once the engine has accepted the dimension and every point has its lexical side, so a
+            # wrong record is never written and an interrupted update resumes at the next open.
+            _write_meta(meta_path, {"dimension": dimension, "model_id": model_id, "lexical": LEXICAL_MODEL})
         _build_index_if_needed(shard, index_threshold, path)
     except BaseException:
         shard.close()
         raise
     return shard
+
+
+def _update_lexical_side(shard: qe.EdgeShard, path: Path, *, rederive: bool) -> None:
+    """Give every point its sparse BM25 vector, derived from its stored payload (its CLIP vector is untouched: no
+    image is encoded again). For a store written before hybrid search (no lexical record), or one whose lexical
+    model changed (`rederive`: every point). Each batch goes through the WAL, and points that have the vector
+    are skipped, so an interrupted update resumes where it stopped."""
+    # Idempotent: a no-op (that keeps the stored vectors) when the shard already has it.
+    shard.update(qe.UpdateOperation.create_sparse_vector(LEXICAL_VECTOR, modifier=qe.Modifier.Idf))
+    missing = None if rederive else qe.Filter(must_not=[qe.HasVectorCondition(LEXICAL_VECTOR)])
+    started = time.perf_counter()
+    updated = 0
+    cursor: Any = None
+    while True:
+        request = qe.ScrollRequest(
+            offset=cursor, limit=_BACKFILL_BATCH, filter=missing, with_payload=True, with_vector=False
+        )
+        records, cursor = shard.scroll(request)
+        vectors = []
+        for record in records:
+            terms = lexical_document(product_from_payload(record.payload or {}))
+            if terms is not None:  # a product without words stays without the vector
+                vectors.append(qe.PointVectors(record.id, {LEXICAL_VECTOR: terms}))
+        if vectors:
+            shard.update(qe.UpdateOperation.update_vectors(vectors))
+            updated += len(vectors)
+        if cursor is None:
+            break
+    if updated:
+        shard.flush()
+        log.info(
+            "lexical side of the catalogue derived from its stored text (no image encoded)",
+            store=str(path),
+            products=updated,
+            seconds=round(time.perf_counter() - started, 1),
+        )
 
 
 def _build_index_if_needed(shard: qe.EdgeShard, threshold: int, path: Path) -> None:
@@ -361,8 +522,7 @@ def _build_index_if_needed(shard: qe.EdgeShard, threshold: int, path: Path) -> N
     """
     if threshold <= 0:
         return
-    info = shard.info()
-    unindexed = info.points_count - info.indexed_vectors_count
+    unindexed = shard.info().points_count - indexed_clip_vectors(shard)
     if unindexed < threshold:
         return
     log.info(
@@ -374,6 +534,16 @@ def _build_index_if_needed(shard: qe.EdgeShard, threshold: int, path: Path) -> N
     shard.optimize()
     shard.flush()
     log.info("vector index built", store=str(path), seconds=round(time.perf_counter() - started, 1))
+
+
+def indexed_clip_vectors(shard: qe.EdgeShard) -> int:
+    """How many CLIP vectors the shard's HNSW index holds (deleted points may still count until optimised)."""
+    # The engine's count includes every sparse vector (a sparse index is always complete); points have one
+    # exactly when they have words (base.lexical_document), so the rest are CLIP vectors.
+    with_words = shard.count(
+        qe.CountRequest(filter=qe.Filter(must=[qe.HasVectorCondition(LEXICAL_VECTOR)]), exact=True)
+    )
+    return int(shard.info().indexed_vectors_count) - with_words
 
 
 def _ensure_payload_indexes(shard: qe.EdgeShard) -> None:

@@ -1,4 +1,10 @@
-"""The server backend: a Qdrant server or cluster through qdrant-client's async client (gRPC preferred)."""
+"""The server backend: a Qdrant server or cluster through qdrant-client's async client (gRPC preferred).
+
+A collection created before hybrid search gets its sparse lexical vector when the store opens: the vector name is
+added to the collection (`create_vector_name`, Qdrant's API for an existing collection) and every point's BM25
+terms are derived from its stored payload (`update_vectors`; the CLIP vectors are untouched). Points that have the
+vector are skipped, so an interrupted update, or two replicas starting at once, resume and repeat harmlessly.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +15,41 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import numpy as np
+import qdrant_edge as qe
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import ApiException
 
-from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter, point_id_for
+from imagesearch.domain import Facets, FacetSpec, Hit, LexicalQuery, Product, SearchFilter, point_id_for
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store.base import (
     ATTRIBUTE_PAIRS,
     CATEGORY,
+    DENSE_VECTOR,
     DIVERSITY_CANDIDATES,
     FACET_SCAN_VALUES,
+    HYBRID_CANDIDATES,
     INDEXED_FIELDS,
+    LEXICAL_MODEL,
+    LEXICAL_VECTOR,
     PRICE,
+    RRF_K,
     Vector,
     attribute_pair,
     check_cursor,
     check_paging,
+    check_search,
     created_flags,
     facets_from_counts,
     last_per_id,
+    lexical_document,
+    lexical_terms,
+    mmr_order,
     point_ids_by_product,
+    point_vectors,
     product_from_payload,
     product_to_payload,
+    score_scale,
     stored_vector,
     vector_values,
 )
@@ -40,6 +59,9 @@ _META_KEY = "imagesearch"
 _SCHEMA_TYPES = {"keyword": models.PayloadSchemaType.KEYWORD, "float": models.PayloadSchemaType.FLOAT}
 # attribute_pairs is only ever matched, never read back (the `attributes` map is).
 _HIT_PAYLOAD = models.PayloadSelectorExclude(exclude=[ATTRIBUTE_PAIRS])
+_LEXICAL_PARAMS = models.SparseVectorParams(modifier=models.Modifier.IDF)
+# Points whose lexical side is filled in per request while an older collection is brought up to date.
+_BACKFILL_BATCH = 500
 
 
 class QdrantServerStore:
@@ -124,7 +146,7 @@ class QdrantServerStore:
         points = [
             models.PointStruct(
                 id=point_id,
-                vector=vector_values(vector, self.dimension),
+                vector=_point_vectors(vector_values(vector, self.dimension), product),
                 payload=product_to_payload(product),
             )
             for point_id, (product, vector) in latest.items()
@@ -154,7 +176,7 @@ class QdrantServerStore:
 
     async def search(
         self,
-        vector: Vector,
+        vector: Vector | None,
         flt: SearchFilter,
         limit: int,
         offset: int = 0,
@@ -162,9 +184,16 @@ class QdrantServerStore:
         *,
         exclude_ids: Collection[str] = (),
         diversity: float | None = None,
+        lexical: LexicalQuery | None = None,
     ) -> list[Hit]:
         """See VectorStore.search."""
         check_paging(limit, offset)
+        check_search(vector, lexical)
+        if lexical is not None:
+            return await self._search_words(
+                vector, lexical, flt, limit, offset, score_threshold, exclude_ids, diversity
+            )
+        assert vector is not None
         values = vector_values(vector, self.dimension)
         mmr = models.Mmr(diversity=diversity, candidates_limit=DIVERSITY_CANDIDATES) if diversity else None
         async with self._guard("search"):
@@ -179,12 +208,61 @@ class QdrantServerStore:
             )
         return [Hit(product_from_payload(p.payload or {}), p.score) for p in response.points]
 
+    async def _search_words(
+        self,
+        vector: Vector | None,
+        lexical: LexicalQuery,
+        flt: SearchFilter,
+        limit: int,
+        offset: int,
+        score_threshold: float | None,
+        exclude_ids: Collection[str],
+        diversity: float | None,
+    ) -> list[Hit]:
+        values = None if vector is None else vector_values(vector, self.dimension)
+        terms = _sparse(lexical_terms(lexical.text))
+        query_filter = _qdrant_filter(flt, exclude_ids)
+        async with self._guard("search"):
+            # Unfiltered: lexical scores are relative to the best match in the whole collection.
+            best = await self._best_lexical_score(terms)
+            if values is None and best is None:
+                return []  # no product has any of the words
+            scale = score_scale(values is not None, lexical, best)
+            query, prefetch = _ranking(values, terms, lexical, best, query_filter)
+            start, count = (0, DIVERSITY_CANDIDATES) if diversity else (offset, limit)
+            response = await self._client.query_points(
+                self._collection,
+                query=query,
+                using=LEXICAL_VECTOR if values is None else None,
+                prefetch=prefetch,
+                query_filter=query_filter,
+                limit=count,
+                offset=start,
+                score_threshold=None if score_threshold is None else score_threshold / scale,
+                with_payload=_HIT_PAYLOAD,
+                with_vectors=[DENSE_VECTOR] if diversity else False,
+            )
+        points = response.points
+        hits = [Hit(product_from_payload(p.payload or {}), p.score * scale) for p in points]
+        if not diversity or not hits:
+            return hits
+        vectors = np.asarray([stored_vector(p.vector, self.dimension) for p in points], dtype=np.float32)
+        order = mmr_order([h.score for h in hits], vectors, diversity, offset + limit)
+        return [hits[i] for i in order[offset:]]
+
+    async def _best_lexical_score(self, terms: models.SparseVector) -> float | None:
+        if not terms.indices:
+            return None
+        response = await self._client.query_points(self._collection, query=terms, using=LEXICAL_VECTOR, limit=1)
+        top = response.points
+        return top[0].score if top and top[0].score > 0 else None
+
     async def vectors(self, product_ids: Sequence[str]) -> dict[str, Vector]:
         """See VectorStore.vectors."""
         by_point = point_ids_by_product(product_ids)
         async with self._guard("vectors"):
             records = await self._client.retrieve(
-                self._collection, list(by_point), with_payload=False, with_vectors=True
+                self._collection, list(by_point), with_payload=False, with_vectors=[DENSE_VECTOR]
             )
         return {by_point[str(r.id)]: stored_vector(r.vector, self.dimension) for r in records}
 
@@ -252,13 +330,52 @@ class QdrantServerStore:
                     await self._client.create_payload_index(
                         self._collection, field, field_schema=_SCHEMA_TYPES[kind], wait=True
                     )
+            if LEXICAL_VECTOR not in (info.config.params.sparse_vectors or {}):
+                await self._client.create_vector_name(
+                    self._collection,
+                    LEXICAL_VECTOR,
+                    models.SparseVectorNameConfig(sparse=models.SparseVectorConfig(modifier=models.Modifier.IDF)),
+                    wait=True,
+                )
+            meta: Any = (info.config.metadata or {}).get(_META_KEY)
+            recorded = meta.get("lexical") if isinstance(meta, dict) else None
+        if recorded != LEXICAL_MODEL:
+            await self._update_lexical_side(rederive=recorded is not None)
+            async with self._guard("open"):
+                record = {"model_id": model_id, "dimension": self.dimension, "lexical": LEXICAL_MODEL}
+                await self._client.update_collection(self._collection, metadata={_META_KEY: record})
+
+    async def _update_lexical_side(self, *, rederive: bool) -> None:
+        # Each batch under its own deadline: a large collection takes longer than one call may.
+        missing = None if rederive else models.Filter(must_not=[models.HasVectorCondition(has_vector=LEXICAL_VECTOR)])
+        cursor: Any = None
+        while True:
+            async with self._guard("open (deriving the lexical side)"):
+                records, cursor = await self._client.scroll(
+                    self._collection,
+                    scroll_filter=missing,
+                    limit=_BACKFILL_BATCH,
+                    offset=cursor,
+                    with_payload=True,
+                    with_vectors=False,
+                )
+                vectors = []
+                for record in records:
+                    terms = lexical_document(product_from_payload(record.payload or {}))
+                    if terms is not None:  # a product without words stays without the vector
+                        vectors.append(models.PointVectors(id=record.id, vector={LEXICAL_VECTOR: _sparse(terms)}))
+                if vectors:
+                    await self._client.update_vectors(self._collection, vectors, wait=True)
+            if cursor is None:
+                return
 
     async def _create_collection(self, model_id: str) -> None:
         try:
             await self._client.create_collection(
                 self._collection,
                 vectors_config=models.VectorParams(size=self.dimension, distance=models.Distance.COSINE),
-                metadata={_META_KEY: {"model_id": model_id, "dimension": self.dimension}},
+                sparse_vectors_config={LEXICAL_VECTOR: _LEXICAL_PARAMS},
+                metadata={_META_KEY: {"model_id": model_id, "dimension": self.dimension, "lexical": LEXICAL_MODEL}},
             )
         except (ApiException, grpc.RpcError):
             # Another replica starting at the same time may have created it first; that is fine.
@@ -304,6 +421,40 @@ class QdrantServerStore:
             ) from exc
         except (ApiException, grpc.RpcError, OSError) as exc:
             raise StoreUnavailable(f"Qdrant at {self._where}: {what} failed: {exc}") from exc
+
+
+def _sparse(vector: qe.SparseVector) -> models.SparseVector:
+    return models.SparseVector(indices=list(vector.indices), values=list(vector.values))
+
+
+def _point_vectors(values: list[float], product: Product) -> dict[str, Any]:
+    return {name: _sparse(v) if name == LEXICAL_VECTOR else v for name, v in point_vectors(values, product).items()}
+
+
+def _ranking(
+    values: list[float] | None,
+    terms: models.SparseVector,
+    lexical: LexicalQuery,
+    best: float | None,
+    query_filter: models.Filter | None,
+) -> tuple[models.Query | models.SparseVector, list[models.Prefetch] | None]:
+    """The query (and prefetches) of a lexical or hybrid search, as in the embedded store (edge._ranking)."""
+    if values is None:
+        return terms, None
+    dense = models.Prefetch(query=values, limit=HYBRID_CANDIDATES, filter=query_filter)
+    words = models.Prefetch(query=terms, using=LEXICAL_VECTOR, limit=HYBRID_CANDIDATES, filter=query_filter)
+    if lexical.fusion == "rank":
+        return models.RrfQuery(rrf=models.Rrf(k=RRF_K)), [dense, words]
+    rescored = models.Prefetch(prefetch=[words], query=values, limit=HYBRID_CANDIDATES, filter=query_filter)
+    cosine = models.MaxExpression(max=["$score[0]", "$score[2]"])
+    formula = models.SumExpression(
+        sum=[
+            models.MultExpression(mult=[(1.0 - lexical.weight) / 2, models.SumExpression(sum=[cosine, 1.0])]),
+            models.MultExpression(mult=[lexical.weight / (best or 1.0), "$score[1]"]),
+        ]
+    )
+    missing = {"$score[0]": -1.0, "$score[1]": 0.0, "$score[2]": -1.0}
+    return models.FormulaQuery(formula=formula, defaults=missing), [dense, words, rescored]
 
 
 def _qdrant_filter(flt: SearchFilter, exclude_ids: Collection[str] = ()) -> models.Filter | None:
