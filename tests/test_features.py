@@ -454,8 +454,9 @@ def mmr(vectors: dict[str, np.ndarray], query: np.ndarray, diversity: float, cou
 
 
 async def test_diversity_spreads_results_and_follows_mmr(shop: RunningServer) -> None:
-    plain = await search(shop, text="red mug", top_k=10)
-    diverse = await search(shop, text="red mug", top_k=10, diversity=0.5)
+    # Dense: MMR over similarities to the query vector (hybrid diversity is in test_hybrid.py).
+    plain = await search(shop, text="red mug", top_k=10, mode=pb.SEARCH_MODE_DENSE)
+    diverse = await search(shop, text="red mug", top_k=10, diversity=0.5, mode=pb.SEARCH_MODE_DENSE)
 
     vectors = await stored_vectors(shop)
     query = await shop.components.encoder.encode_text("red mug")

@@ -116,7 +116,8 @@ async def test_filters_restrict_results_without_reordering_them(
 async def test_multimodal_query_moves_an_image_search_towards_the_text(catalogue_server: RunningServer) -> None:
     blue_shoe = unseen_jpeg("shoe", "blue", seed=424242)
     image_only = await ranked_ids(catalogue_server, image=blue_shoe, top_k=10)
-    text_only = await ranked_ids(catalogue_server, text="red shoe", top_k=10)
+    # Dense: the mode of a multimodal query, whose text_weight mixes vectors (a text-only query defaults to hybrid).
+    text_only = await ranked_ids(catalogue_server, text="red shoe", top_k=10, mode="dense")
     # The documented weights: 0 is the image alone, 1 the text alone.
     assert await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=0.0, top_k=10) == image_only
     assert await ranked_ids(catalogue_server, image=blue_shoe, text="red shoe", text_weight=1.0, top_k=10) == text_only

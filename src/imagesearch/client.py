@@ -163,6 +163,14 @@ class ImageSearchClient:
         return self.timeout_s if isinstance(timeout_s, _Default) else timeout_s
 
 
+#: `search_query`'s names for the search modes and hybrid fusions.
+SEARCH_MODES = {"dense": pb.SEARCH_MODE_DENSE, "hybrid": pb.SEARCH_MODE_HYBRID, "lexical": pb.SEARCH_MODE_LEXICAL}
+FUSIONS = {
+    "weighted": pb.SearchQuery.HybridSpec.FUSION_WEIGHTED_SCORE,
+    "rank": pb.SearchQuery.HybridSpec.FUSION_RECIPROCAL_RANK,
+}
+
+
 def search_query(
     *,
     text: str = "",
@@ -171,10 +179,25 @@ def search_query(
     price_min: float | None = None,
     price_max: float | None = None,
     attributes: Mapping[str, str] | None = None,
+    mode: str | int | None = None,
+    fusion: str | int | None = None,
+    lexical_weight: float | None = None,
     **fields: Any,
 ) -> pb.SearchQuery:
     """A SearchQuery with the filter given as flat keywords; other keywords are SearchQuery fields as they are
-    (score_threshold, text_weight, like_product_ids, page_size, page_token, group_by, diversity, ...)."""
+    (score_threshold, text_weight, like_product_ids, page_size, page_token, group_by, diversity, ...).
+
+    `mode` is "dense", "hybrid" or "lexical" (or a SearchMode value; None: the server's default), `fusion`
+    "weighted" or "rank" and `lexical_weight` 0 to 1 (the hybrid_spec of a hybrid search; None: the defaults)."""
+    if mode is not None:
+        fields["mode"] = SEARCH_MODES[mode] if isinstance(mode, str) else pb.SearchMode.ValueType(mode)
+    if fusion is not None or lexical_weight is not None:
+        spec = pb.SearchQuery.HybridSpec(lexical_weight=lexical_weight)
+        if fusion is not None:
+            spec.fusion = (
+                FUSIONS[fusion] if isinstance(fusion, str) else pb.SearchQuery.HybridSpec.Fusion.ValueType(fusion)
+            )
+        fields["hybrid_spec"] = spec
     return pb.SearchQuery(
         text=text,
         top_k=top_k,

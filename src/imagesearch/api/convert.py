@@ -11,14 +11,17 @@ from imagesearch.domain import (
     CatalogDescription,
     Facets,
     FacetSpec,
+    Fusion,
     Hit,
     ListRequest,
     Product,
     QueryKind,
     QueryRequest,
     SearchFilter,
+    SearchMode,
     SearchOutcome,
 )
+from imagesearch.errors import FieldViolation, InvalidArgument
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import products_pb2
 
@@ -27,6 +30,21 @@ _QUERY_KINDS: dict[QueryKind, pb.QueryKind.ValueType] = {
     "image": pb.QUERY_KIND_IMAGE,
     "multimodal": pb.QUERY_KIND_MULTIMODAL,
     "recommend": pb.QUERY_KIND_RECOMMEND,
+}
+_SEARCH_MODES: dict[SearchMode, pb.SearchMode.ValueType] = {
+    "dense": pb.SEARCH_MODE_DENSE,
+    "hybrid": pb.SEARCH_MODE_HYBRID,
+    "lexical": pb.SEARCH_MODE_LEXICAL,
+}
+_MODES_FROM_PROTO: dict[int, SearchMode | None] = {
+    pb.SEARCH_MODE_UNSPECIFIED: None,
+    **{number: mode for mode, number in _SEARCH_MODES.items()},
+}
+_Fusions = pb.SearchQuery.HybridSpec
+_FUSIONS_FROM_PROTO: dict[int, Fusion | None] = {
+    _Fusions.FUSION_UNSPECIFIED: None,
+    _Fusions.FUSION_WEIGHTED_SCORE: "weighted",
+    _Fusions.FUSION_RECIPROCAL_RANK: "rank",
 }
 _CACHE_OUTCOMES: dict[CacheOutcome, pb.CacheOutcome.ValueType] = {
     "hit": pb.CACHE_OUTCOME_HIT,
@@ -55,6 +73,7 @@ def filter_from_proto(message: pb.SearchFilter) -> SearchFilter:
 
 
 def query_from_proto(message: pb.SearchQuery, image: bytes | None) -> QueryRequest:
+    hybrid = message.hybrid_spec
     facets = None
     if message.HasField("facet_spec"):
         spec = message.facet_spec
@@ -77,7 +96,17 @@ def query_from_proto(message: pb.SearchQuery, image: bytes | None) -> QueryReque
         group_by=message.group_by,
         diversity=message.diversity if message.HasField("diversity") else None,
         facets=facets,
+        mode=_enum_value(_MODES_FROM_PROTO, message.mode, "query.mode"),
+        fusion=_enum_value(_FUSIONS_FROM_PROTO, hybrid.fusion, "query.hybrid_spec.fusion"),
+        lexical_weight=hybrid.lexical_weight if hybrid.HasField("lexical_weight") else None,
     )
+
+
+def _enum_value(values: dict[int, Any], number: int, field: str) -> Any:
+    # proto3 enums are open: a client built from a newer contract can send a number this server does not know.
+    if number not in values:
+        raise InvalidArgument(FieldViolation(field, f"unknown value {number}"))
+    return values[number]
 
 
 def list_request_from_proto(request: pb.ListProductsRequest) -> ListRequest:
@@ -112,6 +141,7 @@ def outcome_to_proto(outcome: SearchOutcome) -> pb.SearchResponse:
         embedding_cache=_CACHE_OUTCOMES[outcome.embedding_cache],
         result_cache=_CACHE_OUTCOMES[outcome.result_cache],
         next_page_token=outcome.next_page_token,
+        mode=_SEARCH_MODES[outcome.mode],
         **facets_to_proto(outcome.facets),
     )
 

@@ -7,9 +7,10 @@ Two layers:
 
 Tier 1 (encodings): key = digest(model id, kind, content) -> the embedding as raw little-endian float32 bytes.
 Tier 2 (results): key = digest(model id, embedding bytes, the rest of the ranking's inputs: filter, page (offset,
-limit), threshold, example and excluded ids, group_by, diversity, generation) -> the ranked hits with whole
-products (JSON), so a hit skips both the model and the store. Keys are built with domain.digest and
-domain.canonical_bytes only, so two different queries can never share an entry.
+limit), threshold, example and excluded ids, group_by, diversity, the search mode with its lexical side (text,
+fusion, weight), generation) -> the ranked hits with whole products (JSON), so a hit skips both the model and the
+store. Tier 1 is shared by the modes: dense and hybrid searches encode the same text to the same vector. Keys are
+built with domain.digest and domain.canonical_bytes only, so two different queries can never share an entry.
 The catalogue generation is a counter bumped after every successful write to the store; it is part of every
 result key, so a result cached before a change can never be served after it (no TTL-only staleness).
 """
@@ -23,7 +24,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from imagesearch.domain import CacheDescription, Hit, Modality, Product, SearchFilter, canonical_bytes, digest
+from imagesearch.domain import (
+    CacheDescription,
+    Hit,
+    LexicalQuery,
+    Modality,
+    Product,
+    SearchFilter,
+    canonical_bytes,
+    digest,
+)
 
 # Bump when a value format changes, so old entries are never misread by a new server.
 KEY_VERSION = "v2"
@@ -131,9 +141,10 @@ class CacheStats:
 class ResultKey:
     """Everything a ranked result depends on besides the catalogue generation.
 
-    `vector` is the encoded text/image query (None for a search by example products only); example products
-    enter by id, which together with the generation pins their stored vectors. `top_k` is the number of hits
-    fetched from `offset` on.
+    `vector` is the encoded text/image query (None for a search by example products only, or a lexical one);
+    example products enter by id, which together with the generation pins their stored vectors. `top_k` is the
+    number of hits fetched from `offset` on. `lexical` is the lexical side of a hybrid or lexical search (None:
+    dense), which with `vector` says the mode.
     """
 
     vector: np.ndarray | None
@@ -146,6 +157,7 @@ class ResultKey:
     exclude_ids: tuple[str, ...] = ()
     group_by: str = ""
     diversity: float | None = None
+    lexical: LexicalQuery | None = None
 
 
 class SearchCache:
@@ -201,6 +213,7 @@ class SearchCache:
             "exclude_ids": sorted(set(key.exclude_ids)),
             "group_by": key.group_by,
             "diversity": key.diversity,
+            "lexical": None if key.lexical is None else key.lexical.key_value(),
         }
         return f"{self._prefix}res:{digest(self._model_id.encode(), vector, canonical_bytes(ranking))}"
 

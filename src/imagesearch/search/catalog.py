@@ -146,6 +146,7 @@ class Catalog:
             _ms_since(started),
             next_page_token=next_page_token,
             facets=facets,
+            mode=query.mode,
         )
 
     async def list_products(self, flt: SearchFilter, page_size: int, page: ListPage | None) -> ProductPage:
@@ -209,6 +210,7 @@ class Catalog:
                     exclude_ids=query.exclude_ids,
                     group_by=query.group_by,
                     diversity=query.diversity,
+                    lexical=query.lexical,
                 ),
             )
         ranked = None
@@ -225,7 +227,7 @@ class Catalog:
             outcome = "miss" if key is not None else "bypass"
         return _RankedPage(ranked[:limit], len(ranked) > limit, outcome)
 
-    async def _rank(self, vector: np.ndarray, query: Query, offset: int, count: int) -> list[Hit]:
+    async def _rank(self, vector: np.ndarray | None, query: Query, offset: int, count: int) -> list[Hit]:
         async def search(limit: int, start: int) -> list[Hit]:
             return await self.store.search(
                 vector,
@@ -235,15 +237,18 @@ class Catalog:
                 query.score_threshold,
                 exclude_ids=query.exclude_ids,
                 diversity=query.diversity,
+                lexical=query.lexical,
             )
 
         if not query.group_by:
             return await search(count, offset)
         return await best_per_group(search, query.group_by, offset, count)
 
-    async def _ranking_vector(self, query: Query, encoded: np.ndarray | None) -> np.ndarray:
+    async def _ranking_vector(self, query: Query, encoded: np.ndarray | None) -> np.ndarray | None:
+        """The dense side of the search: None for a lexical one."""
         if not (query.like_ids or query.unlike_ids):
-            assert encoded is not None  # validation guarantees text, an image or examples
+            # Validation guarantees text, an image or examples; only a lexical search encodes nothing.
+            assert encoded is not None or query.mode == "lexical"
             return encoded
         wanted = [*query.like_ids, *query.unlike_ids]
         stored = await self.store.vectors(wanted)
