@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         offline=True if args.offline else None,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
     )
     configure_logging(settings.log_format, settings.log_level)
     return server.run(settings)
@@ -195,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="IMAGESEARCH_LOG_LEVEL")
     serve.add_argument("--offline", action="store_true", help="never download weights (IMAGESEARCH_OFFLINE)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port; 0 = off (IMAGESEARCH_METRICS_PORT)")
+    serve.add_argument(
+        "--http-port", type=int, help="HTTP/JSON port (Connect, /docs); 0 = any free port (IMAGESEARCH_HTTP_PORT)"
+    )
     serve.set_defaults(func=_serve)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
