@@ -56,6 +56,19 @@ def test_service_benchmark_with_tracing_compares_with_an_untraced_twin(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_http_port_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCHMARKS / "http_port.py"), "--model", "synthetic-clip", "-n", "3"]
+    command += ["--catalogue", "20", "--results-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [written] = tmp_path.glob("http-*.json")
+    table = json.loads(written.read_text())
+    for kind in ("uncached", "cached"):
+        assert all(table[kind][path]["n"] == 3 for path in ("grpc Search", "grpc SearchInline", "http SearchInline"))
+        assert "http_minus_grpc_p50_ms" in table[kind]
+
+
 @pytest.mark.parametrize("script", ["store_edge.py", "features.py"])
 def test_store_benchmarks_run(script: str) -> None:
     command = [sys.executable, str(BENCHMARKS / script), "--n", "2000", "--dim", "64", "--queries", "5"]
