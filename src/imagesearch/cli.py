@@ -57,6 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from imagesearch.client import ImageSearchClient
+    from imagesearch.v1 import image_search_service_pb2 as pb
 
     image = Path(args.image).read_bytes() if args.image else None
     attributes = dict(_key_value(a) for a in args.attr)
@@ -71,11 +72,18 @@ def _search(args: argparse.Namespace) -> int:
                 price_min=args.price_min,
                 price_max=args.price_max,
                 attributes=attributes,
+                mode=args.mode,
+                fusion=args.fusion,
+                lexical_weight=args.lexical_weight,
             )
         if args.json:
             print(json_format.MessageToJson(response, indent=2))
             return 0
-        print(f"{len(response.hits)} hits  ({response.server_time_ms:.1f} ms on the server, cached: {response.cached})")
+        mode = pb.SearchMode.Name(response.mode).removeprefix("SEARCH_MODE_").lower()
+        print(
+            f"{len(response.hits)} hits  ({mode}, {response.server_time_ms:.1f} ms on the server, "
+            f"cached: {response.cached})"
+        )
         for rank, hit in enumerate(response.hits, 1):
             p = hit.product
             price = f"{p.price:.2f} {p.currency}".strip()
@@ -214,6 +222,16 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--price-min", type=float)
     search.add_argument("--price-max", type=float)
     search.add_argument("--attr", action="append", default=[], help="attribute filter KEY=VALUE (repeatable)")
+    search.add_argument(
+        "--mode",
+        choices=["dense", "hybrid", "lexical"],
+        help="match the text by its CLIP vector (dense), its words (lexical) or both (hybrid); default: hybrid "
+        "for a text-only search, dense otherwise",
+    )
+    search.add_argument(
+        "--fusion", choices=["weighted", "rank"], help="hybrid: weighted scores (default) or reciprocal rank fusion"
+    )
+    search.add_argument("--lexical-weight", type=float, help="hybrid, weighted fusion: the words' weight, 0-1 (0.5)")
     search.add_argument("--json", action="store_true", help="print the raw response as JSON")
     search.set_defaults(func=_search)
 

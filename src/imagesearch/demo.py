@@ -25,7 +25,8 @@ DEMO_MODEL = "synthetic-clip"
 
 
 def _print_hits(title: str, response: pb.SearchResponse) -> None:
-    print(f"\n{title}   ({response.server_time_ms:.1f} ms on the server)")
+    mode = pb.SearchMode.Name(response.mode).removeprefix("SEARCH_MODE_").lower()
+    print(f"\n{title}   ({mode}, {response.server_time_ms:.1f} ms on the server)")
     for rank, hit in enumerate(response.hits, 1):
         p = hit.product
         print(f"  {rank}. {hit.score:.3f}  {p.id}  {p.name:<28} {p.category:<8} {p.price:>7.2f} {p.currency}")
@@ -61,7 +62,8 @@ async def run_demo(*, products: int, port: int, keep_serving: bool) -> int:
 
 
 async def _tour(client: ImageSearchClient, count: int) -> None:
-    catalogue = make_catalogue(count, seed=7)
+    # Every third product has a model code in its name ("Red mug RM-4471"): words only the text carries.
+    catalogue = make_catalogue(count, seed=7, model_codes=True)
     info = await client.service_info()
     print(
         f"model {info.model.name} ({info.model.embedding_dimension}-d, {info.model.device}); store {info.store.backend}"
@@ -85,8 +87,15 @@ async def _tour(client: ImageSearchClient, count: int) -> None:
     elapsed = time.monotonic() - started
     print(f"indexed {count - len(failed)} generated products in {elapsed:.1f} s over IndexProducts")
 
-    for text in ("red mug", "striped blue t-shirt", "black chair"):
+    for text in ("red mug", "striped orange hat", "black chair"):
         _print_hits(f'text: "{text}"', await client.search(text=text, top_k=5))
+    _print_hits(
+        'text: "striped orange hat" by the CLIP vector alone (mode dense): the model barely sees patterns',
+        await client.search(text="striped orange hat", top_k=5, mode="dense"),
+    )
+    code = next((item.model_code for item in catalogue if item.model_code), None)
+    if code is not None:
+        _print_hits(f'text: "{code}", a model code', await client.search(text=code, top_k=3))
     _print_hits(
         "image: a photo of a yellow hat the catalogue has never seen",
         await client.search(image=_photo("hat", "yellow", seed=99), top_k=5),

@@ -407,6 +407,7 @@ class CatalogueItem:
     price: float
     attributes: dict[str, str] = field(hash=False)
     image_seed: int
+    model_code: str = ""  # e.g. "RM-4471"; also at the end of `name` (make_catalogue(..., model_codes=True))
 
     def image(self, size: int = 128) -> Image.Image:
         """The product photo (deterministic)."""
@@ -419,10 +420,13 @@ class CatalogueItem:
         return buffer.getvalue()
 
 
-def make_catalogue(n: int, seed: int) -> list[CatalogueItem]:
+def make_catalogue(n: int, seed: int, *, model_codes: bool = False) -> list[CatalogueItem]:
     """`n` products that cycle through every (colour, kind) pair in a shuffled order, with random patterns.
 
     Any `n >= 80 * k` covers every pair at least `k` times. Prices spread over 5..200 with two decimals.
+    With `model_codes`, every third product (positions 1, 4, 7, ...) gets a model code in its name, e.g.
+    "Red mug RM-4471": colour and kind initials (shared by several products) and four digits, unique in catalogues
+    of up to 27,000 products. Codes leave everything else as it is without them.
     """
     rng = random.Random(seed)
     combos = [(colour, kind) for colour in COLOURS for kind in KINDS]
@@ -434,11 +438,13 @@ def make_catalogue(n: int, seed: int) -> list[CatalogueItem]:
             rng.shuffle(order)
         colour, kind = order.pop()
         pattern = rng.choice(PATTERNS)
-        name = f"{colour} {kind}" if pattern == "plain" else f"{pattern} {colour} {kind}"
+        name = (f"{colour} {kind}" if pattern == "plain" else f"{pattern} {colour} {kind}").capitalize()
+        # Not drawn from `rng`, so that the rest of the catalogue is the same with or without codes.
+        code = _model_code(colour, kind, i, seed) if model_codes and i % 3 == 1 else ""
         items.append(
             CatalogueItem(
                 product_id=f"p{i:05d}",
-                name=name.capitalize(),
+                name=f"{name} {code}" if code else name,
                 kind=kind,
                 colour=colour,
                 pattern=pattern,
@@ -446,6 +452,13 @@ def make_catalogue(n: int, seed: int) -> list[CatalogueItem]:
                 price=round(rng.uniform(5.0, 200.0), 2),
                 attributes={"colour": colour, "pattern": pattern},
                 image_seed=rng.getrandbits(32),
+                model_code=code,
             )
         )
     return items
+
+
+def _model_code(colour: str, kind: str, i: int, seed: int) -> str:
+    # 7919 is prime, so j -> 7919 * j mod 9000 is one to one: every third product of up to 27,000 has its own digits.
+    digits = (7919 * (i // 3) + seed) % 9000 + 1000
+    return f"{colour[0]}{kind[0]}-{digits}".upper()
