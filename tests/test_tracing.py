@@ -134,14 +134,12 @@ async def test_text_search_has_a_server_span_with_a_child_per_stage(
         "cache.embedding.get",
         "model.batch_wait",
         "model.forward",
-        "cache.embedding.put",
         "cache.result.get",
         "store.search",
-        "cache.result.put",
     ]
     forward = only(stages, "model.forward")
     assert forward.attributes == {tracing.ENCODER_KIND: "text", tracing.BATCH_SIZE: 1}
-    assert only(stages, "cache.embedding.get").attributes == {tracing.CACHE_TIER: "embedding", tracing.CACHE_HIT: False}
+    assert only(stages, "cache.embedding.get").attributes == {tracing.CACHE_HIT: False}
     store = only(stages, "store.search").attributes
     assert store is not None and store["db.operation.name"] == "search"
     # Stages lie within the RPC; the wait for a batch ends where the forward starts.
@@ -156,7 +154,7 @@ async def test_text_search_has_a_server_span_with_a_child_per_stage(
     await traced.stub.Search(stream(query))
     stages = children(spans, await server_span(spans, "Search"))
     assert names(stages) == ["upload.read", "cache.embedding.get", "cache.result.get"]
-    assert only(stages, "cache.result.get").attributes == {tracing.CACHE_TIER: "result", tracing.CACHE_HIT: True}
+    assert only(stages, "cache.result.get").attributes == {tracing.CACHE_HIT: True}
 
 
 async def test_image_search_traces_the_upload_decode_and_forward(
@@ -174,10 +172,8 @@ async def test_image_search_traces_the_upload_decode_and_forward(
         "image.decode",
         "model.batch_wait",
         "model.forward",
-        "cache.embedding.put",
         "cache.result.get",
         "store.search",
-        "cache.result.put",
     ]
     assert only(stages, "upload.read").attributes == {tracing.IMAGE_BYTES: len(image)}
     assert only(stages, "image.decode").attributes == {tracing.IMAGE_BYTES: len(image)}

@@ -46,7 +46,6 @@ UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRef
 IMAGE_BYTES = "imagesearch.image.bytes"
 ENCODER_KIND = "imagesearch.encoder.kind"
 BATCH_SIZE = "imagesearch.encoder.batch_size"
-CACHE_TIER = "imagesearch.cache.tier"
 CACHE_HIT = "imagesearch.cache.hit"
 REQUEST_ID = "imagesearch.request_id"
 
