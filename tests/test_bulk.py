@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 import pytest
 from conftest import RunningServer, jpeg_bytes, start_server, stop_server
 from google.rpc import code_pb2, error_details_pb2
-from rpc import chunks, product, stream
+from grpc_health.v1 import health_pb2
+from rpc import chunks, product, search, stream
 
 from imagesearch.config import Settings
+from imagesearch.errors import StoreUnavailable
 from imagesearch.model.encoder import ClipEncoder
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import products_pb2
@@ -89,3 +95,142 @@ async def test_bulk_import_rejects_chunk_before_first_product(running: RunningSe
 
 async def test_bulk_import_of_empty_stream_answers_nothing(running: RunningServer) -> None:
     assert await run_bulk(running, []) == []
+
+
+# --- streams that break, stores that fail -------------------------------------------------------------------------
+
+
+def rpc_codes(running: RunningServer, method: str) -> dict[str, float]:
+    """The server's own record of finished RPCs of `method` by status code (its metrics)."""
+    counts: dict[str, float] = {}
+    for metric in running.components.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "imagesearch_rpcs_total" and sample.labels["method"] == method and sample.value:
+                counts[sample.labels["code"]] = sample.value
+    return counts
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60) -> None:
+    """Wait for an event the test cannot await directly; the timeout only bounds a hang, it is not asserted on."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def stored_ids(running: RunningServer) -> set[str]:
+    listed = await running.stub.ListProducts(pb.ListProductsRequest(page_size=1000))
+    return {p.id for p in listed.products}
+
+
+async def assert_serving_and_importing(running: RunningServer, prefix: str) -> None:
+    """The server still answers health, searches and a new import."""
+    health = await running.health.Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert (await search(running.stub, text="anything")).hits
+    again = await run_bulk(running, bulk_messages([(product(f"{prefix}-after"), jpeg_bytes((1, 2, 3)))]))
+    assert [(r.id, r.created, r.HasField("error")) for r in again] == [(f"{prefix}-after", True, False)]
+
+
+@pytest.mark.parametrize("how", ["client-cancels", "client-stream-fails"])
+async def test_bulk_stream_broken_after_n_products_keeps_what_was_acknowledged(
+    settings: Settings, encoder: ClipEncoder, how: str
+) -> None:
+    # One encoding RPC at a time: the broken stream must give its admission slot back.
+    running = await start_server(dataclasses.replace(settings, max_concurrent_requests=1), encoder)
+    try:
+        acknowledged: list[str] = []
+        sent: list[str] = []
+        ten_acknowledged = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.IndexProductsRequest]:
+            for i in range(30):
+                sent.append(f"b{i}")
+                yield pb.IndexProductsRequest(product=product(f"b{i}"))
+                yield pb.IndexProductsRequest(image_chunk=jpeg_bytes((i * 4 % 256, 90, 40)))
+                if i == 14:
+                    await ten_acknowledged.wait()
+                    if how == "client-stream-fails":
+                        raise RuntimeError("the client's product source broke")
+            await asyncio.Event().wait()  # a client that keeps the stream open, sending nothing more
+
+        call = running.stub.IndexProducts(requests())
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            async for response in call:
+                assert not response.HasField("error")
+                acknowledged.append(response.id)
+                if len(acknowledged) == 10:
+                    ten_acknowledged.set()
+                    if how == "client-cancels":
+                        call.cancel()
+        assert len(acknowledged) >= 10
+
+        async def ended() -> bool:
+            return bool(rpc_codes(running, "IndexProducts"))
+
+        await until(ended, "the server to end the broken IndexProducts stream")
+        assert rpc_codes(running, "IndexProducts") == {"CANCELLED": 1}
+        stored = await stored_ids(running)
+        # Everything acknowledged is stored; anything else stored was sent in full (no half-written product:
+        # listed and searchable alike, as one point holds both).
+        assert set(acknowledged) <= stored <= set(sent)
+        assert set(await running.components.store.vectors(sorted(sent))) == stored
+        await assert_serving_and_importing(running, how)
+    finally:
+        await stop_server(running)
+
+
+async def test_store_failure_mid_import_fails_that_batch_only(
+    running: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client sends three groups, each after the previous one was answered (all but its last product, which
+    # is complete only when the next product message arrives), so the writes come in several batches; the second
+    # write fails as an unreachable store does.
+    store = running.components.store
+    real_upsert = store.upsert
+    writes: list[list[str]] = []
+
+    async def second_write_fails(items: list[tuple[Any, Any]]) -> list[bool]:
+        writes.append([p.id for p, _ in items])
+        if len(writes) == 2:
+            raise StoreUnavailable("qdrant at http://10.0.0.1:6334 is unreachable (injected)")
+        created: list[bool] = await real_upsert(items)
+        return created
+
+    monkeypatch.setattr(store, "upsert", second_write_fails)
+    groups = [[(product(f"g{g}-{i}"), jpeg_bytes((g * 80, i * 20, 60))) for i in range(8)] for g in range(3)]
+    answered: asyncio.Queue[None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[pb.IndexProductsRequest]:
+        for group in groups:
+            for message in bulk_messages(group):
+                yield message
+            for _ in group[1:]:
+                await answered.get()
+
+    responses = []
+    async for response in running.stub.IndexProducts(requests()):
+        responses.append(response)
+        answered.put_nowait(None)
+
+    everything = [item.id for group in groups for item, _ in group]
+    assert [r.id for r in responses] == everything and [r.position for r in responses] == list(range(24))
+    failed = {r.id: r.error for r in responses if r.HasField("error")}
+    assert set(failed) == set(writes[1])  # exactly the failed write's products, each told so
+    assert all(e.code == code_pb2.UNAVAILABLE for e in failed.values())
+    assert all(r.created for r in responses if not r.HasField("error"))
+    assert await stored_ids(running) == set(everything) - set(failed)  # nothing of the failed write is stored
+
+    async def serving() -> bool:
+        health = await running.health.Check(health_pb2.HealthCheckRequest())
+        return bool(health.status == health_pb2.HealthCheckResponse.SERVING)
+
+    await until(serving, "health to follow the store back to SERVING")
+    monkeypatch.setattr(store, "upsert", real_upsert)
+    retried = await run_bulk(
+        running, bulk_messages([item for group in groups for item in group if item[0].id in failed])
+    )
+    assert all(r.created and not r.HasField("error") for r in retried)
+    assert await stored_ids(running) == set(everything)
+    await assert_serving_and_importing(running, "store")
