@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from imagesearch.domain import CacheDescription, Hit, Product, Query, SearchFilter
+from imagesearch.domain import CacheDescription, Hit, Product, Query, SearchFilter, canonical_bytes
+from imagesearch.search import cache as cache_module
 from imagesearch.search.cache import KEY_VERSION, LruCache, NoCache, ResultKey, SearchCache
 
 VECTOR = np.array([0.6, 0.8, 0.0], dtype=np.float32)
@@ -123,6 +124,21 @@ def test_embedding_key_changes_with_model_kind_and_content_only() -> None:
 )
 def test_result_key_changes_with_every_input_of_the_ranking(changes: dict[str, Any]) -> None:
     assert CACHE.result_key(1, dataclasses.replace(BASE, **changes)) != CACHE.result_key(1, BASE)
+
+
+def test_result_key_takes_in_every_field_of_result_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A field added to ResultKey but left out of the key would let two rankings share an entry.
+    forms: list[Any] = []
+
+    def recorded(value: Any) -> bytes:
+        forms.append(value)
+        return canonical_bytes(value)
+
+    monkeypatch.setattr(cache_module, "canonical_bytes", recorded)
+    CACHE.result_key(1, BASE)
+    named = {"flt": "filter", "vector": None}  # the vector enters as its bytes, not in the canonical form
+    expected = {named.get(f.name, f.name) for f in dataclasses.fields(ResultKey)} - {None} | {"generation"}
+    assert [set(form) for form in forms] == [expected]
 
 
 def test_result_key_keeps_example_lists_apart_from_each_other() -> None:
@@ -273,14 +289,15 @@ async def test_results_that_are_not_ours_are_a_miss(raw: bytes) -> None:
     assert (cache.stats.result_hits, cache.stats.result_misses) == (0, 1)
 
 
-async def test_describe_reports_the_backend_and_the_counts() -> None:
+async def test_describe_reports_the_backend_and_counts_every_lookup() -> None:
     cache = cache_over(RecordingBackend("redis"))
-    await cache.get_embedding("absent", 3)
-    await cache.put_results("k", HITS)
-    await cache.get_results("k")
-    await cache.get_results("k")
+    await cache.put_embedding("e", VECTOR)
+    await cache.put_results("r", HITS)
+    for key in ("absent", "e", "absent", "e", "e"):
+        await cache.get_embedding(key, 3)
+        await cache.get_results(key.replace("e", "r"))
     assert cache.describe() == CacheDescription(
-        backend="redis", available=True, embedding_hits=0, embedding_misses=1, result_hits=2, result_misses=0
+        backend="redis", available=True, embedding_hits=3, embedding_misses=2, result_hits=3, result_misses=2
     )
 
 

@@ -35,10 +35,17 @@ def forge(data: Any, *, pad: bool = False) -> str:
     return raw if pad else raw.rstrip("=")
 
 
+def violation_fields(error: InvalidArgument) -> list[str]:
+    """The fields an error names. Each description continues "<field>: ", so it is lower-case prose."""
+    for v in error.violations:
+        assert isinstance(v.description, str) and v.description[:1].islower(), v
+    return [v.field for v in error.violations]
+
+
 def refused_fields(token: str, decode: Any = decode_search_page, field: str = FIELD) -> list[str]:
     with pytest.raises(InvalidArgument) as err:
         decode(token, field)
-    return [v.field for v in err.value.violations]
+    return violation_fields(err.value)
 
 
 def test_search_token_round_trips() -> None:
@@ -52,12 +59,20 @@ def test_list_token_round_trips() -> None:
     assert decode_list_page(encode_list_page(page), LIST_PAGE_TOKEN_FIELD) == page
 
 
-def test_tokens_are_unpadded_base64url_of_versioned_json() -> None:
-    # Opaque to callers, but a token issued by one replica must decode on another running the next release.
-    token = encode_search_page(SearchPage("d", "s1", 5))
+def test_tokens_are_unpadded_base64url_of_compact_versioned_json() -> None:
+    # Opaque to callers, but a token issued by one replica must decode on another running the next release, and
+    # compact JSON (UTF-8, no spaces) keeps real tokens far below the length limit.
+    token = encode_search_page(SearchPage("d\u00e9", "s1", 5))
     assert "=" not in token and "+" not in token and "/" not in token
-    data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    assert data == {"v": 1, "q": "d", "g": "s1", "o": 5}
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert raw == '{"v":1,"q":"d\u00e9","g":"s1","o":5}'.encode()
+
+
+def test_every_token_round_trips_whatever_its_length() -> None:
+    # Unpadded base64 of every length modulo 4 that a token can have.
+    pages = [SearchPage("d" * (i % 5), f"s{i % 7}", i) for i in range(1, 300)]
+    assert {len(encode_search_page(page)) % 4 for page in pages} == {0, 2, 3}
+    assert [decode_search_page(encode_search_page(page), FIELD) for page in pages] == pages
 
 
 def test_token_from_an_earlier_release_still_decodes() -> None:
@@ -172,7 +187,7 @@ def test_search_token_is_checked_against_query_and_catalogue_version() -> None:
     for digest, version in (("other", "s3"), ("digest", "s4"), ("other", "s4")):
         with pytest.raises(InvalidArgument) as err:
             check_search_page(page, digest, version, SEARCH_PAGE_TOKEN_FIELD)
-        assert [v.field for v in err.value.violations] == [SEARCH_PAGE_TOKEN_FIELD]
+        assert violation_fields(err.value) == [SEARCH_PAGE_TOKEN_FIELD]
 
 
 def test_list_token_is_checked_against_the_filter() -> None:
@@ -180,7 +195,7 @@ def test_list_token_is_checked_against_the_filter() -> None:
     check_list_page(page, "filter", LIST_PAGE_TOKEN_FIELD)
     with pytest.raises(InvalidArgument) as err:
         check_list_page(page, "another filter", LIST_PAGE_TOKEN_FIELD)
-    assert [v.field for v in err.value.violations] == [LIST_PAGE_TOKEN_FIELD]
+    assert violation_fields(err.value) == [LIST_PAGE_TOKEN_FIELD]
 
 
 def test_shared_catalogue_version_is_the_cache_generation() -> None:

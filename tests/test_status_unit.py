@@ -13,6 +13,7 @@ from typing import Any, cast
 import grpc
 import pytest
 import structlog
+import structlog.testing
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
@@ -121,6 +122,17 @@ def test_each_domain_error_has_its_status_code_and_message(error: ImageSearchErr
     assert status.message == str(error)
 
 
+def test_unmapped_domain_error_is_logged_as_an_error() -> None:
+    # A domain error without a status is a server bug: INTERNAL to the caller, an error line for the operator.
+    with structlog.testing.capture_logs() as logs:
+        status_for(ModelLoadError("weights missing"))
+    assert [(e["log_level"], e["event"]) for e in logs] == [("error", "unmapped domain error")]
+    assert "ModelLoadError" in logs[0]["error"] and "weights missing" in logs[0]["error"]
+    with structlog.testing.capture_logs() as logs:
+        status_for(NotFound("gone"))
+    assert logs == []
+
+
 def test_status_table_covers_the_errors_a_request_can_cause() -> None:
     assert set(STATUS_FOR_ERROR) == {InvalidArgument, NotFound, StoreUnavailable, Overloaded, DeadlineExceeded}
 
@@ -160,7 +172,7 @@ def test_unknown_products_name_each_product_in_resource_info() -> None:
         (PRODUCT_RESOURCE_TYPE, "nada"),
     ]
     assert PRODUCT_RESOURCE_TYPE == "imagesearch.v1.Product"
-    assert all(i.description for i in infos)
+    assert all(i.description[:1].islower() for i in infos)  # prose, as BadRequest's descriptions
     assert len(status.details) == 2
     assert details_of(status_for(NotFound("gone")), error_details_pb2.ResourceInfo) == []
 

@@ -45,7 +45,9 @@ def refused(call: Callable[[], object]) -> list[str]:
     return [item.field for item in err.value.violations]
 
 
-def product_fields(product: Product, prefix: str = "product") -> list[str]:
+def product_fields(product: Product, prefix: str | None = None) -> list[str]:
+    if prefix is None:  # the default: the fields of IndexProduct's product
+        return violations_of(lambda v: validation.check_product(product, v))
     return violations_of(lambda v: validation.check_product(product, v, prefix))
 
 
