@@ -3,6 +3,8 @@ not valid protobuf (a client's error, answered INVALID_ARGUMENT, logged as one J
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,11 +21,12 @@ from conftest import RunningServer, free_port, jpeg_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rpc import index, product, search
+from rpc import index, product, search, violated_fields
 
 from imagesearch.api.service import SERVICE
-from imagesearch.domain import FacetSpec, Query, SearchFilter, canonical_bytes, digest
+from imagesearch.domain import FacetSpec, Product, Query, SearchFilter, canonical_bytes, digest
 from imagesearch.search.cache import NoCache, ResultKey, SearchCache
+from imagesearch.search.paging import MAX_SEARCH_DEPTH, decode_search_page, encode_search_page
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 # Frames that no protobuf parser accepts: a varint that never ends, and a field with wire type 7.
@@ -131,6 +135,71 @@ def test_filter_digests_are_equal_exactly_when_the_filters_admit_the_same(a: Sea
 def test_result_key_changes_with_the_generation() -> None:
     key = ResultKey(vector=None, flt=SearchFilter(), top_k=1, score_threshold=None)
     assert _cache.result_key(1, key) != _cache.result_key(2, key)
+
+
+# --- Page tokens: forged, foreign or past the paging limit ---------------------------------------------------------
+
+
+def forged(data: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+async def search_error(running: RunningServer, **query: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await search(running.stub, **query)
+    return err.value
+
+
+async def test_forged_page_tokens_are_invalid_argument_never_internal(running: RunningServer) -> None:
+    for i in range(4):
+        await index(running.stub, product(f"p{i}"), jpeg_bytes((60 * i, 80, 200)))
+    first = await search(running.stub, image=jpeg_bytes((1, 2, 3)), page_size=1)
+    real = decode_search_page(first.next_page_token, "query.page_token")
+    bound = {"v": 1, "q": real.query_digest, "g": real.catalogue_version}  # this query, this catalogue
+    tokens = {
+        "json-list": "WzFd",  # base64 of [1]: JSON, but not an object
+        "json-null": forged(None),
+        "offset-zero": forged({**bound, "o": 0}),
+        "offset-negative": forged({**bound, "o": -1}),
+        "offset-at-depth-limit": forged({**bound, "o": MAX_SEARCH_DEPTH}),
+        "offset-bool": forged({**bound, "o": True}),
+        "offset-float": forged({**bound, "o": 1.5}),
+        "another-format": forged({**bound, "o": 1, "v": 2}),
+        "another-query": forged({**bound, "o": 1, "q": "0" * 64}),
+        "another-catalogue": forged({**bound, "o": 1, "g": "s999"}),
+        "not-base64": "!!!",
+    }
+    for name, token in tokens.items():
+        error = await search_error(running, image=jpeg_bytes((1, 2, 3)), page_size=1, page_token=token)
+        assert (error.code(), violated_fields(error)) == (grpc.StatusCode.INVALID_ARGUMENT, ["query.page_token"]), name
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await running.stub.ListProducts(pb.ListProductsRequest(page_token="WzFd"))
+    assert (err.value.code(), violated_fields(err.value)) == (grpc.StatusCode.INVALID_ARGUMENT, ["page_token"])
+    # A forged offset within the limit only gets the page its forger could have asked for.
+    whole = await search(running.stub, image=jpeg_bytes((1, 2, 3)), page_size=4)
+    third = await search(running.stub, image=jpeg_bytes((1, 2, 3)), page_size=1, page_token=forged({**bound, "o": 2}))
+    assert [h.product.id for h in third.hits] == [whole.hits[2].product.id]
+
+
+async def test_search_pages_end_at_the_paging_depth_limit(running: RunningServer) -> None:
+    # More products than the paging limit. Written to the store directly with random vectors: ranking them needs
+    # only vectors, and 1,100 model encodes would take minutes.
+    rng = np.random.default_rng(19)
+    vectors = rng.standard_normal((MAX_SEARCH_DEPTH + 100, running.components.encoder.dimension)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    await running.components.store.upsert([(Product(id=f"deep-{i}"), v) for i, v in enumerate(vectors)])
+    query: dict[str, Any] = {"image": jpeg_bytes((9, 90, 200)), "page_size": 100}
+    pages = [await search(running.stub, **query)]
+    while pages[-1].next_page_token and len(pages) <= 20:
+        pages.append(await search(running.stub, **query, page_token=pages[-1].next_page_token))
+    ids = [h.product.id for page in pages for h in page.hits]
+    assert len(ids) == len(set(ids)) == MAX_SEARCH_DEPTH  # then no next page, though more products match
+    assert pages[-1].next_page_token == ""
+    # A page that would cross the limit is cut at it.
+    last = decode_search_page(pages[-2].next_page_token, "query.page_token")
+    near_end = encode_search_page(dataclasses.replace(last, offset=MAX_SEARCH_DEPTH - 5))
+    cut = await search(running.stub, **query, page_token=near_end)
+    assert [h.product.id for h in cut.hits] == ids[-5:] and cut.next_page_token == ""
 
 
 # --- Corrupt frames ------------------------------------------------------------------------------------------------
