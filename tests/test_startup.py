@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -171,35 +173,87 @@ def test_serve_refuses_unreachable_qdrant_with_exit_code_3(tmp_path: Path) -> No
         process.communicate()
 
 
+class ServerLog:
+    """The lines a server process writes to stderr, read as they come (so the pipe never fills), to wait on."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stderr is not None
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout_s: float = 60) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: any(text in line for line in self.lines), timeout_s):
+                raise AssertionError(f"the server never logged {text!r}:\n" + self.tail())
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.lines[-lines:])
+
+    def finish(self, timeout_s: float = 30) -> None:
+        self._thread.join(timeout_s)
+
+
 async def test_sigterm_under_load_finishes_in_flight_searches_and_refuses_new_ones(tmp_path: Path) -> None:
     port = free_port()
     process = _serve(tmp_path, port, IMAGESEARCH_SHUTDOWN_GRACE_S="20")
+    log = ServerLog(process)
     try:
         await asyncio.to_thread(_wait_serving, port)
         release = asyncio.Event()
+        heads_sent: list[int] = []
 
         async def held_search(i: int) -> AsyncIterator[pb.SearchRequest]:
             yield pb.SearchRequest(query=pb.SearchQuery(top_k=3))
+            heads_sent.append(i)
             await release.wait()  # the call is in flight, its image not yet sent
             yield pb.SearchRequest(image_chunk=jpeg_bytes((i * 10, 0, 0)))
+
+        async def heads_only() -> AsyncIterator[pb.SearchRequest]:
+            yield pb.SearchRequest(query=pb.SearchQuery())
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ImageSearchServiceStub(channel)
             calls = [stub.Search(held_search(i), timeout=60) for i in range(20)]
-            await asyncio.sleep(1.0)  # all 20 streams open on the server
+            deadline = time.monotonic() + 60
+            while len(heads_sent) < 20 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            # All 20 streams are open on the server: a later Search on the same connection was answered, and the
+            # server takes the calls of a connection in the order they arrive.
+            with pytest.raises(grpc.aio.AioRpcError) as probe:
+                await stub.Search(heads_only(), timeout=30)
+            assert probe.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # nothing to search by
+
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(1.0)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as late_channel:
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await pb_grpc.ImageSearchServiceStub(late_channel).GetServiceInfo(
-                        pb.GetServiceInfoRequest(), timeout=5
-                    )
-                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            await asyncio.to_thread(log.wait_for, '"event": "shutting down"')
+            # From here new calls are refused (a call racing the first step of the stop may still get in).
+            refused = None
+            for _ in range(50):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as late_channel:
+                    try:
+                        await pb_grpc.ImageSearchServiceStub(late_channel).GetServiceInfo(
+                            pb.GetServiceInfoRequest(), timeout=5
+                        )
+                    except grpc.aio.AioRpcError as err:
+                        refused = err.code()
+                        break
+            assert refused == grpc.StatusCode.UNAVAILABLE, log.tail()
             release.set()
-            responses = await asyncio.gather(*calls)
-        assert all(r.query_kind == pb.QUERY_KIND_IMAGE for r in responses)
-        _, logs = await asyncio.to_thread(process.communicate, timeout=30)
-        assert process.returncode == 0, logs.decode()[-2000:]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{failed[:1]}\n{log.tail()}"
+        assert all(r.query_kind == pb.QUERY_KIND_IMAGE for r in results if not isinstance(r, BaseException))
+        await asyncio.to_thread(process.wait, 30)
+        log.finish()
+        assert process.returncode == 0, log.tail()
+        assert not [line for line in log.lines if '"unhandled error"' in line or '"code": "INTERNAL"' in line]
     finally:
         process.kill()
         process.communicate()
