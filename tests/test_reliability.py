@@ -55,7 +55,10 @@ async def test_store_outage_gives_unavailable_and_health_follows_the_store(
     store = running.components.store
     running.store_health._probe_interval_s = 0.05
 
+    failed_calls = [0]
+
     async def down(*args: Any, **kwargs: Any) -> Any:
+        failed_calls[0] += 1
         raise StoreUnavailable("qdrant at http://10.0.0.1:6334 is unreachable (injected)")
 
     with monkeypatch.context() as outage:
@@ -67,7 +70,8 @@ async def test_store_outage_gives_unavailable_and_health_follows_the_store(
         assert has_retry_info(err.value)
         assert await health_status(running) == NOT_SERVING
         assert await health_status(running, SERVICE_NAME) == NOT_SERVING
-        await asyncio.sleep(0.2)
+        failed_so_far = failed_calls[0]
+        await until(lambda: failed_calls[0] >= failed_so_far + 3, "three more failed health probes")
         assert await health_status(running) == NOT_SERVING  # probes keep failing while it is down
 
     deadline = time.monotonic() + 5
