@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's grpcurl walkthrough, run and checked against a live server: list, describe, health checks,
 # GetServiceInfo, IndexProduct (image bytes base64-encoded in grpcurl's JSON, 64 KiB per chunk), search by text,
-# search by image, an INVALID_ARGUMENT with its google.rpc.BadRequest, GetProduct, DeleteProduct, and NOT_FOUND
-# after the delete. Every answer is checked (python3 on grpcurl's JSON), not only exit codes; the first
+# by a model code only the product's name carries (hybrid, the default for text), by the words alone (lexical) and
+# with rank fusion, search by image, an INVALID_ARGUMENT with its google.rpc.BadRequest, GetProduct,
+# DeleteProduct, and NOT_FOUND after the delete. Every answer is checked (python3 on grpcurl's JSON), not only exit codes; the first
 # mismatch stops the script with exit 1.
 #
 # Usage: clients/grpcurl_walkthrough.sh TARGET IMAGE      e.g. clients/grpcurl_walkthrough.sh localhost:50051 mug.jpg
@@ -95,7 +96,7 @@ run_expect_code 5 "$work/out" -d "{\"id\": \"$id\"}" "$target" $SERVICE/GetProdu
 
 step "IndexProduct $id with $(basename "$image") ($(wc -c <"$image") bytes)"
 {
-  echo "{\"product\": {\"id\": \"$id\", \"name\": \"Red mug\", \"category\": \"mugs\", \"price\": 9.5, \"currency\": \"EUR\",
+  echo "{\"product\": {\"id\": \"$id\", \"name\": \"Red mug ZX-90210\", \"category\": \"mugs\", \"price\": 9.5, \"currency\": \"EUR\",
                \"attributes\": {\"colour\": \"red\"}}}"
   image_chunks "$image"
 } | g -d @ "$target" $SERVICE/IndexProduct | tee "$work/out"
@@ -106,6 +107,24 @@ g -d '{"query": {"text": "red mug", "top_k": 5}}' "$target" $SERVICE/Search | te
 check "text query, 1 to 5 hits, best first" \
   'r["query_kind"] == "QUERY_KIND_TEXT" and 1 <= len(r["hits"]) <= 5 and [h["score"] for h in r["hits"]] == sorted((h["score"] for h in r["hits"]), reverse=True)' \
   <"$work/text"
+
+step "Search by a model code only the name carries (hybrid: the words and the picture, the default for text)"
+g -d '{"query": {"text": "ZX-90210", "top_k": 3}}' "$target" $SERVICE/Search | tee "$work/out"
+check "hybrid, $id first" \
+  'r["mode"] == "SEARCH_MODE_HYBRID" and r["hits"][0]["product"]["id"] == a[0] and 0 < r["hits"][0]["score"] <= 1' \
+  "$id" <"$work/out"
+
+step "Search by the words alone (lexical: no model), then with reciprocal rank fusion"
+g -d '{"query": {"text": "red mug zx-90210", "mode": "SEARCH_MODE_LEXICAL", "top_k": 3}}' "$target" $SERVICE/Search |
+  tee "$work/out"
+check "lexical, nothing encoded, $id first with the best score (1)" \
+  'r["mode"] == "SEARCH_MODE_LEXICAL" and r["embedding_cache"] == "CACHE_OUTCOME_BYPASS" and r["hits"][0]["product"]["id"] == a[0] and abs(r["hits"][0]["score"] - 1) < 1e-6' \
+  "$id" <"$work/out"
+g -d '{"query": {"text": "red mug", "mode": "SEARCH_MODE_HYBRID", "hybrid_spec": {"fusion": "FUSION_RECIPROCAL_RANK"}, "top_k": 3}}' \
+  "$target" $SERVICE/Search | tee "$work/out"
+check "hybrid with rank fusion, scores 0 to 1, best first" \
+  'r["mode"] == "SEARCH_MODE_HYBRID" and 1 <= len(r["hits"]) <= 3 and all(0 < h["score"] <= 1 for h in r["hits"]) and [h["score"] for h in r["hits"]] == sorted((h["score"] for h in r["hits"]), reverse=True)' \
+  <"$work/out"
 
 step "Search by image, filtered to category mugs and price <= 20"
 {
@@ -127,7 +146,7 @@ check "google.rpc.BadRequest names query.top_k" \
 step "GetProduct $id"
 g -d "{\"id\": \"$id\"}" "$target" $SERVICE/GetProduct | tee "$work/out"
 check "stored as sent" \
-  'r["product"]["id"] == a[0] and r["product"]["name"] == "Red mug" and r["product"]["category"] == "mugs" and r["product"]["price"] == 9.5 and r["product"]["attributes"] == {"colour": "red"}' \
+  'r["product"]["id"] == a[0] and r["product"]["name"] == "Red mug ZX-90210" and r["product"]["category"] == "mugs" and r["product"]["price"] == 9.5 and r["product"]["attributes"] == {"colour": "red"}' \
   "$id" <"$work/out"
 
 step "DeleteProduct $id, then GetProduct: NOT_FOUND"

@@ -61,6 +61,8 @@ async def test_search_and_get_print_results(running: RunningServer, tmp_path: Pa
     assert json.loads(out)["hits"][0]["product"]["id"] == "mug"
     code, out, _ = await run_cli("search", "--target", running.target, "--text", "mug", "--category", "none")
     assert code == 0 and out.startswith("0 hits")
+    code, out, _ = await run_cli("search", "--target", running.target, "--text", "mug", "--mode", "lexical")
+    assert code == 0 and out.startswith("1 hits  (lexical,") and " mug " in out  # the file stem is the name
     code, _, err = await run_cli("get", "--target", running.target, "nope")
     assert code == 4 and "NOT_FOUND" in err
 

@@ -337,8 +337,8 @@ class SearchQuery(_message.Message):
     Each family then appears once, as its best-scoring product, ranked by that product's score; products
     without this attribute form a family of their own. top_k / page_size count families, not products.
     Families are found among the 5000 best matches at most (later ones are not returned; in HYBRID mode, among
-    the fused ranking, see `HybridSpec`). Empty: no grouping. The key follows the rules for attribute keys (1 to 128 characters, no control characters,
-    no "=").
+    the fused ranking, see `HybridSpec`). Empty: no grouping. The key follows the rules for attribute keys (1 to
+    128 characters, no control characters, no "=").
     """
     diversity: _builtins.float
     """Result diversity by Maximal Marginal Relevance, 0 to 1: 0 (or unset) ranks by score alone; higher values
