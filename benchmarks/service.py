@@ -11,8 +11,8 @@ directly in this process, no server, sampled between the service's calls, on the
 the server), and the ratio service/floor. Image paths are also compared with a fixed reference sampled in the
 same run: the torch fp32 image tower (`vs torch fp32`), so the gain of a runtime over it is a ratio within one
 run. With --tracing the server traces every request (sampled, exported over OTLP/gRPC to a stand-in collector
-in this process) and the table shows the traced server; then uncached text searches alternate between it and a
-second, untraced server, for the overhead of tracing within one run. Writes
+in this process) and the table shows the traced server; then uncached text searches alternate between two fresh
+servers, one traced and one not, for the overhead of tracing within one run. Writes
 the table as JSON under benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are
 speed figures only: they say nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
 """
@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -365,27 +366,38 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
 
 
 async def tracing_overhead(
-    args: argparse.Namespace, data_dir: Path, traced: subprocess.Popen[bytes], model_id: str, dimension: int
+    args: argparse.Namespace, data_dir: Path, otlp_endpoint: str, model_id: str, dimension: int
 ) -> tuple[list[Row], dict[str, float]]:
-    """Uncached text searches alternating between the traced server and an untraced twin (same catalogue, same
-    settings), each call after a pause, the order swapped every round: both see the same machine, which on a
-    shared one moves more between runs than tracing costs. Returns the rows (off, on) and figures: the median of
-    the per-round differences (on - off, in ms), which slow swings of the machine's load do not move, and each
-    server's CPU time per search (all its threads, the span exporter's included), which waiting does not move."""
-    twin_dir = data_dir / "untraced"
-    await fill_catalogue(twin_dir, model_id, dimension, args.catalogue)
-    twin_port = free_port()
-    twin = start_server(twin_dir, args, time.perf_counter(), port=twin_port)
+    """Uncached text searches alternating between two servers started together from identical copies of the
+    catalogue, one traced (sampled, exported to `otlp_endpoint`) and one not, each call after a pause, the order
+    swapped every round: both see the same machine, which on a shared one moves more between runs than tracing
+    costs, and neither has a history the other lacks (a server that has just started runs slower for a while).
+    Returns the rows (off, on) and figures: the median of the per-round differences (on - off, in ms), which slow
+    swings of the machine's load do not move, and each server's CPU time per search (all its threads, the span
+    exporter's included), which waiting does not move."""
+    servers: dict[str, subprocess.Popen[bytes]] = {}
+    ports = {"off": free_port(), "on": free_port()}
     off_s: list[float] = []
     on_s: list[float] = []
     rounds = max(100, 4 * args.n)
     cpu_s: dict[int, float] = {}
     try:
-        untraced_target = f"127.0.0.1:{twin_port}"
-        await wait_serving(untraced_target)
-        async with ImageSearchClient(untraced_target) as off, ImageSearchClient(f"127.0.0.1:{args.port}") as on:
+        for name, port in ports.items():
+            ab_dir = data_dir / f"tracing-{name}"
+            await fill_catalogue(ab_dir, model_id, dimension, args.catalogue)
+            # The runtime's converted graph from the main run: both start as a restarted server would.
+            if (data_dir / "runtime-cache").is_dir():
+                shutil.copytree(data_dir / "runtime-cache", ab_dir / "runtime-cache", dirs_exist_ok=True)
+            endpoint = otlp_endpoint if name == "on" else None
+            servers[name] = start_server(ab_dir, args, time.perf_counter(), port=port, otlp_endpoint=endpoint)
+        for port in ports.values():
+            await wait_serving(f"127.0.0.1:{port}")
+        twin, traced = servers["off"], servers["on"]
+        async with (
+            ImageSearchClient(f"127.0.0.1:{ports['off']}") as off,
+            ImageSearchClient(f"127.0.0.1:{ports['on']}") as on,
+        ):
             pairs = [(off, off_s), (on, on_s)]
-            # A long warm-up: the twin has just started, while the traced server has served the whole table.
             for i in range(-20, rounds):
                 if i == 0:
                     cpu_s = {pid: process_cpu_s(pid) for pid in (twin.pid, traced.pid)}
@@ -400,8 +412,9 @@ async def tracing_overhead(
             await asyncio.sleep(6)
             cpu_s = {pid: process_cpu_s(pid) - before for pid, before in cpu_s.items()}
     finally:
-        twin.terminate()
-        twin.wait(timeout=60)
+        for server in servers.values():
+            server.terminate()
+            server.wait(timeout=60)
     figures = {
         "median_paired_difference_ms": statistics.median(on - off for on, off in zip(on_s, off_s, strict=True)) * 1e3,
         "cpu_ms_per_search_off": cpu_s[twin.pid] / rounds * 1000.0,
@@ -532,8 +545,6 @@ async def main() -> int:
             startup_s = time.perf_counter() - started_at
             # The benchmark keeps its own copies of the model (the floor, the reference) next to the server's.
             rows, floor = await run_paths(target, Floor(encoder, reference), args.n, args.quick)
-            if sink is not None:
-                tracing_rows, tracing_figures = await tracing_overhead(args, data_dir, server, model_id, dimension)
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -545,6 +556,8 @@ async def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
+        if sink is not None:
+            tracing_rows, tracing_figures = await tracing_overhead(args, data_dir, sink.endpoint, model_id, dimension)
 
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), torch {torch.__version__}, "
