@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from imagesearch.domain import CacheDescription, Hit, Product, Query, SearchFilter, canonical_bytes
+from imagesearch.domain import CacheDescription, Hit, LexicalQuery, Product, Query, SearchFilter, canonical_bytes
 from imagesearch.search import cache as cache_module
 from imagesearch.search.cache import KEY_VERSION, LruCache, NoCache, ResultKey, SearchCache
 
@@ -120,6 +120,8 @@ def test_embedding_key_changes_with_model_kind_and_content_only() -> None:
         pytest.param({"exclude_ids": ("a",)}, id="excluded"),
         pytest.param({"group_by": "family"}, id="group-by"),
         pytest.param({"diversity": 0.5}, id="diversity"),
+        pytest.param({"lexical": LexicalQuery("mug")}, id="lexical"),
+        pytest.param({"vector": None, "lexical": LexicalQuery("mug")}, id="lexical-only"),
     ],
 )
 def test_result_key_changes_with_every_input_of_the_ranking(changes: dict[str, Any]) -> None:
@@ -139,6 +141,19 @@ def test_result_key_takes_in_every_field_of_result_key(monkeypatch: pytest.Monke
     named = {"flt": "filter", "vector": None}  # the vector enters as its bytes, not in the canonical form
     expected = {named.get(f.name, f.name) for f in dataclasses.fields(ResultKey)} - {None} | {"generation"}
     assert [set(form) for form in forms] == [expected]
+
+
+def test_result_key_changes_with_every_part_of_the_lexical_side() -> None:
+    keys = {
+        CACHE.result_key(1, dataclasses.replace(BASE, lexical=lexical))
+        for lexical in (
+            LexicalQuery("mug"),
+            LexicalQuery("cup"),
+            LexicalQuery("mug", fusion="rank"),
+            LexicalQuery("mug", weight=0.25),
+        )
+    }
+    assert len(keys) == 4
 
 
 def test_result_key_keeps_example_lists_apart_from_each_other() -> None:

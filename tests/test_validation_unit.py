@@ -510,3 +510,97 @@ def test_list_request_keeps_its_filter_and_decodes_its_token() -> None:
 def test_list_request_breaking_rules_names_every_field() -> None:
     request = ListRequest(flt=SearchFilter(price_max=-1.0), page_size=-1, page_token="garbage")
     assert refused(lambda: validation.list_request(request)) == ["filter.price_max", "page_size", "page_token"]
+
+
+# --- search modes (dense, hybrid, lexical) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "mode"),
+    [
+        pytest.param({"text": "mug"}, "hybrid", id="text-alone-is-hybrid"),
+        pytest.param({"text": "mug", "score_threshold": 0.2}, "dense", id="text-with-a-cosine-threshold"),
+        pytest.param({"text": "mug", "image": b"j"}, "dense", id="text-and-image"),
+        pytest.param({"text": "mug", "image_url": "https://x.test/a.jpg"}, "dense", id="text-and-image-url"),
+        pytest.param({"text": "mug", "like_ids": ("a",)}, "dense", id="text-and-liked"),
+        pytest.param({"text": "mug", "unlike_ids": ("a",)}, "dense", id="text-and-unliked"),
+        pytest.param({"image": b"j"}, "dense", id="image-alone"),
+        pytest.param({"text": "mug", "mode": "dense"}, "dense", id="asked-dense"),
+        pytest.param({"text": "mug", "image": b"j", "mode": "hybrid"}, "hybrid", id="asked-hybrid"),
+        pytest.param({"text": "mug", "mode": "lexical"}, "lexical", id="asked-lexical"),
+    ],
+)
+def test_search_mode_defaults_to_hybrid_for_text_alone(fields: dict[str, Any], mode: str) -> None:
+    assert validation.search_query(QueryRequest(**fields), SETTINGS).mode == mode
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"image": b"j", "mode": "hybrid"}, id="hybrid-without-text"),
+        pytest.param({"image": b"j", "mode": "lexical"}, id="lexical-without-text-with-image"),
+        pytest.param({"like_ids": ("a",), "mode": "lexical"}, id="lexical-without-text-with-liked"),
+        pytest.param({"text": "mug", "image": b"j", "mode": "lexical"}, id="lexical-with-image"),
+        pytest.param({"text": "mug", "image_url": "https://x.test/a.jpg", "mode": "lexical"}, id="lexical-url"),
+        pytest.param({"text": "mug", "like_ids": ("a",), "mode": "lexical"}, id="lexical-with-liked"),
+        pytest.param({"text": "mug", "unlike_ids": ("a",), "mode": "lexical"}, id="lexical-with-unliked"),
+    ],
+)
+def test_search_mode_that_cannot_run_the_query_is_refused(fields: dict[str, Any]) -> None:
+    assert "query.mode" in refused(lambda: validation.search_query(QueryRequest(**fields), SETTINGS))
+
+
+def test_lexical_mode_without_text_or_image_names_the_mode_once() -> None:
+    fields = refused(lambda: validation.search_query(QueryRequest(mode="lexical", like_ids=("a",)), SETTINGS))
+    assert fields == ["query.mode", "query.mode"]  # needs text; and takes no examples
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "lexical"])
+def test_threshold_of_a_word_matching_search_is_a_score_from_0_to_1(mode: str) -> None:
+    for accepted in (0.0, 0.5, 1.0):
+        assert search_fields_or_none(mode=mode, score_threshold=accepted) == []
+    for bad in (-0.01, 1.01, math.nan):
+        assert search_fields_or_none(mode=mode, score_threshold=bad) == ["query.score_threshold"]
+
+
+def test_threshold_of_a_dense_search_is_a_cosine_from_minus_1_to_1() -> None:
+    assert search_fields_or_none(mode="dense", score_threshold=-1.0) == []
+    assert search_fields_or_none(mode="dense", score_threshold=-1.01) == ["query.score_threshold"]
+
+
+def search_fields_or_none(**fields: Any) -> list[str]:
+    try:
+        validation.search_query(query(**fields), SETTINGS)
+    except InvalidArgument as exc:
+        return [v.field for v in exc.violations]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param({}, ("weighted", 0.5), id="defaults"),
+        pytest.param({"lexical_weight": 0.2}, ("weighted", 0.2), id="weight"),
+        pytest.param({"lexical_weight": 0.0}, ("weighted", 0.0), id="weight-zero-is-not-unset"),
+        pytest.param({"lexical_weight": 1.0}, ("weighted", 1.0), id="weight-one"),
+        pytest.param({"fusion": "weighted", "lexical_weight": 0.3}, ("weighted", 0.3), id="weighted"),
+        pytest.param({"fusion": "rank"}, ("rank", 0.5), id="rank"),
+        pytest.param({"fusion": "rank", "lexical_weight": 0.2}, ("rank", 0.5), id="rank-ignores-weight"),
+    ],
+)
+def test_hybrid_spec_defaults_and_what_a_fusion_uses(fields: dict[str, Any], expected: tuple[str, float]) -> None:
+    validated = validation.search_query(query(mode="hybrid", **fields), SETTINGS)
+    assert (validated.fusion, validated.lexical_weight) == expected
+    assert (validation.DEFAULT_FUSION, validation.DEFAULT_LEXICAL_WEIGHT) == ("weighted", 0.5)
+
+
+def test_hybrid_spec_of_a_search_that_does_not_fuse_is_the_default() -> None:
+    # So that it never splits cache keys or page tokens.
+    for mode in ("dense", "lexical"):
+        validated = validation.search_query(query(mode=mode, fusion="rank", lexical_weight=0.2), SETTINGS)
+        assert (validated.fusion, validated.lexical_weight) == ("weighted", 0.5)
+
+
+@pytest.mark.parametrize("weight", [-0.01, 1.01, math.nan])
+def test_lexical_weight_outside_0_to_1_is_refused(weight: float) -> None:
+    assert search_fields(mode="hybrid", lexical_weight=weight) == ["query.hybrid_spec.lexical_weight"]

@@ -317,7 +317,7 @@ def _hybrid_spec(request: QueryRequest, mode: SearchMode, v: Violations) -> tupl
         v.add("query.hybrid_spec.lexical_weight", f"must be 0 to 1, got {weight}")
     # What a search does not use is set to its default, so that it never splits cache keys or page tokens.
     fusion = (request.fusion or DEFAULT_FUSION) if mode == "hybrid" else DEFAULT_FUSION
-    if fusion != "weighted" or weight is None:
+    if mode != "hybrid" or fusion != "weighted" or weight is None:
         weight = DEFAULT_LEXICAL_WEIGHT
     return fusion, weight
 
