@@ -6,15 +6,16 @@
     .venv/bin/python benchmarks/service.py --runtime torch # the image tower on torch instead of OpenVINO
     .venv/bin/python benchmarks/service.py --tracing       # the server traced (sampled, exported over OTLP)
 
-Prints one table: p50/p95/p99 latency and throughput per path, next to the bare model floor (the model called
-directly in this process, no server, sampled between the service's calls, on the same runtime and precision as
-the server), and the ratio service/floor. Image paths are also compared with a fixed reference sampled in the
-same run: the torch fp32 image tower (`vs torch fp32`), so the gain of a runtime over it is a ratio within one
-run. With --tracing the server traces every request (sampled, exported over OTLP/gRPC to a stand-in collector
-in this process) and the table shows the traced server; then uncached text searches alternate between two fresh
-servers, one traced and one not, for the overhead of tracing within one run. Writes
-the table as JSON under benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are
-speed figures only: they say nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
+Prints one table: p50/p95/p99 latency and throughput per path, next to the bare model floor (the model called directly
+in this process, no server, sampled between the service's calls, on the same runtime and precision as the server), and
+the ratio service/floor. Uncached text searches also run in dense and in hybrid mode (the default of a text-only
+search), alternating call by call, and the ratio of their p50s is printed. Image paths are also compared with a fixed
+reference sampled in the same run: the torch fp32 image tower (`vs torch fp32`), so the gain of a runtime over it is a
+ratio within one run. With --tracing the server traces every request (sampled, exported over OTLP/gRPC to a stand-in
+collector in this process) and the table shows the traced server; then uncached text searches alternate between two
+fresh servers, one traced and one not, for the overhead of tracing within one run. Writes the table as JSON under
+benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are speed figures only: they say
+nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
 """
 
 from __future__ import annotations
@@ -328,6 +329,7 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
                 text_floor,
             ),
         )
+        rows.extend(await hybrid_vs_dense(client, max(2 * n, 20)))
         image = add(
             f"image search, uncached ({len(jpegs[0]) // 1024} KB JPEG)",
             await sequential(lambda i: client.search(image=next(search_images)), n, image_floor, image_reference),
@@ -434,6 +436,21 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def hybrid_vs_dense(client: ImageSearchClient, n: int) -> list[Row]:
+    """Uncached text searches in dense and in hybrid mode (the default of a text-only search), alternating call by
+    call, the order swapped every round: both modes see the same machine. Every call has a text of its own, so
+    neither cache answers."""
+    samples: dict[str, list[float]] = {"dense": [], "hybrid": []}
+    for i in range(-3, n):
+        for k, mode in enumerate(("dense", "hybrid") if i % 2 else ("hybrid", "dense")):
+            await asyncio.sleep(SETTLE_S)
+            started = time.perf_counter()
+            await client.search(text=f"a green canvas tote, size {2 * i + k}", mode=mode)
+            if i >= 0:
+                samples[mode].append(time.perf_counter() - started)
+    return [row(f"text search, uncached, {mode} (alternating)", samples[mode]) for mode in ("dense", "hybrid")]
 
 
 async def bulk_import(client: ImageSearchClient, count: int) -> Row:
@@ -572,6 +589,10 @@ async def main() -> int:
         f"catalogue {args.catalogue}; {machine}" + ("; tracing on (sampled, exported)" if args.tracing else "")
     )
     print_table(rows, floor, header)
+    dense, hybrid = (
+        next(r for r in rows if r.path == f"text search, uncached, {m} (alternating)") for m in ("dense", "hybrid")
+    )
+    print(f"hybrid text search p50 / dense p50, alternating in this run: {hybrid.p50_ms / dense.p50_ms:.3f}")
     print(
         f"server start-up, process start to SERVING: {startup_s:.1f} s with the runtime's conversion cache cold, "
         f"{cached_startup_s:.1f} s cached"
