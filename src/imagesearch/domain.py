@@ -283,8 +283,8 @@ class Query:
             "text": self.text,
             "image_url": self.image_url,
             "text_weight": self.text_weight,
-            "like_ids": sorted(self.like_ids),
-            "unlike_ids": sorted(self.unlike_ids),
+            "like_ids": sorted(set(self.like_ids)),  # sets, as in the result key: a repeat counts once
+            "unlike_ids": sorted(set(self.unlike_ids)),
             "include_liked": self.include_liked,
             "filter": self.flt.key_value(),
             "score_threshold": self.score_threshold,
