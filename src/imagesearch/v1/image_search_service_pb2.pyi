@@ -232,11 +232,12 @@ class SearchQuery(_message.Message):
             FUSION_UNSPECIFIED: SearchQuery.HybridSpec._Fusion.ValueType  # 0
             """Not set: FUSION_WEIGHTED_SCORE."""
             FUSION_WEIGHTED_SCORE: SearchQuery.HybridSpec._Fusion.ValueType  # 1
-            """A weighted sum of the two scores: (1 - lexical_weight) * max(0, cosine similarity) + lexical_weight *
-            lexical score, where the lexical score is the product's BM25 divided by the best BM25 any product of the
-            catalogue reaches for the text (0 to 1). Each candidate's own cosine similarity counts, so a score
-            depends only on the query and the product: a filter never reorders results. The default: it puts a
-            product whose text holds a rare query word (a model number) first, where rank fusion often does not.
+            """A weighted sum of the two scores, each mapped onto 0 to 1: (1 - lexical_weight) * (1 + cosine
+            similarity) / 2 + lexical_weight * lexical score, where the lexical score is the product's BM25 divided by
+            the best BM25 any product of the catalogue reaches for the text (0 for a product without the words). Each
+            candidate's own cosine similarity counts, so a score depends only on the query and the product: a filter
+            never reorders results. The default: it puts a product whose text holds a rare query word (a model
+            number) first, where rank fusion often does not.
             """
             FUSION_RECIPROCAL_RANK: SearchQuery.HybridSpec._Fusion.ValueType  # 2
             """Reciprocal rank fusion (k = 60): 30 * (1 / (59 + dense rank) + 1 / (59 + lexical rank)), ranks counted
@@ -251,11 +252,12 @@ class SearchQuery(_message.Message):
         FUSION_UNSPECIFIED: SearchQuery.HybridSpec.Fusion.ValueType  # 0
         """Not set: FUSION_WEIGHTED_SCORE."""
         FUSION_WEIGHTED_SCORE: SearchQuery.HybridSpec.Fusion.ValueType  # 1
-        """A weighted sum of the two scores: (1 - lexical_weight) * max(0, cosine similarity) + lexical_weight *
-        lexical score, where the lexical score is the product's BM25 divided by the best BM25 any product of the
-        catalogue reaches for the text (0 to 1). Each candidate's own cosine similarity counts, so a score
-        depends only on the query and the product: a filter never reorders results. The default: it puts a
-        product whose text holds a rare query word (a model number) first, where rank fusion often does not.
+        """A weighted sum of the two scores, each mapped onto 0 to 1: (1 - lexical_weight) * (1 + cosine
+        similarity) / 2 + lexical_weight * lexical score, where the lexical score is the product's BM25 divided by
+        the best BM25 any product of the catalogue reaches for the text (0 for a product without the words). Each
+        candidate's own cosine similarity counts, so a score depends only on the query and the product: a filter
+        never reorders results. The default: it puts a product whose text holds a rare query word (a model
+        number) first, where rank fusion often does not.
         """
         FUSION_RECIPROCAL_RANK: SearchQuery.HybridSpec.Fusion.ValueType  # 2
         """Reciprocal rank fusion (k = 60): 30 * (1 / (59 + dense rank) + 1 / (59 + lexical rank)), ranks counted
