@@ -242,7 +242,7 @@ async def test_ping_answers_while_the_store_can_serve_and_fails_once_it_cannot(t
     # Health probes rely on ping: it must tell a store that serves from one that cannot, not only not raise.
     edge = await open_store("embedded", tmp_path)
     await seed(edge)
-    assert await edge.ping() is None
+    await edge.ping()  # answers (raises nothing) while the store can serve
     await edge.close()
     with pytest.raises(StoreUnavailable):
         await edge.ping()
@@ -251,7 +251,7 @@ async def test_ping_answers_while_the_store_can_serve_and_fails_once_it_cannot(t
     server = await QdrantServerStore.from_client(client, DIM, MODEL, collection="pinged", where=":memory:")
     try:
         await seed(server)
-        assert await server.ping() is None
+        await server.ping()  # answers while the collection exists
         await client.delete_collection("pinged")  # e.g. dropped by an operator: nothing left to search
         with pytest.raises(StoreUnavailable):
             await server.ping()
