@@ -407,16 +407,24 @@ async def test_response_stream_stops_at_the_deadline_after_what_it_answered() ->
     assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-async def test_response_stream_maps_domain_errors() -> None:
-    async def handler(request: pb.GetProductRequest, context: Context) -> AsyncIterator[str]:
-        yield request.id
-        raise Overloaded("busy")
-
-    behaviour = rpc_behaviour(handler, pb.GetProductRequest, client_streaming=False)
+async def test_response_stream_maps_domain_errors_and_tells_the_hook() -> None:
     context = FakeContext()
+
+    async def handler(request: pb.GetProductRequest, given: Context) -> AsyncIterator[str]:
+        assert given is context  # the handler gets grpc's context, as a unary one does
+        yield request.id
+        raise StoreUnavailable("store down")
+
+    told: list[ImageSearchError] = []
+
+    async def on_error(exc: ImageSearchError) -> None:
+        told.append(exc)
+
+    behaviour = rpc_behaviour(handler, pb.GetProductRequest, client_streaming=False, on_error=on_error)
     answered = []
     with pytest.raises(grpc.aio.AbortError):
         async for response in behaviour(REQUEST.SerializeToString(), cast(Context, context)):
             answered.append(response)
     assert answered == ["sku-1"]
-    assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert context.code == grpc.StatusCode.UNAVAILABLE
+    assert [type(e) for e in told] == [StoreUnavailable]
