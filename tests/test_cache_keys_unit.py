@@ -63,14 +63,11 @@ class RecordingBackend:
         self.closed = True
 
 
-def cache_over(backend: Any = None, *, model_id: str = "model-a", namespace: str = "") -> SearchCache:
-    return SearchCache(
-        backend if backend is not None else RecordingBackend(),
-        model_id=model_id,
-        embedding_ttl_s=3600,
-        result_ttl_s=60,
-        namespace=namespace,
-    )
+def cache_over(backend: Any = None, *, model_id: str = "model-a", namespace: str | None = None) -> SearchCache:
+    backend = backend if backend is not None else RecordingBackend()
+    if namespace is None:  # the default: no namespace
+        return SearchCache(backend, model_id=model_id, embedding_ttl_s=3600, result_ttl_s=60)
+    return SearchCache(backend, model_id=model_id, embedding_ttl_s=3600, result_ttl_s=60, namespace=namespace)
 
 
 CACHE = cache_over()
