@@ -37,8 +37,8 @@ async def main(target: str, image_path: Path, product_id: str, text: str, keep: 
 
         product = Product(
             id=product_id,
-            name="Example product (Python client)",
-            category="examples",
+            name="Red mug (Python client)",
+            category="mugs",
             price=9.5,
             currency="EUR",
             attributes={"client": "python"},

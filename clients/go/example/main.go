@@ -82,8 +82,8 @@ func run(target, imagePath, id, text string, keep bool) error {
 	// 2. Index: the product message first, then the image bytes in chunks.
 	product := &pb.Product{
 		Id:         id,
-		Name:       "Example product (Go client)",
-		Category:   "examples",
+		Name:       "Red mug (Go client)",
+		Category:   "mugs",
 		Price:      9.5,
 		Currency:   "EUR",
 		Attributes: map[string]string{"client": "go"},

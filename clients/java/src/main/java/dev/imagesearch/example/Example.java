@@ -131,8 +131,8 @@ public final class Example {
     Product product =
         Product.newBuilder()
             .setId(id)
-            .setName("Example product (Java client)")
-            .setCategory("examples")
+            .setName("Red mug (Java client)")
+            .setCategory("mugs")
             .setPrice(9.5)
             .setCurrency("EUR")
             .putAttributes("client", "java")
