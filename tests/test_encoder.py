@@ -226,3 +226,14 @@ def test_half_precision_towers_take_half_precision_inputs(
     assert image_cosines.min() >= 0.999
     assert text_cosines.min() >= 0.999
     assert np.abs(half.encode_texts(TEXTS) - half.encode_texts_padded(TEXTS)).max() < 2e-3
+
+
+@pytest.mark.slow
+def test_random_weights_are_the_same_in_every_process() -> None:
+    # A ":random" model is built from its own fixed seed: whatever the caller's random state, the same weights
+    # (so a restarted server's stored vectors and its cached converted graph still match).
+    torch.manual_seed(1)
+    first = ClipEncoder.load("RN50:random", device="cpu", runtime="torch")
+    torch.manual_seed(2)
+    second = ClipEncoder.load("RN50:random", device="cpu", runtime="torch")
+    assert np.array_equal(first.encode_texts(TEXTS), second.encode_texts(TEXTS))

@@ -19,9 +19,9 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imagesearch import tracing
-from imagesearch.api.auth import ApiKey, ApiKeyFileError, ApiKeyInterceptor, load_api_keys
+from imagesearch.api.auth import ApiKeyFileError, ApiKeyInterceptor, ApiKeys, load_api_keys
 from imagesearch.api.health import StoreHealth
-from imagesearch.api.http import ApiKeys, HttpServer, TlsFiles, bind, build_app
+from imagesearch.api.http import HttpServer, TlsFiles, bind, build_app
 from imagesearch.api.interceptors import RequestLoggingInterceptor
 from imagesearch.api.service import SERVICE, ImageSearchService, add_to_server
 from imagesearch.config import Settings, otel_environment
@@ -50,6 +50,8 @@ class Components:
     cache: SearchCache
     fetcher: ImageFetcher
     metrics: Metrics
+    # From IMAGESEARCH_API_KEYS_FILE; None: no API keys, every call is open.
+    api_keys: ApiKeys | None = None
 
     async def close(self) -> None:
         # Store last: it may flush to disk, and nothing must write to it after.
@@ -92,7 +94,14 @@ def open_cache_backend(settings: Settings) -> CacheBackend:
 
 
 async def open_components(settings: Settings, encoder: ClipEncoder | None = None) -> Components:
-    """Load the model (unless given one: tests share one across servers), open the store and the cache."""
+    """Read the API keys, load the model (unless given one: tests share one across servers), open the store and the
+    cache."""
+    # First: a bad keys file is an operator's typo, reported before the minute a model can take to load.
+    api_keys = (
+        ApiKeys(load_api_keys(settings.api_keys_file), protect_all=settings.auth_protect_all)
+        if settings.api_keys_file is not None
+        else None
+    )
     metrics = Metrics()
     forward_thread = None
     if encoder is None:
@@ -145,6 +154,7 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
         cache=cache,
         fetcher=fetcher,
         metrics=metrics,
+        api_keys=api_keys,
     )
 
 
@@ -180,10 +190,9 @@ def build_servers(settings: Settings, components: Components) -> Servers:
     # Binds request_id/method for every log line of the RPC and logs its final status, including the refusals of
     # the interceptors after it.
     interceptors.append(RequestLoggingInterceptor(components.metrics))
-    keys = load_api_keys(settings.api_keys_file) if settings.api_keys_file is not None else None
-    if keys is not None:
+    if components.api_keys is not None:
         # Before any handler runs: an unauthenticated caller never reaches the model or the store.
-        interceptors.append(ApiKeyInterceptor(keys, protect_all=settings.auth_protect_all))
+        interceptors.append(ApiKeyInterceptor(components.api_keys))
     # The unary forms (SearchInline, IndexProductInline) carry a whole image in one message. grpc receives a unary
     # message whole before the handler runs (and before admission control), so one call may now hold this much;
     # streamed uploads still arrive in chunks of at most max_chunk_bytes (streams.py), under flow control.
@@ -215,7 +224,7 @@ def build_servers(settings: Settings, components: Components) -> Servers:
         raise OSError(f"could not bind {settings.address}")
     http_server = None
     if settings.http_port is not None:
-        http_server = build_http_server(settings, service, health_servicer, components.metrics, keys)
+        http_server = build_http_server(settings, service, health_servicer, components.metrics, components.api_keys)
     return Servers(server, port, store_health, service, http_server)
 
 
@@ -224,7 +233,7 @@ def build_http_server(
     service: ImageSearchService,
     health_servicer: health.aio.HealthServicer,
     metrics: Metrics,
-    keys: list[ApiKey] | None,
+    api_keys: ApiKeys | None,
 ) -> HttpServer:
     """The HTTP/JSON port (api/http.py) on the same service, health, keys and TLS settings as the gRPC port."""
     assert settings.http_port is not None
@@ -232,7 +241,7 @@ def build_http_server(
         service,
         health_servicer,
         metrics=metrics,
-        api_keys=ApiKeys(keys, protect_all=settings.auth_protect_all) if keys is not None else None,
+        api_keys=api_keys,
         # A unary request carries a whole image, in JSON as base64 (a third larger), plus the other fields.
         max_request_bytes=4 * math.ceil(settings.max_image_bytes / 3) + _MESSAGE_OVERHEAD_BYTES,
     )
@@ -256,7 +265,7 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
     try:
         components = await open_components(settings)
-    except (ModelLoadError, StoreConfigError, StoreUnavailable) as exc:
+    except (ApiKeyFileError, ModelLoadError, StoreConfigError, StoreUnavailable) as exc:
         log.error("startup failed", error=str(exc))
         return STARTUP_FAILURE
     try:
@@ -267,7 +276,7 @@ async def serve(settings: Settings) -> int:
             if settings.metrics_port
             else None
         )
-    except (OSError, ApiKeyFileError) as exc:
+    except OSError as exc:
         log.error("startup failed", error=str(exc))
         await components.close()
         return STARTUP_FAILURE

@@ -2,7 +2,8 @@
 
 Keys come from a file (IMAGESEARCH_API_KEYS_FILE), one per line: `read KEY` or `write KEY` (write includes read),
 `#` starts a comment. Callers send `authorization: Bearer KEY`. Keys are compared in constant time against every
-configured key and never logged; logs name a key by a short hash instead.
+configured key and never logged; logs name a key by a short hash instead. `ApiKeys` decides; the gRPC port asks it
+through `ApiKeyInterceptor`, the HTTP/JSON port (api/http.py) with the same header, so both refuse alike.
 
 Fails closed: each ImageSearchService rpc needs the scope declared in `SCOPES`, health and reflection are open
 by name (`OPEN_SERVICES`), and every other method path is refused, served or not.
@@ -21,7 +22,6 @@ import grpc
 import structlog
 from google.protobuf.descriptor import ServiceDescriptor
 
-from imagesearch.api.interceptors import with_behaviour
 from imagesearch.v1 import image_search_service_pb2
 
 log = structlog.get_logger(__name__)
@@ -69,13 +69,16 @@ def _required_scopes(service: ServiceDescriptor, scopes: Mapping[str, Scope]) ->
 REQUIRED_SCOPE = _required_scopes(image_search_service_pb2.DESCRIPTOR.services_by_name["ImageSearchService"], SCOPES)
 
 
-def required_scope(method: str, *, protect_all: bool = False) -> Scope | Literal["open", "refused"]:
+Need = Scope | Literal["open", "refused"]
+
+
+def required_scope(method: str, *, protect_all: bool = False) -> Need:
     """What a call to `method` (a '/package.Service/Method' path) needs: a scope, nothing, or it is refused to
-    every key (methods nobody declared: other services, unknown names)."""
+    every key (methods nobody declared: other services, unknown names, paths of another shape)."""
     if method in REQUIRED_SCOPE:
         return REQUIRED_SCOPE[method]
-    service = method[1:].partition("/")[0] if method.startswith("/") else ""
-    if service in OPEN_SERVICES:
+    service, _, name = method.removeprefix("/").partition("/")
+    if method.startswith("/") and service in OPEN_SERVICES and name and "/" not in name:
         return "read" if protect_all else "open"
     return "refused"
 
@@ -99,7 +102,7 @@ def load_api_keys(path: Path) -> list[ApiKey]:
     keys: list[ApiKey] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ApiKeyFileError(f"cannot read API keys file {path}: {exc}") from None
     for number, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
@@ -116,43 +119,46 @@ def load_api_keys(path: Path) -> list[ApiKey]:
     return keys
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: list[ApiKey], *, protect_all: bool = False) -> None:
-        self._keys = keys
-        self._protect_all = protect_all
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call may not proceed, as the gRPC status the caller gets (the HTTP port maps the code to its own)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        needed = required_scope(method, protect_all=self._protect_all)
+    code: grpc.StatusCode
+    message: str
+
+
+class ApiKeys:
+    """The configured keys, and the one decision both ports make with them: may this caller call this method?"""
+
+    def __init__(self, keys: list[ApiKey], *, protect_all: bool) -> None:
+        self._keys = keys
+        self.protect_all = protect_all
+
+    def needed(self, method: str) -> Need:
+        return required_scope(method, protect_all=self.protect_all)
+
+    def refusal(self, needed: Need, authorization: str | None, method: str) -> Refusal | None:
+        """None when a caller sending `authorization` (the header's value, if any) may call `method`, which
+        needs `needed`; then the key's id is bound to the call's log lines. Otherwise why not."""
         if needed == "open":
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        key = self._match(str(metadata.get("authorization", "")))
+            return None
+        key = self._match(authorization)
         if key is None:
-            return _denied(
-                handler, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key: send 'authorization: Bearer KEY'"
+            return Refusal(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key: send 'authorization: Bearer KEY'"
             )
         if needed == "refused":
             # Not declared anywhere: no key may call it, whether or not something serves it.
             log.info("permission denied", key_id=key.key_id, method=method)
-            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"{method} is not open to API keys")
+            return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not open to API keys")
         if needed == "write" and key.scope != "write":
             log.info("permission denied", key_id=key.key_id, method=method)
-            return _denied(
-                handler, grpc.StatusCode.PERMISSION_DENIED, f"this API key may only read; {method} needs write"
-            )
-        if handler is None:
-            return None  # UNIMPLEMENTED, e.g. reflection v1 under protect_all: clients fall back to v1alpha
+            return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"this API key may only read; {method} needs write")
         structlog.contextvars.bind_contextvars(key_id=key.key_id)
-        return handler
+        return None
 
-    def _match(self, header: str) -> ApiKey | None:
-        scheme, _, token = header.partition(" ")
+    def _match(self, header: str | None) -> ApiKey | None:
+        scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
         presented = token.strip().encode()
@@ -163,18 +169,34 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return found
 
 
-def _denied(
-    handler: grpc.RpcMethodHandler[Any, Any] | None, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler[Any, Any]:
-    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """The gRPC port's door: every call is decided by `ApiKeys` before its handler (or its request) is touched."""
 
-    async def abort_streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
+    def __init__(self, keys: ApiKeys) -> None:
+        self._keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        header = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        authorization = header if isinstance(header, str) else None  # bytes only for "-bin" keys
+        refusal = self._keys.refusal(self._keys.needed(method), authorization, method)
+        if refusal is not None:
+            return _denied(refusal)
+        # None (UNIMPLEMENTED) when nothing serves it, e.g. reflection v1 under protect_all: clients fall back to
+        # v1alpha.
+        return await continuation(handler_call_details)
+
+
+def _denied(refusal: Refusal) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler that refuses the call. A raw stream, whatever the method's kind: any call fits one (the request
+    is never read), and callers without a key learn nothing about which methods exist."""
+
+    async def abort(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(refusal.code, refusal.message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers must be
 
-    if handler is None:
-        # Nothing serves the method: refuse it as a raw stream (any call fits one), so that callers without a
-        # key learn nothing about which methods exist.
-        return grpc.stream_stream_rpc_method_handler(abort_streaming)
-    return with_behaviour(handler, single=abort, streaming=abort_streaming)
+    return grpc.stream_stream_rpc_method_handler(abort)

@@ -8,7 +8,7 @@ health servicer. Only the transport's edge differs, and it follows the gRPC port
 - errors: a domain error becomes the google.rpc status the gRPC port sends (`status.status_for`: code, message
   and details such as BadRequest and RetryInfo), written as a Connect error: Connect's HTTP status for the code
   and a JSON body with the code, the message and the details (each base64, with a readable `debug` copy);
-- API keys: the `Authorization: Bearer KEY` header, the same keys and scopes (`auth.required_scope`), checked
+- API keys: the `Authorization: Bearer KEY` header, the same keys and scopes (`auth.ApiKeys`), checked
   before the request body is read;
 - one log line and the metrics per call, with the caller's x-request-id (or a fresh one) echoed back;
 - deadlines: the caller's `connect-timeout-ms` header, enforced by connectrpc (the handler is cancelled);
@@ -51,7 +51,7 @@ from protobuf.wkt import Any as AnyMessage
 from protobuf.wkt import FileDescriptorSet
 
 from imagesearch.api import interceptors
-from imagesearch.api.auth import ApiKey, ApiKeyInterceptor, required_scope
+from imagesearch.api.auth import ApiKeys, Need
 from imagesearch.api.interceptors import REQUEST_ID_HEADER
 from imagesearch.api.service import SERVICE, ImageSearchService
 from imagesearch.api.status import status_for
@@ -297,41 +297,28 @@ class RequestLog:
         interceptors._end(_grpc_code(error), started, _method_path(ctx), self._metrics)
 
 
-class ApiKeys:
-    """The gRPC port's API key rules (auth.py) on the Authorization header: the same keys, scopes and refusals,
-    before the request body is read. Health and the documents are open unless `protect_all`, as health and
-    reflection are on the gRPC port."""
+class KeyCheck:
+    """The gRPC port's API key decision (auth.ApiKeys) on the Authorization header, before the request body is
+    read: the same keys, scopes, refusals and messages. Health and the documents are open unless `protect_all`,
+    as health and reflection are on the gRPC port."""
 
-    def __init__(self, keys: list[ApiKey], *, protect_all: bool) -> None:
-        # auth.py matches keys inside its interceptor; one instance does the matching for both ports.
-        self._keys = ApiKeyInterceptor(keys, protect_all=protect_all)
-        self._protect_all = protect_all
+    def __init__(self, keys: ApiKeys) -> None:
+        self._keys = keys
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
         method = _method_path(ctx)
-        needed = required_scope(method, protect_all=self._protect_all)
-        self.check(needed, ctx.request_headers.get("authorization", ""), method)
+        self._check(self._keys.needed(method), ctx.request_headers.get("authorization"), method)
 
     async def on_end(self, token: None, ctx: RequestContext[Any, Any], error: Exception | None) -> None:
         return
 
-    def check_document(self, authorization: str, path: str) -> None:
-        self.check("read" if self._protect_all else "open", authorization, path)
+    def check_document(self, authorization: str | None, path: str) -> None:
+        self._check("read" if self._keys.protect_all else "open", authorization, path)
 
-    def check(self, needed: str, authorization: str, method: str) -> None:
-        """Raises the ConnectError the gRPC port's ApiKeyInterceptor answers with, unless the call may proceed."""
-        if needed == "open":
-            return
-        key = self._keys._match(authorization)
-        if key is None:
-            raise ConnectError(Code.UNAUTHENTICATED, "missing or unknown API key: send 'authorization: Bearer KEY'")
-        if needed == "refused":
-            log.info("permission denied", key_id=key.key_id, method=method)
-            raise ConnectError(Code.PERMISSION_DENIED, f"{method} is not open to API keys")
-        if needed == "write" and key.scope != "write":
-            log.info("permission denied", key_id=key.key_id, method=method)
-            raise ConnectError(Code.PERMISSION_DENIED, f"this API key may only read; {method} needs write")
-        structlog.contextvars.bind_contextvars(key_id=key.key_id)
+    def _check(self, needed: Need, authorization: str | None, method: str) -> None:
+        refusal = self._keys.refusal(needed, authorization, method)
+        if refusal is not None:
+            raise ConnectError(Code[refusal.code.name], refusal.message)
 
 
 # ---- the ASGI application ----------------------------------------------------------------------------------------
@@ -340,7 +327,7 @@ class ApiKeys:
 class HttpApp:
     """Routes GET /healthz, /openapi.json and /docs; everything else goes to the Connect application."""
 
-    def __init__(self, connect: Asgi, health_servicer: health.aio.HealthServicer, api_keys: ApiKeys | None) -> None:
+    def __init__(self, connect: Asgi, health_servicer: health.aio.HealthServicer, api_keys: KeyCheck | None) -> None:
         self._connect = connect
         self._health = health_servicer
         self._api_keys = api_keys
@@ -392,11 +379,11 @@ class HttpApp:
 _CONNECT_HTTP_STATUS = {Code.UNAUTHENTICATED: 401, Code.PERMISSION_DENIED: 403}
 
 
-def _header(scope: Any, name: bytes) -> str:
+def _header(scope: Any, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return str(value.decode("latin-1"))
-    return ""
+    return None
 
 
 async def _respond(
@@ -472,9 +459,10 @@ def build_app(
     api_keys: ApiKeys | None = None,
     max_request_bytes: int,
 ) -> HttpApp:
+    key_check = KeyCheck(api_keys) if api_keys is not None else None
     chain: list[Any] = [RequestLog(metrics)]  # first: the refusals of the key check are logged with the request id
-    if api_keys is not None:
-        chain.append(api_keys)
+    if key_check is not None:
+        chain.append(key_check)
     connect = _ConnectApp(
         service=endpoints(service, health_servicer),
         endpoints=lambda served: served,
@@ -483,7 +471,7 @@ def build_app(
         read_max_bytes=max_request_bytes,
         codecs=[google_protobuf_binary_codec(), JsonCodec()],
     )
-    return HttpApp(connect, health_servicer, api_keys)
+    return HttpApp(connect, health_servicer, key_check)
 
 
 # ---- the listener ------------------------------------------------------------------------------------------------

@@ -18,8 +18,11 @@ from imagesearch.model.text_tower import TextWeights, fp16_weight_kernels_availa
 BUNDLED_MODELS_DIR = Path(__file__).parent.parent / "models"
 LOCAL_DIR_PREFIX = "local-dir:"
 # "ARCH:random" builds the architecture with random weights: same compute as the real model, meaningless
-# rankings. For benchmarks only.
+# rankings. For benchmarks only. The weights come from a fixed seed, so every process builds the same model: a
+# restarted server's stored vectors still match its encoder, and the runtime's converted graph (cached under a
+# digest of the weights) is found again.
 RANDOM_WEIGHTS_TAG = "random"
+RANDOM_WEIGHTS_SEED = 0
 
 SpecKind = Literal["local-dir", "pretrained", "checkpoint", "random"]
 
@@ -92,9 +95,12 @@ def create_model(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
         pretrained = None if spec.kind == "random" else str(spec.path or spec.pretrained)
         # OpenAI's weights were trained with QuickGELU; the plain config loads them silently but computes wrong.
         quick_gelu = spec.pretrained == "openai" and not spec.arch.endswith("-quickgelu")
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.arch, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=quick_gelu
-        )
+        # fork_rng: the seed is this model's own; the caller's random state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.arch, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=quick_gelu
+            )
         tokenizer = open_clip.get_tokenizer(spec.arch)
     model.eval()
     return model, preprocess, tokenizer
