@@ -8,8 +8,10 @@ encode_image / encode_text, run on the very module object the runtime was derive
 from __future__ import annotations
 
 import copy
+import os
 import random
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -319,3 +321,19 @@ def test_cpuinfo_bf16_flags(tmp_path: Path, flags: str, expected: bool) -> None:
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
     assert cpuinfo_has_bf16(cpuinfo) is expected
     assert cpuinfo_has_bf16(tmp_path / "absent") is False
+
+
+def test_entries_unused_for_a_month_are_removed_and_used_ones_kept(
+    tmp_path: Path, synthetic: tuple[Any, Any, Any]
+) -> None:
+    first = OpenVinoImageTower.build(synthetic[0].visual, cache_dir=tmp_path, precision="f32")
+    day = 24 * 3600
+    old, recent = tmp_path / "openvino-image-0ld", tmp_path / "openvino-text-recent"
+    for entry, age_s in ((old, 31 * day), (recent, 29 * day), (first.cache.path, 62 * day)):
+        entry.mkdir(exist_ok=True)
+        os.utime(entry, (time.time() - age_s,) * 2)
+    # The entry in use is kept however old its mark (and marked again); another one unused for a month goes.
+    second = OpenVinoImageTower.build(synthetic[0].visual, cache_dir=tmp_path, precision="f32")
+    assert second.cache.hit
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.cache.path.name, recent.name])
+    assert time.time() - first.cache.path.stat().st_mtime < 3600

@@ -92,6 +92,12 @@ def _code(error: grpc.RpcError) -> grpc.StatusCode:
     return error.code()
 
 
+def _details(error: grpc.RpcError) -> str | None:
+    """The status message of a failed call, from either client."""
+    assert isinstance(error, grpc.Call | grpc.aio.AioRpcError)
+    return error.details()
+
+
 async def _index_seeded(stub: pb_grpc.ImageSearchServiceAsyncStub) -> None:
     messages = [pb.IndexProductRequest(product=product(SEEDED)), pb.IndexProductRequest(image_chunk=jpeg_bytes())]
     await stub.IndexProduct(stream(*messages), metadata=bearer(WRITE_KEY))
@@ -199,8 +205,12 @@ async def test_each_rpc_needs_its_scope(client: Client, method: str, key: str) -
         return
     with pytest.raises(grpc.RpcError) as err:
         await call(client, metadata)
-    expected = grpc.StatusCode.UNAUTHENTICATED if key == "none" else grpc.StatusCode.PERMISSION_DENIED
-    assert _code(err.value) == expected
+    if key == "none":
+        assert _code(err.value) == grpc.StatusCode.UNAUTHENTICATED
+        assert _details(err.value) == "missing or unknown API key: send 'authorization: Bearer KEY'"
+    else:
+        assert _code(err.value) == grpc.StatusCode.PERMISSION_DENIED
+        assert _details(err.value) == f"this API key may only read; /{SERVICE.full_name}/{method} needs write"
     assert await _catalogue(client.stub) == [SEEDED]  # a refused write changed nothing
 
 

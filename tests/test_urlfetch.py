@@ -9,6 +9,7 @@ addresses; no traffic ever leaves loopback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.server
 import io
@@ -30,8 +31,9 @@ from PIL import Image
 from rpc import index, product, search, stream, violated_fields
 
 from imagesearch.config import Settings
+from imagesearch.errors import ImageTooLarge, InvalidArgument
 from imagesearch.model.encoder import ClipEncoder
-from imagesearch.search.urlfetch import FetchPolicy, ImageFetcher, Resolve, _is_public
+from imagesearch.search.urlfetch import FetchPolicy, Hop, ImageFetcher, Resolve, _is_public, resolve_host
 from imagesearch.server import build_server, open_components
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
@@ -74,6 +76,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.requests.append(Seen(self.path, self.headers.get("Host")))
+        self.server.agents.append((self.headers.get("User-Agent"), self.headers.get("Accept")))
         route = self.server.routes.get(self.path.split("?", 1)[0])
         if route is None:
             self._send(404, b"")
@@ -156,14 +159,17 @@ class ImageHost(http.server.ThreadingHTTPServer):
     def __init__(self, address: str, port: int, routes: dict[str, Route]) -> None:
         self.routes = routes
         self.requests: list[Seen] = []
+        self.agents: list[tuple[str | None, str | None]] = []  # (User-Agent, Accept) of each request
         self.release = threading.Event()
+        self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
         super().__init__((address, port), _Handler)
         self.port: int = self.server_address[1]
         self.address = address
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def url(self, path: str, *, host: str | None = None, scheme: str = "http") -> str:
-        return f"{scheme}://{host or self.address}:{self.port}{path}"
+        host = host or (f"[{self.address}]" if ":" in self.address else self.address)
+        return f"{scheme}://{host}:{self.port}{path}"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that hung up on a refused or cut-off body
@@ -198,6 +204,9 @@ def _routes(port: int) -> dict[str, Route]:
         "/stall.jpg": stalls,
         "/trickle.jpg": trickles,
         "/hop": redirect("/shoe.jpg"),
+        # A Location header on a 200 is not a redirect; a redirect status without one is not an image.
+        "/located.jpg": lambda h: h._send(200, IMAGE, {"Content-Type": "image/jpeg", "Location": "/big.jpg"}),
+        "/no-location": lambda h: h._send(302, b""),
         "/loop": redirect("/loop"),
         "/to-b": redirect(f"http://127.0.0.3:{port}/shoe.jpg"),
         "/to-localhost": redirect(f"http://localhost:{port}/shoe.jpg"),
@@ -234,9 +243,11 @@ class FakeDns:
     def __init__(self, answers: dict[str, list[str]] | None = None) -> None:
         self.answers = answers or {}
         self.lookups: list[str] = []
+        self.ports: list[int] = []
 
     async def __call__(self, host: str, port: int) -> list[str]:
         self.lookups.append(host)
+        self.ports.append(port)
         try:
             return [str(ipaddress.ip_address(host))]
         except ValueError:
@@ -545,6 +556,175 @@ def test_allow_list_accepts_networks_and_names() -> None:
     hosts, networks = FetchPolicy.parse_allow_list(" Images.Internal , 10.0.0.0/8,127.0.0.1,, fd00::/8")
     assert hosts == frozenset({"images.internal"})
     assert [str(n) for n in networks] == ["10.0.0.0/8", "127.0.0.1/32", "fd00::/8"]
+
+
+# --- the fetcher itself, without a server: what each refusal says, and the settings that guard it ------------
+
+FIELD = "query.image_url"
+Fetcher = Callable[..., ImageFetcher]
+
+
+@pytest.fixture
+async def fetcher() -> AsyncIterator[Fetcher]:
+    """Builds fetchers (URL fetching on, the allow-list given as the setting's text) and closes them after."""
+    made: list[ImageFetcher] = []
+
+    def build(dns: Resolve | None = None, *, allow: str = "127.0.0.2", **policy: Any) -> ImageFetcher:
+        names, networks = FetchPolicy.parse_allow_list(allow)
+        policy = {"enabled": True, "allowed_hosts": names, "allowed_networks": networks, **policy}
+        made.append(ImageFetcher(FetchPolicy(**policy), resolve=dns or FakeDns()))
+        return made[-1]
+
+    yield build
+    for each in made:
+        await each.close()
+
+
+async def _why(fetcher: ImageFetcher, url: str) -> str:
+    """The description of the one violation a refused fetch raises; it names the field it was given."""
+    with pytest.raises(InvalidArgument) as err:
+        await fetcher.fetch(url, field=FIELD)
+    [violation] = err.value.violations
+    assert violation.field == FIELD
+    return violation.description
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.2 where nothing listens (bound, then released)."""
+    with socket.create_server(("127.0.0.2", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+async def test_each_refusal_says_why(fetcher: Fetcher, hosts: Hosts) -> None:
+    dns = FakeDns({"metadata.test": ["10.0.0.1", "169.254.169.254"], "empty.test": []})
+    fetch = fetcher(dns, max_redirects=2)
+    assert await _why(ImageFetcher(FetchPolicy()), hosts.a.url("/shoe.jpg")) == (
+        "fetching images by URL is disabled on this server: send the image bytes"
+    )
+    ftp = f"ftp://127.0.0.2:{hosts.a.port}/shoe.jpg"
+    assert await _why(fetch, ftp) == f"only http and https URLs can be fetched, got {ftp!r}"
+    for malformed in ("http://127.0.0.2:99999/shoe.jpg", "http://127.0.0.2:port/shoe.jpg", "http://[::1/shoe.jpg"):
+        assert await _why(fetch, malformed) == f"{malformed!r} is not a valid URL"
+    assert await _why(fetch, "http://nowhere.test/shoe.jpg") == "cannot resolve host 'nowhere.test'"
+    assert await _why(fetch, "http://empty.test/shoe.jpg") == "cannot resolve host 'empty.test'"
+    assert await _why(fetch, "http://metadata.test/a.jpg") == (
+        "metadata.test resolves to a non-public address (10.0.0.1); refused"
+    )
+    missing = hosts.a.url("/missing.jpg")
+    assert await _why(fetch, missing) == f"{missing} answered HTTP 404"
+    no_location = hosts.a.url("/no-location")
+    assert await _why(fetch, no_location) == f"{no_location} answered HTTP 302"
+    assert await _why(fetch, hosts.a.url("/loop")) == "more than 2 redirects"
+    closed = f"http://127.0.0.2:{_closed_port()}/shoe.jpg"
+    assert await _why(fetch, closed) == f"could not fetch {closed}: ConnectError"
+
+
+async def test_size_refusals_say_which_limit_and_the_limit_itself_is_allowed(fetcher: Fetcher, hosts: Hosts) -> None:
+    # A body of exactly max_bytes is fine, whether its length is declared or only counted; one byte less is not.
+    exact = fetcher(max_bytes=len(IMAGE))
+    for path in ("/shoe.jpg", "/small-chunked.jpg"):
+        assert await exact.fetch(hosts.a.url(path), field=FIELD) == IMAGE
+    under = fetcher(max_bytes=len(IMAGE) - 1)
+    declared, counted = hosts.a.url("/shoe.jpg"), hosts.a.url("/small-chunked.jpg")
+    for url, why in (
+        (declared, f"{declared} is {len(IMAGE)} bytes; the limit is {len(IMAGE) - 1}"),
+        (counted, f"{counted} exceeds the limit of {len(IMAGE) - 1} bytes"),
+    ):
+        with pytest.raises(ImageTooLarge) as err:
+            await under.fetch(url, field=FIELD)
+        assert [(v.field, v.description) for v in err.value.violations] == [(FIELD, why)]
+
+
+async def test_read_timeout_and_overall_timeout_are_both_enforced(fetcher: Fetcher, hosts: Hosts) -> None:
+    # A server that never answers is cut off by the HTTP client's read timeout (timeout_s); one that answers a
+    # byte at a time never lets a read time out, and is cut off by the bound on the whole fetch (twice timeout_s).
+    fetch = fetcher(timeout_s=0.5)
+    stall, trickle = hosts.a.url("/stall.jpg"), hosts.a.url("/trickle.jpg")
+    assert await _why(fetch, stall) == f"could not fetch {stall}: ReadTimeout"
+    assert await _why(fetch, trickle) == f"fetching {trickle} timed out"
+
+
+async def test_a_200_with_a_location_header_is_the_image(fetcher: Fetcher, hosts: Hosts) -> None:
+    assert await fetcher().fetch(hosts.a.url("/located.jpg"), field=FIELD) == IMAGE
+    assert _paths(hosts.a) == ["/located.jpg"]
+
+
+async def test_requests_say_who_asks_and_for_what(fetcher: Fetcher, hosts: Hosts) -> None:
+    await fetcher().fetch(hosts.a.url("/shoe.jpg"), field=FIELD)
+    assert hosts.a.agents == [("imagesearch/1 (+image fetch)", "image/*")]
+
+
+async def test_environment_proxies_are_ignored(fetcher: Fetcher, hosts: Hosts, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A proxy from the environment would make the connection, to wherever it likes: the address checks would
+    # check nothing. The "proxy" here is the server on 127.0.0.3; it must see no request.
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.3:{hosts.b.port}")
+    assert await fetcher().fetch(hosts.a.url("/shoe.jpg"), field=FIELD) == IMAGE
+    assert hosts.b.requests == []
+
+
+async def test_urls_without_a_port_use_the_schemes_default(fetcher: Fetcher) -> None:
+    # The lookup (and so the check and the connection) is for port 80 or 443. Nothing listens there on
+    # 127.0.0.2, so the fetch itself fails; what matters is where it went.
+    dns = FakeDns({"images.test": ["127.0.0.2"]})
+    fetch = fetcher(dns, allow="images.test")
+    for url in ("http://images.test/shoe.jpg", "https://images.test/shoe.jpg", "http://images.test:8080/a.jpg"):
+        with contextlib.suppress(InvalidArgument):
+            await fetch.fetch(url, field=FIELD)
+    assert dns.ports == [80, 443, 8080]
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "host_header", "target"),
+    [
+        ("http://Shop.Test/a.jpg?x=1", "shop.test", 80, "shop.test", "http://192.0.2.1:80/a.jpg?x=1"),
+        ("https://shop.test/a.jpg", "shop.test", 443, "shop.test", "https://192.0.2.1:443/a.jpg"),
+        ("http://shop.test:8080/a.jpg", "shop.test", 8080, "shop.test:8080", "http://192.0.2.1:8080/a.jpg"),
+        ("https://shop.test:80/a.jpg", "shop.test", 80, "shop.test:80", "https://192.0.2.1:80/a.jpg"),
+        ("http://[2001:db8::1]:8080/a.jpg", "2001:db8::1", 8080, "[2001:db8::1]:8080", "http://192.0.2.1:8080/a.jpg"),
+        ("http://[2001:db8::1]/a.jpg", "2001:db8::1", 80, "[2001:db8::1]", "http://192.0.2.1:80/a.jpg"),
+    ],
+)
+def test_hop_keeps_the_urls_name_and_connects_to_the_checked_address(
+    url: str, host: str, port: int, host_header: str, target: str
+) -> None:
+    hop = Hop.of(url, FIELD)
+    assert (hop.host, hop.port, hop.host_header) == (host, port, host_header)
+    assert hop.target("192.0.2.1") == target
+    assert hop.target("2001:db8::2") == target.replace("192.0.2.1", "[2001:db8::2]")
+
+
+async def test_ipv6_addresses_are_fetched_in_brackets(fetcher: Fetcher) -> None:
+    try:
+        host = ImageHost("::1", 0, {"/shoe.jpg": ok(IMAGE)})
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    try:
+        dns = FakeDns({"v6.test": ["::1"]})
+        fetch = fetcher(dns, allow="::1")
+        assert await fetch.fetch(host.url("/shoe.jpg"), field=FIELD) == IMAGE
+        assert await fetch.fetch(host.url("/shoe.jpg", host="v6.test"), field=FIELD) == IMAGE
+        assert host.requests == [Seen("/shoe.jpg", f"[::1]:{host.port}"), Seen("/shoe.jpg", f"v6.test:{host.port}")]
+    finally:
+        host.stop()
+
+
+async def test_a_scoped_address_is_checked_without_its_zone(fetcher: Fetcher) -> None:
+    # Resolvers answer link-local IPv6 addresses with a zone ("%eth0"); the address before it is what is checked.
+    dns = FakeDns({"scoped.test": ["fe80::1%eth0"]})
+    why = await _why(fetcher(dns), "http://scoped.test/a.jpg")
+    assert why == "scoped.test resolves to a non-public address (fe80::1); refused"
+
+
+async def test_the_system_resolver_answers_each_address_once() -> None:
+    assert await resolve_host("127.0.0.1", 80) == ["127.0.0.1"]
+
+
+def test_allow_list_networks_may_name_any_address_in_them() -> None:
+    # "10.1.2.3/8" is the operator's way of writing 10.0.0.0/8: a network, not a host name that matches nothing.
+    assert FetchPolicy.parse_allow_list("10.1.2.3/8") == (frozenset(), (ipaddress.ip_network("10.0.0.0/8"),))
 
 
 # --- a TLS server that records the server name clients ask for ------------------------------------------------

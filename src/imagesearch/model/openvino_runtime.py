@@ -62,6 +62,10 @@ _XML = "model.xml"
 _BIN = "model.bin"
 # Half-written entries left by a build that was killed; older than this, nobody is still writing them.
 _STALE_TEMP_S = 3600.0
+# An entry no start has used for this long is deleted by the next start that looks at the cache: every change of
+# model, weights, versions or precision leaves the old entry behind (~350 MB for a ViT-B-32 image tower), and a
+# rollback within a month still finds its entry. A start that uses an entry marks it (its directory's mtime).
+_UNUSED_ENTRY_S = 30 * 24 * 3600.0
 # OpenVINO's LATENCY hint runs one request on one stream with every thread; THROUGHPUT splits the threads into
 # streams for parallel requests, which one synchronous request cannot use: on 2 cores it was ~2x slower for one
 # image and for a batch of 16 (ViT-B-32, f32 and bf16).
@@ -379,6 +383,7 @@ def _build(
         key = cache_key(module, kind=kind, precision=precision, extra=key_extra)
         _remove_stale_temps(cache_dir)
         entry = cache_dir / f"openvino-{kind}-{key[:40]}"
+        _remove_unused_entries(cache_dir, keep=entry)
         core = ov.Core()
         config = {
             "INFERENCE_NUM_THREADS": threads if threads > 0 else torch.get_num_threads(),
@@ -393,6 +398,7 @@ def _build(
             try:
                 _verify_entry(entry, key)
                 compiled = core.compile_model(core.read_model(str(entry / _XML)), "CPU", config)
+                _mark_used(entry)
             except Exception as exc:  # a damaged entry (truncated, edited, half-deleted) must never stop a start
                 rebuilt_reason = f"{type(exc).__name__}: {exc}"
                 log.warning("openvino_cache_entry_unusable", path=str(entry), reason=rebuilt_reason)
@@ -633,6 +639,27 @@ def _move_into_place(temp: Path, entry: Path, *, replace: bool) -> None:
         # Another process stored the same entry meanwhile (the rename found a non-empty directory); theirs is
         # equivalent, and this process keeps using the model it converted.
         log.info("openvino_cache_entry_raced", path=str(entry))
+
+
+def _mark_used(entry: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache: its entries are never pruned by this server either
+        os.utime(entry)
+
+
+def _remove_unused_entries(cache_dir: Path, *, keep: Path) -> None:
+    now = time.time()
+    for entry in cache_dir.glob("openvino-*") if cache_dir.is_dir() else []:
+        try:
+            unused_s = now - entry.stat().st_mtime
+            if entry == keep or unused_s <= _UNUSED_ENTRY_S:
+                continue
+            # Renamed aside first, as a damaged entry is: another start never reads half an entry.
+            trash = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
+            os.replace(entry, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+            log.info("openvino_cache_entry_removed", path=str(entry), unused_days=round(unused_s / 86400))
+        except OSError:
+            continue  # removed by another process meanwhile, or a read-only cache
 
 
 def _remove_stale_temps(cache_dir: Path) -> None:

@@ -18,7 +18,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 
@@ -61,6 +61,41 @@ class FetchPolicy:
         return frozenset(hosts), tuple(networks)
 
 
+@dataclass(frozen=True)
+class Hop:
+    """One request of a fetch: where the URL points (its host, and its port or the scheme's default) and the Host
+    header that names it as the URL did."""
+
+    parts: SplitResult
+    host: str
+    port: int
+    host_header: str
+
+    @classmethod
+    def of(cls, url: str, field: str) -> Hop:
+        """Raises InvalidArgument for a URL that is not http(s), names no host or does not parse."""
+        try:
+            parts = urlsplit(url)
+            explicit_port = parts.port  # raises for a port that is not a number in 0-65535
+        except ValueError:
+            raise InvalidArgument(FieldViolation(field, f"{url!r} is not a valid URL")) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidArgument(FieldViolation(field, f"only http and https URLs can be fetched, got {url!r}"))
+        host = parts.hostname
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in a Host header
+        return cls(
+            parts,
+            host,
+            explicit_port or (443 if parts.scheme == "https" else 80),
+            name if explicit_port is None else f"{name}:{explicit_port}",
+        )
+
+    def target(self, address: str) -> str:
+        """The URL with its host replaced by `address` (the one that was checked), so nothing resolves it again."""
+        literal = f"[{address}]" if ":" in address else address
+        return self.parts._replace(netloc=f"{literal}:{self.port}").geturl()
+
+
 class ImageFetcher:
     def __init__(self, policy: FetchPolicy, *, resolve: Resolve = resolve_host) -> None:
         self.policy = policy
@@ -88,18 +123,11 @@ class ImageFetcher:
 
     async def _follow(self, url: str, field: str) -> bytes:
         for _ in range(self.policy.max_redirects + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise InvalidArgument(FieldViolation(field, f"only http and https URLs can be fetched, got {url!r}"))
-            host = parts.hostname
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            address = await self._checked_address(host, port, field)
-            literal = f"[{address}]" if ":" in address else address
-            target = parts._replace(netloc=f"{literal}:{port}").geturl()
-            host_header = host if parts.port is None else f"{host}:{parts.port}"
+            hop = Hop.of(url, field)
+            address = await self._checked_address(hop.host, hop.port, field)
             try:
                 async with self._client.stream(
-                    "GET", target, headers={"Host": host_header}, extensions={"sni_hostname": host}
+                    "GET", hop.target(address), headers={"Host": hop.host_header}, extensions={"sni_hostname": hop.host}
                 ) as response:
                     if response.status_code in _REDIRECTS and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])

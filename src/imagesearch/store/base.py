@@ -66,6 +66,12 @@ HYBRID_CANDIDATES = 200
 #: usual constant. A product first in both rankings gets 2 / RRF_K, which RRF_SCALE maps to a score of 1.
 RRF_K = 60
 RRF_SCALE = RRF_K / 2
+#: A weighted hybrid query combines three prefetches, named by position: the dense candidates' cosine, the
+#: lexical candidates' BM25, and the lexical candidates rescored by the CLIP vector (so that every candidate gets
+#: its true cosine, not only those among the best dense matches). A product missing from one list scores these:
+#: -1 loses the max of the two cosines, 0 adds no lexical score.
+DENSE_COSINE, BM25_SCORE, RESCORED_COSINE = "$score[0]", "$score[1]", "$score[2]"
+MISSING_SCORES = {DENSE_COSINE: -1.0, BM25_SCORE: 0.0, RESCORED_COSINE: -1.0}
 
 
 class VectorStore(Protocol):
@@ -225,6 +231,13 @@ def score_scale(has_vector: bool, lexical: LexicalQuery, best: float | None) -> 
     if not has_vector:
         return 1.0 / best if best else 1.0  # BM25 relative to the best match
     return RRF_SCALE if lexical.fusion == "rank" else 1.0  # the weighted formula computes the score itself
+
+
+def weighted_factors(lexical: LexicalQuery, best: float | None) -> tuple[float, float]:
+    """(cosine_factor, lexical_factor) of the weighted hybrid score, which both stores have their engine compute
+    as cosine_factor * (1 + max(DENSE_COSINE, RESCORED_COSINE)) + lexical_factor * BM25_SCORE, that is
+    (1 - w) * (1 + cosine) / 2 + w * BM25 / best: the cosine mapped onto 0..1 as the lexical score is."""
+    return (1.0 - lexical.weight) / 2, lexical.weight / (best or 1.0)
 
 
 def check_search(vector: Vector | None, lexical: LexicalQuery | None) -> None:

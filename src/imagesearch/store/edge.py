@@ -41,7 +41,9 @@ from imagesearch.domain import Facets, FacetSpec, Hit, LexicalQuery, Product, Se
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store.base import (
     ATTRIBUTE_PAIRS,
+    BM25_SCORE,
     CATEGORY,
+    DENSE_COSINE,
     DENSE_VECTOR,
     DIVERSITY_CANDIDATES,
     FACET_SCAN_VALUES,
@@ -49,7 +51,9 @@ from imagesearch.store.base import (
     INDEXED_FIELDS,
     LEXICAL_MODEL,
     LEXICAL_VECTOR,
+    MISSING_SCORES,
     PRICE,
+    RESCORED_COSINE,
     RRF_K,
     Vector,
     attribute_pair,
@@ -69,6 +73,7 @@ from imagesearch.store.base import (
     score_scale,
     stored_vector,
     vector_values,
+    weighted_factors,
 )
 
 log = structlog.get_logger(__name__)
@@ -421,23 +426,19 @@ def _ranking(
     if lexical.fusion == "rank":
         # The stubs type Fusion.Rrf as a class of its own rather than as a Fusion.
         return cast("qe.ScoringQueryType", qe.Fusion.Rrf(RRF_K)), [dense, lexical_side]
-    # The lexical candidates rescored by the CLIP vector: every candidate gets its true cosine ($score[2]), not
-    # only those among the best dense matches ($score[0]).
     rescored = qe.Prefetch(
         limit=HYBRID_CANDIDATES, prefetches=[lexical_side], query=qe.Query.Nearest(values), filter=edge_filter
     )
     e = qe.Expression
-    # (1 - w) * (1 + cosine) / 2 + w * BM25 / best, the cosine mapped onto 0..1 as the lexical score is.
-    cosine = e.Max([e.Variable("$score[0]"), e.Variable("$score[2]")])
+    cosine_factor, lexical_factor = weighted_factors(lexical, best)
+    cosine = e.Max([e.Variable(DENSE_COSINE), e.Variable(RESCORED_COSINE)])
     formula = e.Sum(
         [
-            e.Mult([e.Constant((1.0 - lexical.weight) / 2), e.Sum([cosine, e.Constant(1.0)])]),
-            e.Mult([e.Constant(lexical.weight / (best or 1.0)), e.Variable("$score[1]")]),
+            e.Mult([e.Constant(cosine_factor), e.Sum([cosine, e.Constant(1.0)])]),
+            e.Mult([e.Constant(lexical_factor), e.Variable(BM25_SCORE)]),
         ]
     )
-    # A product missing from one list: no cosine from it (-1 loses the max) and no lexical score.
-    missing = {"$score[0]": -1.0, "$score[1]": 0.0, "$score[2]": -1.0}
-    return qe.Formula(formula, defaults=missing), [dense, lexical_side, rescored]
+    return qe.Formula(formula, defaults=MISSING_SCORES), [dense, lexical_side, rescored]
 
 
 def _open_shard(path: Path, dimension: int, model_id: str, index_threshold: int) -> qe.EdgeShard:

@@ -24,7 +24,9 @@ from imagesearch.domain import Facets, FacetSpec, Hit, LexicalQuery, Product, Se
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store.base import (
     ATTRIBUTE_PAIRS,
+    BM25_SCORE,
     CATEGORY,
+    DENSE_COSINE,
     DENSE_VECTOR,
     DIVERSITY_CANDIDATES,
     FACET_SCAN_VALUES,
@@ -32,7 +34,9 @@ from imagesearch.store.base import (
     INDEXED_FIELDS,
     LEXICAL_MODEL,
     LEXICAL_VECTOR,
+    MISSING_SCORES,
     PRICE,
+    RESCORED_COSINE,
     RRF_K,
     Vector,
     attribute_pair,
@@ -52,6 +56,7 @@ from imagesearch.store.base import (
     score_scale,
     stored_vector,
     vector_values,
+    weighted_factors,
 )
 
 # Collection metadata key under which the store records what the collection was created for.
@@ -446,15 +451,15 @@ def _ranking(
     if lexical.fusion == "rank":
         return models.RrfQuery(rrf=models.Rrf(k=RRF_K)), [dense, words]
     rescored = models.Prefetch(prefetch=[words], query=values, limit=HYBRID_CANDIDATES, filter=query_filter)
-    cosine = models.MaxExpression(max=["$score[0]", "$score[2]"])
+    cosine_factor, lexical_factor = weighted_factors(lexical, best)
+    cosine = models.MaxExpression(max=[DENSE_COSINE, RESCORED_COSINE])
     formula = models.SumExpression(
         sum=[
-            models.MultExpression(mult=[(1.0 - lexical.weight) / 2, models.SumExpression(sum=[cosine, 1.0])]),
-            models.MultExpression(mult=[lexical.weight / (best or 1.0), "$score[1]"]),
+            models.MultExpression(mult=[cosine_factor, models.SumExpression(sum=[cosine, 1.0])]),
+            models.MultExpression(mult=[lexical_factor, BM25_SCORE]),
         ]
     )
-    missing = {"$score[0]": -1.0, "$score[1]": 0.0, "$score[2]": -1.0}
-    return models.FormulaQuery(formula=formula, defaults=missing), [dense, words, rescored]
+    return models.FormulaQuery(formula=formula, defaults=MISSING_SCORES), [dense, words, rescored]
 
 
 def _qdrant_filter(flt: SearchFilter, exclude_ids: Collection[str] = ()) -> models.Filter | None:
