@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from imagesearch.client import ImageSearchClient
@@ -39,16 +37,12 @@ from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from imagesearch.v1 import products_pb2
 
+# The gRPC benchmark's helpers (this directory is on sys.path when a benchmark runs as a script).
+from service import free_port, wait_serving  # isort: skip
+
 RESULTS_DIR = Path(__file__).parent / "results"
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown"]
 KINDS = ["mug", "shoe", "bag", "lamp", "shirt", "hat", "bottle", "chair"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def jpeg(seed: int) -> bytes:
@@ -56,20 +50,6 @@ def jpeg(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (96, 96), tuple(rng.randrange(256) for _ in range(3))).save(buffer, format="JPEG")
     return buffer.getvalue()
-
-
-async def wait_serving(target: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.2)
-    raise RuntimeError("server did not become SERVING")
 
 
 async def timed(call: Callable[[], Awaitable[object]]) -> float:

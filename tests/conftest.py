@@ -25,6 +25,7 @@ from PIL import Image
 from imagesearch.api.health import StoreHealth
 from imagesearch.config import ENV_PREFIX, Settings
 from imagesearch.model.encoder import ClipEncoder
+from imagesearch.search.urlfetch import ImageFetcher, Resolve
 from imagesearch.server import Components, build_server, open_components
 from imagesearch.store import VectorStore
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
@@ -66,12 +67,18 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
 
-async def start_server(settings: Settings, encoder: ClipEncoder, store: VectorStore | None = None) -> RunningServer:
-    """A real server on a free port; `store` replaces the embedded store the settings would open."""
+async def start_server(
+    settings: Settings, encoder: ClipEncoder, store: VectorStore | None = None, resolve: Resolve | None = None
+) -> RunningServer:
+    """A real server on a free port; `store` replaces the embedded store the settings would open, `resolve` the
+    system resolver its URL fetcher would look host names up in."""
     components = await open_components(settings, encoder=encoder)
     if store is not None:
         await components.store.close()
         components.store = store
+    if resolve is not None:
+        await components.fetcher.close()
+        components.fetcher = ImageFetcher(components.fetcher.policy, resolve=resolve)
     server, port, store_health = build_server(settings, components)
     await server.start()
     await store_health.serving()

@@ -463,3 +463,49 @@ def test_serve_exports_spans_over_otlp_and_logs_their_trace_id(
     assert {"upload.read", "model.forward", "store.search"} <= {span.name for _, span in exported}
     services = {a.value.string_value for r, _ in exported for a in r.attributes if a.key == "service.name"}
     assert services == {"imagesearch-e2e"}
+
+
+# --- the HTTP/JSON port ---------------------------------------------------------------------------------------
+
+
+async def test_http_calls_have_the_same_server_span_as_grpc_calls(
+    spans: InMemorySpanExporter, settings: Settings, encoder: ClipEncoder
+) -> None:
+    from test_http import serving  # the HTTP tests' server with both ports
+
+    async with serving(settings, encoder) as running:  # built after `spans` installed the provider
+        traceparent = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
+        response = await running.call(
+            "SearchInline", {"query": {"text": "blue shoes"}}, headers={"traceparent": traceparent}
+        )
+        assert response.status_code == 200
+        root = await server_span(spans, "SearchInline")
+        assert root.context is not None and root.parent is not None and root.parent.is_remote
+        assert format_trace_id(root.context.trace_id) == CALLER_TRACE_ID
+        assert format_span_id(root.parent.span_id) == CALLER_SPAN_ID
+        assert root.attributes is not None
+        assert root.attributes["rpc.system"] == "connect_rpc"
+        assert root.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+        assert root.attributes[tracing.REQUEST_ID] == response.headers["x-request-id"]
+        assert {"model.forward", "store.search"} <= set(names(children(spans, root)))
+
+        # A caller's error leaves the status unset, a server fault sets it, as on the gRPC port.
+        assert (await running.call("GetProduct", {"id": "missing"})).status_code == 404
+        missing = await server_span(spans, "GetProduct")
+        assert missing.attributes is not None
+        assert missing.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+        assert missing.status.status_code == StatusCode.UNSET
+        spans.clear()
+
+        async def down(*args: Any, **kwargs: Any) -> Any:
+            raise StoreUnavailable("qdrant is unreachable (injected)")
+
+        running.components.store.get = down  # type: ignore[method-assign]
+        assert (await running.call("GetProduct", {"id": "any"})).status_code == 503
+        failed = await server_span(spans, "GetProduct")
+        assert failed.status.status_code == StatusCode.ERROR
+        assert "StatusCode.UNAVAILABLE" in (failed.status.description or "")
+
+        health = await running.http.post("/grpc.health.v1.Health/Check", json={})
+        assert health.status_code == 200
+        assert not [s for s in spans.get_finished_spans() if "Health" in s.name]

@@ -26,7 +26,6 @@ from typing import Any
 import grpc
 import pytest
 from conftest import RunningServer, jpeg_bytes, start_server, stop_server
-from grpc_health.v1 import health_pb2_grpc
 from PIL import Image
 from rpc import index, product, search, stream, violated_fields
 
@@ -34,9 +33,7 @@ from imagesearch.config import Settings
 from imagesearch.errors import ImageTooLarge, InvalidArgument
 from imagesearch.model.encoder import ClipEncoder
 from imagesearch.search.urlfetch import FetchPolicy, Hop, ImageFetcher, Resolve, _is_public, resolve_host
-from imagesearch.server import build_server, open_components
 from imagesearch.v1 import image_search_service_pb2 as pb
-from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 IMAGE = jpeg_bytes((30, 160, 40), size=(96, 96))
 # A call that should be refused at once gets this long before DEADLINE_EXCEEDED shows it was not: a bound on a
@@ -272,10 +269,7 @@ async def start(settings: Settings, encoder: ClipEncoder) -> AsyncIterator[Start
         data_dir = settings.data_dir.with_name(f"data-{len(started)}")  # each server its own store
         changes.setdefault("fetch_image_urls", True)
         fetching = dataclasses.replace(settings, data_dir=data_dir, **changes)
-        if resolve is None:
-            running = await start_server(fetching, encoder)
-        else:
-            running = await _start_with_resolver(fetching, encoder, resolve)
+        running = await start_server(fetching, encoder, resolve=resolve)
         started.append(running)
         return running
 
@@ -284,25 +278,6 @@ async def start(settings: Settings, encoder: ClipEncoder) -> AsyncIterator[Start
     finally:
         for running in started:
             await stop_server(running)
-
-
-async def _start_with_resolver(settings: Settings, encoder: ClipEncoder, resolve: Resolve) -> RunningServer:
-    components = await open_components(settings, encoder=encoder)
-    await components.fetcher.close()
-    components.fetcher = ImageFetcher(components.fetcher.policy, resolve=resolve)
-    server, port, store_health = build_server(settings, components)
-    await server.start()
-    await store_health.serving()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return RunningServer(
-        server,
-        port,
-        components,
-        store_health,
-        channel,
-        pb_grpc.ImageSearchServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
 
 
 async def _search_url(running: RunningServer, url: str) -> pb.SearchResponse:

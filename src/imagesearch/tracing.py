@@ -41,6 +41,9 @@ EXPORT_AT_EXIT_S = 5.0
 # Not traced: load balancers probe health every few seconds, and grpcurl's reflection calls tell nothing about
 # the service's own latency.
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+# The status codes that mark a server span failed (OpenTelemetry's RPC conventions: the server's fault). A
+# caller's error (INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, ...) leaves the server span's status unset.
+SERVER_FAULTS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
 
 # Span attributes of ours (OpenTelemetry's semantic conventions have no names for these).
 IMAGE_BYTES = "imagesearch.image.bytes"
@@ -104,6 +107,11 @@ def installed(provider: TracerProvider) -> Iterator[TracerProvider]:
         yield provider
     finally:
         uninstall()
+
+
+def installed_provider() -> TracerProvider | None:
+    """The provider spans go to; None while tracing is off."""
+    return _Installed.provider
 
 
 def server_interceptor() -> grpc.aio.ServerInterceptor | None:

@@ -28,8 +28,9 @@ import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import Token
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -45,11 +46,14 @@ from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from protobuf import Message as ConnectMessage
 from protobuf import Registry, message_to_json_value
 from protobuf.wkt import Any as AnyMessage
 from protobuf.wkt import FileDescriptorSet
 
+from imagesearch import tracing
 from imagesearch.api import interceptors
 from imagesearch.api.auth import ApiKeys, Need
 from imagesearch.api.interceptors import REQUEST_ID_HEADER
@@ -57,6 +61,9 @@ from imagesearch.api.service import SERVICE, ImageSearchService
 from imagesearch.api.status import status_for
 from imagesearch.errors import ImageSearchError, InvalidArgument
 from imagesearch.metrics import Metrics
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = structlog.get_logger(__name__)
 
@@ -277,6 +284,46 @@ def _grpc_code(error: Exception | None) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED if error.code is Code.CANCELED else grpc.StatusCode[error.code.name]
 
 
+_Started = tuple[trace.Span, "Token[otel_context.Context]"]
+
+
+class ServerSpan:
+    """The HTTP port's server span, one per call, as the gRPC port's (opentelemetry-instrumentation-grpc): named
+    by the method path, kind SERVER, continuing the caller's `traceparent` header, current while the call runs (so
+    the stage spans and the call's log lines hang off it), with the gRPC status code the call ended with. Health
+    is not traced, as on the gRPC port."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._tracer = provider.get_tracer(tracing.INSTRUMENTATION_NAME)
+
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> _Started | None:
+        if ctx.method.service_name in tracing.UNTRACED_SERVICES:
+            return None
+        parent = propagate.extract(ctx.request_headers)
+        span = self._tracer.start_span(
+            _method_path(ctx),
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "rpc.system": "connect_rpc",
+                "rpc.service": ctx.method.service_name,
+                "rpc.method": ctx.method.name,
+            },
+        )
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    async def on_end(self, started: _Started | None, ctx: RequestContext[Any, Any], error: Exception | None) -> None:
+        if started is None:
+            return
+        span, attached = started
+        code = _grpc_code(error)
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code.name in tracing.SERVER_FAULTS:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code}: {getattr(error, 'message', error)}"))
+        span.end()
+        otel_context.detach(attached)
+
+
 class RequestLog:
     """As the gRPC port's RequestLoggingInterceptor: binds request_id (the caller's x-request-id, or a fresh one)
     and method for every log line of the call, echoes the id in the response headers, and writes one log line and
@@ -461,6 +508,10 @@ def build_app(
 ) -> HttpApp:
     key_check = KeyCheck(api_keys) if api_keys is not None else None
     chain: list[Any] = [RequestLog(metrics)]  # first: the refusals of the key check are logged with the request id
+    provider = tracing.installed_provider()
+    if provider is not None:
+        # Before the log line's interceptor: the span is current when the request id is bound to it.
+        chain.insert(0, ServerSpan(provider))
     if key_check is not None:
         chain.append(key_check)
     connect = _ConnectApp(
