@@ -244,7 +244,10 @@ async def test_sigterm_under_load_finishes_in_flight_searches_and_refuses_new_on
                     except grpc.aio.AioRpcError as err:
                         refused = err.code()
                         break
-            assert refused == grpc.StatusCode.UNAVAILABLE, log.tail()
+            # UNAVAILABLE; or CANCELLED for a call that reached the server as the stop began, before a handler took
+            # it: gRPC core cancels such pending calls (grpc/grpc#41785, fix proposed in grpc/grpc#41786). Either
+            # way the call never ran.
+            assert refused in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), log.tail()
             release.set()
             results = await asyncio.gather(*calls, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
