@@ -627,10 +627,7 @@ def _verify_entry(entry: Path, key: str) -> None:
 
 def _move_into_place(temp: Path, entry: Path, *, replace: bool) -> None:
     if replace and entry.exists():
-        # A damaged entry: move it aside first (a rename is atomic; deleting 350 MB is not) and then delete it.
-        trash = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-        os.replace(entry, trash / "old")
-        shutil.rmtree(trash, ignore_errors=True)
+        _discard(entry)  # a damaged entry
     try:
         os.replace(temp, entry)
     except OSError:
@@ -639,6 +636,14 @@ def _move_into_place(temp: Path, entry: Path, *, replace: bool) -> None:
         # Another process stored the same entry meanwhile (the rename found a non-empty directory); theirs is
         # equivalent, and this process keeps using the model it converted.
         log.info("openvino_cache_entry_raced", path=str(entry))
+
+
+def _discard(entry: Path) -> None:
+    """Delete a cache entry: moved aside first (a rename is atomic; deleting 350 MB is not), so that another start
+    never reads half an entry, then deleted."""
+    trash = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    os.replace(entry, trash / "old")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _mark_used(entry: Path) -> None:
@@ -653,10 +658,7 @@ def _remove_unused_entries(cache_dir: Path, *, keep: Path) -> None:
             unused_s = now - entry.stat().st_mtime
             if entry == keep or unused_s <= _UNUSED_ENTRY_S:
                 continue
-            # Renamed aside first, as a damaged entry is: another start never reads half an entry.
-            trash = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
-            os.replace(entry, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
+            _discard(entry)
             log.info("openvino_cache_entry_removed", path=str(entry), unused_days=round(unused_s / 86400))
         except OSError:
             continue  # removed by another process meanwhile, or a read-only cache
