@@ -94,6 +94,18 @@ async def start_server(
     )
 
 
+def self_signed_certificate(directory: Path, dns_name: str) -> tuple[Path, Path]:
+    """A self-signed EC certificate for `dns_name` (CN and subjectAltName) and its key, made with openssl in
+    `directory`: (cert.pem, key.pem)."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", f"/CN={dns_name}",
+         "-addext", f"subjectAltName=DNS:{dns_name}"],
+        cwd=directory, check=True, capture_output=True,
+    )  # fmt: skip
+    return directory / "cert.pem", directory / "key.pem"
+
+
 async def stop_server(running: RunningServer) -> None:
     await running.channel.close()
     await running.server.stop(0)

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, self_signed_certificate
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -427,16 +427,7 @@ async def test_protect_all_closes_health_and_documents(
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    import subprocess
-
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", "server.key", "-out", "server.pem", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost"],
-        cwd=d, check=True, capture_output=True,
-    )  # fmt: skip
-    return d / "server.pem", d / "server.key"
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"), "localhost")
 
 
 async def test_tls_settings_apply_to_the_http_port(

@@ -17,7 +17,6 @@ import ipaddress
 import random
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import RunningServer, jpeg_bytes, start_server, stop_server
+from conftest import RunningServer, jpeg_bytes, self_signed_certificate, start_server, stop_server
 from PIL import Image
 from rpc import index, product, search, stream, violated_fields
 
@@ -743,14 +742,7 @@ class TlsHost:
 
 @pytest.fixture(scope="module")
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=shop.test",
-         "-addext", "subjectAltName=DNS:shop.test"],
-        cwd=d, check=True, capture_output=True,
-    )  # fmt: skip
-    return d / "cert.pem", d / "key.pem"
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"), "shop.test")
 
 
 @pytest.fixture
