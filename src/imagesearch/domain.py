@@ -6,6 +6,7 @@ Nothing here knows about protobuf or gRPC: `api/convert.py` converts between the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -53,6 +54,11 @@ def digest(*parts: bytes) -> str:
         hashed.update(struct.pack("<Q", len(part)))
         hashed.update(part)
     return hashed.hexdigest()
+
+
+def _float_or_none(value: float | None) -> float | None:
+    # An int and the float of the same value have two JSON forms; a key must not tell them apart.
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -110,8 +116,8 @@ class SearchFilter:
         `canonical_bytes`: two filters that admit the same products under any catalogue get the same value."""
         return {
             "categories": sorted(set(self.categories)),
-            "price_min": None if self.price_min is None else float(self.price_min),
-            "price_max": None if self.price_max is None else float(self.price_max),
+            "price_min": _float_or_none(self.price_min),
+            "price_max": _float_or_none(self.price_max),
             "attributes": [list(pair) for pair in sorted(set(self.attributes))],
         }
 
@@ -136,10 +142,6 @@ class LexicalQuery:
     text: str
     fusion: Fusion = "weighted"
     weight: float = 0.5
-
-    def key_value(self) -> dict[str, Any]:
-        """The lexical side for `canonical_bytes` (cache keys, page-token digests)."""
-        return {"text": self.text, "fusion": self.fusion, "weight": float(self.weight)}
 
 
 @dataclass(frozen=True)
@@ -275,27 +277,39 @@ class Query:
         excluded = set(self.unlike_ids) if self.include_liked else {*self.like_ids, *self.unlike_ids}
         return tuple(sorted(excluded))
 
-    def digest(self) -> str:
-        """A fingerprint of everything that shapes the ranking (not the page token, not the facets): a page token
-        is only valid with a query of the same fingerprint."""
-        image = b"" if self.image is None else hashlib.sha256(self.image).digest()
-        ranking = {
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything in the query that shapes its ranking, normalised for `canonical_bytes`: queries that rank
+        alike under any catalogue get the same value. The page-token digest (`digest`) and the result-cache key
+        (search/cache.py) are both built from it, so a field that changes the ranking is added here, once.
+        Left out: the page (`page`, `top_k`), which each of those binds in its own way, and `facets`, which are
+        counted beside the ranking, not in it."""
+        return {
             "text": self.text,
+            "image": self._image_sha256,
             "image_url": self.image_url,
-            "text_weight": self.text_weight,
-            "like_ids": sorted(set(self.like_ids)),  # sets, as in the result key: a repeat counts once
+            "text_weight": float(self.text_weight),
+            "filter": self.flt.key_value(),
+            "score_threshold": _float_or_none(self.score_threshold),
+            # Sets: the order of example ids and their repeats do not change the ranking.
+            "like_ids": sorted(set(self.like_ids)),
             "unlike_ids": sorted(set(self.unlike_ids)),
             "include_liked": self.include_liked,
-            "filter": self.flt.key_value(),
-            "score_threshold": self.score_threshold,
-            "top_k": self.top_k,
             "group_by": self.group_by,
-            "diversity": self.diversity,
+            "diversity": _float_or_none(self.diversity),
             "mode": self.mode,
             "fusion": self.fusion,
-            "lexical_weight": self.lexical_weight,
+            "lexical_weight": float(self.lexical_weight),
         }
-        return digest(canonical_bytes(ranking), image)[:32]
+
+    @functools.cached_property
+    def _image_sha256(self) -> str | None:
+        # Hashed once per query, however many keys are built from its fingerprint.
+        return None if self.image is None else hashlib.sha256(self.image).hexdigest()
+
+    def digest(self) -> str:
+        """The digest a page token binds: the fingerprint and the page size that the token's offset counts in, so
+        a token is only valid with the query it was issued for."""
+        return digest(canonical_bytes({"query": self.fingerprint(), "page_size": self.top_k}))[:32]
 
 
 @dataclass(frozen=True)

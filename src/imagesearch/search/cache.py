@@ -6,11 +6,11 @@ Two layers:
 - `SearchCache`: the service's view: keys, value formats and the catalogue generation.
 
 Tier 1 (encodings): key = digest(model id, kind, content) -> the embedding as raw little-endian float32 bytes.
-Tier 2 (results): key = digest(model id, embedding bytes, the rest of the ranking's inputs: filter, page (offset,
-limit), threshold, example and excluded ids, group_by, diversity, the search mode with its lexical side (text,
-fusion, weight), generation) -> the ranked hits with whole products (JSON), so a hit skips both the model and the
-store. Tier 1 is shared by the modes: dense and hybrid searches encode the same text to the same vector. Keys are
-built with domain.digest and domain.canonical_bytes only, so two different queries can never share an entry.
+Tier 2 (results): key = digest(model id, embedding bytes, the query's fingerprint (domain.Query.fingerprint, the
+same one its page tokens are bound to), the page (offset, count), generation) -> the ranked hits with whole
+products (JSON), so a hit skips both the model and the store. Tier 1 is shared by the modes: dense and hybrid
+searches encode the same text to the same vector. Keys are built with domain.digest and domain.canonical_bytes
+only, so two different queries can never share an entry.
 The catalogue generation is a counter bumped after every successful write to the store; it is part of every
 result key, so a result cached before a change can never be served after it (no TTL-only staleness).
 """
@@ -27,15 +27,16 @@ import numpy as np
 from imagesearch.domain import (
     CacheDescription,
     Hit,
-    LexicalQuery,
     Modality,
     Product,
-    SearchFilter,
+    Query,
     canonical_bytes,
     digest,
 )
 
-# Bump when a value format changes, so old entries are never misread by a new server.
+# Bump when a value format changes, so old entries are never misread by a new server. A change in what a key is
+# made of needs no bump: the new digests miss the old entries, which expire. A bump also moves the generation
+# counter, so during a rolling update the two versions would not see each other's writes.
 KEY_VERSION = "v2"
 # Backends whose counters every replica sees; the others (in-process) count this process's writes only.
 _SHARED_BACKENDS = frozenset({"redis"})
@@ -139,25 +140,14 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class ResultKey:
-    """Everything a ranked result depends on besides the catalogue generation.
+    """Everything a ranked page depends on besides the catalogue generation: the query, the vector its text or
+    image was encoded to (None for a search by example products only, or a lexical one), and the page: `count`
+    hits from `offset` on. Example products enter by id, which with the generation pins their stored vectors."""
 
-    `vector` is the encoded text/image query (None for a search by example products only, or a lexical one);
-    example products enter by id, which together with the generation pins their stored vectors. `top_k` is the
-    number of hits fetched from `offset` on. `lexical` is the lexical side of a hybrid or lexical search (None:
-    dense), which with `vector` says the mode.
-    """
-
+    query: Query
     vector: np.ndarray | None
-    flt: SearchFilter
-    top_k: int
-    score_threshold: float | None
-    offset: int = 0
-    like_ids: tuple[str, ...] = ()
-    unlike_ids: tuple[str, ...] = ()
-    exclude_ids: tuple[str, ...] = ()
-    group_by: str = ""
-    diversity: float | None = None
-    lexical: LexicalQuery | None = None
+    offset: int
+    count: int
 
 
 class SearchCache:
@@ -201,20 +191,7 @@ class SearchCache:
         """The tier-2 key for this query at catalogue `generation` (read with `generation()`; when that is None,
         the backend is unavailable and results must not be cached or served)."""
         vector = b"" if key.vector is None else np.asarray(key.vector, dtype="<f4").tobytes()
-        # Example and excluded ids are sets: their order does not change the result.
-        ranking = {
-            "filter": key.flt.key_value(),
-            "top_k": key.top_k,
-            "score_threshold": key.score_threshold,
-            "generation": generation,
-            "offset": key.offset,
-            "like_ids": sorted(set(key.like_ids)),
-            "unlike_ids": sorted(set(key.unlike_ids)),
-            "exclude_ids": sorted(set(key.exclude_ids)),
-            "group_by": key.group_by,
-            "diversity": key.diversity,
-            "lexical": None if key.lexical is None else key.lexical.key_value(),
-        }
+        ranking = {"query": key.query.fingerprint(), "offset": key.offset, "count": key.count, "generation": generation}
         return f"{self._prefix}res:{digest(self._model_id.encode(), vector, canonical_bytes(ranking))}"
 
     async def generation(self) -> int | None:

@@ -197,22 +197,7 @@ class Catalog:
         fetch = limit + 1 if offset + limit < MAX_SEARCH_DEPTH else limit
         key = None
         if generation is not None:
-            key = self.cache.result_key(
-                generation,
-                ResultKey(
-                    vector=encoded,
-                    flt=query.flt,
-                    top_k=fetch,
-                    score_threshold=query.score_threshold,
-                    offset=offset,
-                    like_ids=query.like_ids,
-                    unlike_ids=query.unlike_ids,
-                    exclude_ids=query.exclude_ids,
-                    group_by=query.group_by,
-                    diversity=query.diversity,
-                    lexical=query.lexical,
-                ),
-            )
+            key = self.cache.result_key(generation, ResultKey(query, encoded, offset, fetch))
         ranked = None
         if key is not None:
             # Lookups only: each span costs the request ~0.1 ms on 2 cores, and a slow cache shows in its reads.
