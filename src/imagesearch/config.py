@@ -54,9 +54,9 @@ class Settings:
     # that are still being decoded when the model frees up (a lone request never waits).
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
-    # What runs the towers. auto = OpenVINO on CPU where it is installed (image tower ~1.7x faster than torch at
-    # f32, ~3x in bf16: benchmarks/runtimes.py), torch on CUDA. The OpenVINO graphs are derived from the loaded
-    # model and cached under data_dir/runtime-cache.
+    # What runs the towers. auto = OpenVINO on CPU where it is installed (faster than torch there: README,
+    # benchmarks/runtimes.py), torch on CUDA. The OpenVINO graphs are derived from the loaded model and cached
+    # under data_dir/runtime-cache.
     runtime: RuntimeName = "auto"
     # OpenVINO's precision: auto = bf16 where the CPU computes bf16 natively (AVX512_BF16 or AMX), else f32; f32
     # forces full precision; int8 (opt-in, the int8 extra) quantises the image tower, the text tower stays auto.
@@ -65,8 +65,8 @@ class Settings:
     # refuses, take the CPU path. Off: every image decodes on the CPU.
     device_jpeg_decode: bool = True
     # CPU: how the text tower's weights are held. auto = fp16 where the CPU has fbgemm's fp16 kernels (x86), else
-    # fp32. fp16 halves what a query forward reads (2x faster, cosine > 0.9999 to fp32). On CUDA the whole
-    # model runs in fp16 and only auto/fp16 are accepted.
+    # fp32. fp16 halves what a query forward reads, and a query forward is bound by that reading. On CUDA the
+    # whole model runs in fp16 and only auto/fp16 are accepted.
     text_weights: TextWeightsName = "auto"
     # A Qdrant server or cluster: its REST address (http://qdrant:6333); the service talks gRPC on qdrant_grpc_port.
     qdrant_url: str | None = None
@@ -74,14 +74,14 @@ class Settings:
     qdrant_api_key: str | None = field(default=None, repr=False)
     qdrant_collection: str = "products"
     store_timeout_s: float = 5.0
-    # Embedded store: fsync every write before acknowledging it (survives power loss, ~10 ms per write). Off,
-    # an acknowledged write survives a crash of this process (the WAL is in the page cache) and is flushed to
-    # disk every few seconds and at shutdown, like a Qdrant server's default.
+    # Embedded store: fsync every write before acknowledging it (survives power loss, at a disk flush per write).
+    # Off, an acknowledged write survives a crash of this process (the WAL is in the page cache) and is flushed
+    # to disk every few seconds and at shutdown, like a Qdrant server's default.
     store_sync_writes: bool = False
-    # Embedded store: build the HNSW vector index at start when this many products or more are not in it yet.
-    # Off by default: indexing holds the process before it serves, and grows faster than the catalogue (3.6 s for
-    # 10k, 224 s for 100k products on 2 cores), which a deployment must budget for in its start-up probe. Until
-    # indexed, a search scans every vector (16 ms at 100k; 4 ms indexed). 0 = never index.
+    # Embedded store: build the HNSW vector index at start when this many products or more are not in it yet;
+    # 0 = never. Off by default: building holds the process before it serves, for a time that grows faster than
+    # the catalogue, which a deployment must budget for in its start-up probe. Until indexed, every search scans
+    # every vector. The figures are in the README and docs/deployment.md.
     store_index_threshold: int = 0
     redis_url: str | None = field(default=None, repr=False)
     cache: CacheBackendName = "auto"
