@@ -3,7 +3,7 @@
 Keys come from a file (IMAGESEARCH_API_KEYS_FILE), one per line: `read KEY` or `write KEY` (write includes read),
 `#` starts a comment. Callers send `authorization: Bearer KEY`. Keys are compared in constant time against every
 configured key and never logged; logs name a key by a short hash instead. `ApiKeys` decides; the gRPC port asks it
-through `ApiKeyInterceptor`, the HTTP/JSON port (api/http.py) with the same header, so both refuse alike.
+through `ApiKeyInterceptor`, the HTTP/JSON port (api/http/edge.py) with the same header, so both refuse alike.
 
 Fails closed: each ImageSearchService rpc needs the scope declared in `SCOPES`, health and reflection are open
 by name (`OPEN_SERVICES`), and every other method path is refused, served or not.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +22,7 @@ import grpc
 import structlog
 from google.protobuf.descriptor import ServiceDescriptor
 
+from imagesearch.api.interceptors import Continuation, MethodHandler
 from imagesearch.v1 import image_search_service_pb2
 
 log = structlog.get_logger(__name__)
@@ -176,10 +177,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self._keys = keys
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> MethodHandler | None:
         method: str = handler_call_details.method
         header = dict(handler_call_details.invocation_metadata or ()).get("authorization")
         authorization = header if isinstance(header, str) else None  # bytes only for "-bin" keys
@@ -191,7 +190,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-def _denied(refusal: Refusal) -> grpc.RpcMethodHandler[Any, Any]:
+def _denied(refusal: Refusal) -> MethodHandler:
     """A handler that refuses the call. A raw stream, whatever the method's kind: any call fits one (the request
     is never read), and callers without a key learn nothing about which methods exist."""
 

@@ -19,17 +19,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class StoreHealth:
-    def __init__(
-        self,
-        servicer: health.aio.HealthServicer,
-        store: VectorStore,
-        service_names: tuple[str, ...],
-        probe_interval_s: float = 1.0,
-    ) -> None:
+    # How often a failed store is probed until it answers again (tests shorten it on the instance).
+    _probe_interval_s = 1.0
+
+    def __init__(self, servicer: health.aio.HealthServicer, store: VectorStore, service_names: tuple[str, ...]) -> None:
         self.servicer = servicer
         self._store = store
         self._names = service_names
-        self._probe_interval_s = probe_interval_s
         self._probe: asyncio.Task[None] | None = None
 
     @property

@@ -1,45 +1,41 @@
-"""Server interceptors. Order matters and is set in server.py."""
+"""The gRPC port's server interceptors: the call edge (call_edge.py) around every RPC. Their order is set, and
+commented, in server.py."""
 
 from __future__ import annotations
 
 import contextlib
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
-import structlog
-from opentelemetry import trace
 
-from imagesearch import tracing
+from imagesearch.api import call_edge
 from imagesearch.metrics import Metrics
 
-log = structlog.get_logger("imagesearch.rpc")
-
-REQUEST_ID_HEADER = "x-request-id"
-_MAX_REQUEST_ID_CHARS = 128
+# Strings: grpc's classes are generic to the type checker only.
+MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# What an interceptor is handed to reach the next one (and, last, the method's handler).
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]]"
+Behaviour = Callable[..., Any]
 
 
 class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
-    """Binds request_id (the caller's x-request-id, or a fresh one) and method to structlog's context for the
-    whole RPC, echoes the id back in the response metadata, logs one line per RPC with status and time, and
-    records the same in the metrics."""
+    """The call edge of every RPC: binds request_id (the caller's x-request-id, or a fresh one) and method to
+    structlog's context for the whole RPC, echoes the id back in the response metadata, logs one line per RPC with
+    status and time, and records the same in the metrics."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self._metrics = metrics
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method: str = handler_call_details.method
         metadata = dict(handler_call_details.invocation_metadata or ())
-        request_id = str(metadata.get(REQUEST_ID_HEADER, ""))[:_MAX_REQUEST_ID_CHARS] or uuid.uuid4().hex
+        request_id = call_edge.request_id_from(str(metadata.get(call_edge.REQUEST_ID_HEADER, "")))
         return with_behaviour(
             handler,
             single=_wrap(_behaviour(handler), method, request_id, self._metrics),
@@ -47,18 +43,13 @@ class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-Behaviour = Callable[..., Any]
-
-
-def _behaviour(handler: grpc.RpcMethodHandler[Any, Any]) -> Behaviour:
+def _behaviour(handler: MethodHandler) -> Behaviour:
     behaviour = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
     assert behaviour is not None
     return behaviour
 
 
-def with_behaviour(
-    handler: grpc.RpcMethodHandler[Any, Any], *, single: Behaviour, streaming: Behaviour
-) -> grpc.RpcMethodHandler[Any, Any]:
+def with_behaviour(handler: MethodHandler, *, single: Behaviour, streaming: Behaviour) -> MethodHandler:
     """A handler of the same kind and (de)serializers as `handler`, running `single` for RPCs with one response
     and `streaming` for RPCs with a response stream. Interceptors use it to wrap or replace a method's code."""
     codecs: dict[str, Any] = {
@@ -110,7 +101,7 @@ def _logged_rpc(
     context: grpc.aio.ServicerContext[Any, Any], method: str, request_id: str, metrics: Metrics | None
 ) -> Iterator[None]:
     """The RPC's log context while it runs; one log line and the metrics when it ends, however it ends."""
-    started = _begin(method, request_id)
+    call = call_edge.begin(method, request_id)
     code = grpc.StatusCode.OK
     try:
         yield
@@ -118,35 +109,17 @@ def _logged_rpc(
         code = _failure_code(context)
         raise
     finally:
-        _end(code, started, method, metrics)
-
-
-def _begin(method: str, request_id: str) -> float:
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
-    # The server span (tracing on) names the request id, as the log line names the trace id.
-    trace.get_current_span().set_attribute(tracing.REQUEST_ID, request_id)
-    return time.perf_counter()
+        call_edge.end(call, code, metrics)
 
 
 async def _echo_request_id(context: grpc.aio.ServicerContext[Any, Any], request_id: str) -> None:
     # Only with the first response: headers sent earlier would commit the call, and gRPC clients do not retry
     # a committed call (a store outage answered with UNAVAILABLE could then not be retried transparently).
-    # Errors carry the id in their trailing metadata instead (service._abort).
-    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+    # Errors carry the id in their trailing metadata instead (status.errors_mapped).
+    await context.send_initial_metadata(((call_edge.REQUEST_ID_HEADER, request_id),))
 
 
 def _failure_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     code = context.code()
     # An exception with no status set means the RPC was cancelled (client gone, server stopping).
     return grpc.StatusCode.CANCELLED if code in (None, grpc.StatusCode.OK) else code
-
-
-def _end(code: grpc.StatusCode, started: float, method: str, metrics: Metrics | None) -> None:
-    elapsed_s = time.perf_counter() - started
-    if metrics is not None:
-        metrics.observe_rpc(method, code.name, elapsed_s)
-    elapsed_ms = round(elapsed_s * 1000.0, 2)
-    level = "warning" if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else "info"
-    getattr(log, level)("rpc", code=code.name, duration_ms=elapsed_ms)
-    structlog.contextvars.clear_contextvars()

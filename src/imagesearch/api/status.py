@@ -1,13 +1,14 @@
-"""Domain errors -> gRPC statuses (one table), with the details a caller can act on, and the one wrapper every
-RPC runs in: request parsing, the caller's deadline and error mapping, for unary and streaming RPCs alike."""
+"""Domain errors -> gRPC statuses (one table), with the details a caller can act on; the error mapping both ports
+end a failed call with (`errors_mapped`); and the one wrapper every gRPC call runs in: request parsing, the
+caller's deadline and error mapping, for unary and streaming RPCs alike."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
 
 import grpc
 import structlog
@@ -16,7 +17,7 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from imagesearch.api.interceptors import REQUEST_ID_HEADER
+from imagesearch.api import call_edge
 from imagesearch.errors import (
     DeadlineExceeded,
     ImageSearchError,
@@ -47,10 +48,16 @@ DEADLINE_TOLERANCE_S = 0.05
 # google.rpc.ResourceInfo.resource_type of a product, for NOT_FOUND details.
 PRODUCT_RESOURCE_TYPE = products_pb2.Product.DESCRIPTOR.full_name
 
+# grpc's own ways of ending a call, raised by context.abort and by misuse of the context: never remapped.
+_GRPC_ENDINGS = (grpc.aio.AbortError, grpc.aio.UsageError)
+
 Context = grpc.aio.ServicerContext[Any, Any]
 # A handler: (request or request stream, context) -> response, or an async iterator of responses.
 Handler = Callable[[Any, Context], Any]
 ErrorHook = Callable[[ImageSearchError], Any]
+# How a port ends a failed call, in its own form: (status, with_details) -> raises. `with_details` is False for
+# the answer to an unexpected error, which has no details to send.
+Fail = Callable[[status_pb2.Status, bool], Awaitable[NoReturn]]
 
 
 def status_for(exc: ImageSearchError) -> status_pb2.Status:
@@ -80,6 +87,29 @@ def status_for(exc: ImageSearchError) -> status_pb2.Status:
     return status
 
 
+@contextlib.asynccontextmanager
+async def errors_mapped(
+    fail: Fail, on_error: ErrorHook | None, passed_through: tuple[type[BaseException], ...]
+) -> AsyncIterator[None]:
+    """The error mapping of every call, on either port: a domain error ends the call with its status
+    (`status_for`; `on_error` is told first), any other exception with INTERNAL naming the request id. The port's
+    own way of ending a call (`passed_through`) and cancellation (no Exception) pass unchanged. `fail` ends the
+    call, in the port's form."""
+    try:
+        yield
+    except ImageSearchError as exc:
+        if on_error is not None:
+            await on_error(exc)
+        await fail(status_for(exc), True)
+    except passed_through:
+        raise
+    except Exception:
+        # The traceback goes to the log, under the request id the caller is given; never to the caller.
+        log.exception("unhandled error")
+        message = f"internal error; request id {call_edge.request_id() or ''}"
+        await fail(status_pb2.Status(code=code_pb2.INTERNAL, message=message), False)
+
+
 def rpc_behaviour(
     handler: Handler,
     request_type: type[Message],
@@ -107,7 +137,7 @@ def rpc_behaviour(
     if inspect.isasyncgenfunction(handler):
 
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with _errors_mapped(context, on_error):
+            async with errors_mapped(_aborting(context), on_error, _GRPC_ENDINGS):
                 deadline = _deadline(context)
                 responses = handler(parsed(request), context)
                 while True:
@@ -122,7 +152,7 @@ def rpc_behaviour(
         return streaming
 
     async def single(request: Any, context: Context) -> Any:
-        async with _errors_mapped(context, on_error), _within(_deadline(context)):
+        async with errors_mapped(_aborting(context), on_error, _GRPC_ENDINGS), _within(_deadline(context)):
             return await handler(parsed(request), context)
         raise AssertionError("unreachable: a failed RPC is aborted")  # pragma: no cover
 
@@ -163,26 +193,16 @@ async def _within(deadline: float | None) -> AsyncIterator[None]:
         raise
 
 
-@contextlib.asynccontextmanager
-async def _errors_mapped(context: Context, on_error: ErrorHook | None) -> AsyncIterator[None]:
-    try:
-        yield
-    except ImageSearchError as exc:
-        if on_error is not None:
-            await on_error(exc)
-        rich = rpc_status.to_status(status_for(exc))
-        await context.abort(rich.code, rich.details, (*rich.trailing_metadata, *_request_id_metadata()))
-    except (grpc.aio.AbortError, grpc.aio.UsageError, asyncio.CancelledError):
-        raise
-    except Exception:
-        # The traceback goes to the log, under the request id the caller is given; never to the caller.
-        log.exception("unhandled error")
-        request_id = structlog.contextvars.get_contextvars().get("request_id", "")
-        await context.abort(
-            grpc.StatusCode.INTERNAL, f"internal error; request id {request_id}", _request_id_metadata()
-        )
+def _aborting(context: Context) -> Fail:
+    async def abort(status: status_pb2.Status, with_details: bool) -> NoReturn:
+        rich = rpc_status.to_status(status)
+        details = rich.trailing_metadata if with_details else ()
+        # A failed call sent no response, so no headers with the request id (interceptors.py): its trailers do.
+        await context.abort(rich.code, rich.details, (*details, *_request_id_metadata()))
+
+    return abort
 
 
 def _request_id_metadata() -> tuple[tuple[str, str], ...]:
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
-    return ((REQUEST_ID_HEADER, str(request_id)),) if request_id else ()
+    request_id = call_edge.request_id()
+    return ((call_edge.REQUEST_ID_HEADER, request_id),) if request_id else ()
