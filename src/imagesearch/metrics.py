@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import get_args
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
@@ -25,9 +25,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-EncoderKind = Literal["text", "image"]
-CacheTier = Literal["embedding", "result"]
-CacheOutcome = Literal["hit", "miss", "bypass"]
+from imagesearch.domain import CACHE_OUTCOMES, CacheOutcome, CacheTier, Modality
 
 NAMESPACE = "imagesearch"
 
@@ -39,12 +37,8 @@ BATCH_SECONDS_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 # Powers of two up to twice the micro-batcher's default cap (32), so a raised cap still shows.
 BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 # One vector store call: sub-millisecond in-process (Qdrant Edge), milliseconds over the network, up to the
-# store timeout (5 s by default) when the server is in trouble.
+# store timeout (Settings.store_timeout_s) when the server is in trouble.
 STORE_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-_ENCODER_KINDS: tuple[EncoderKind, ...] = ("text", "image")
-_CACHE_TIERS: tuple[CacheTier, ...] = ("embedding", "result")
-_CACHE_OUTCOMES: tuple[CacheOutcome, ...] = ("hit", "miss", "bypass")
 
 
 class Metrics:
@@ -58,67 +52,55 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
-        self.rpcs = Counter(
-            "rpcs",
-            "Finished RPCs by service, method and gRPC status code.",
-            ["service", "method", "code"],
-            namespace=NAMESPACE,
-            registry=self.registry,
+        self.rpcs = self._counter(
+            "rpcs", "Finished RPCs by service, method and gRPC status code.", "service", "method", "code"
         )
-        self.rpc_seconds = Histogram(
+        self.rpc_seconds = self._histogram(
             "rpc_duration_seconds",
             "Time from the start of an RPC to its final status, by service and method.",
-            ["service", "method"],
-            namespace=NAMESPACE,
-            buckets=RPC_SECONDS_BUCKETS,
-            registry=self.registry,
+            RPC_SECONDS_BUCKETS,
+            "service",
+            "method",
         )
-        self.batch_size = Histogram(
+        self.batch_size = self._histogram(
             "encoder_batch_size",
             "Items per model forward pass (micro-batches of concurrent requests), by input kind.",
-            ["kind"],
-            namespace=NAMESPACE,
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=self.registry,
+            BATCH_SIZE_BUCKETS,
+            "kind",
         )
-        self.batch_seconds = Histogram(
+        self.batch_seconds = self._histogram(
             "encoder_batch_duration_seconds",
             "Time of one model forward pass, by input kind.",
-            ["kind"],
-            namespace=NAMESPACE,
-            buckets=BATCH_SECONDS_BUCKETS,
-            registry=self.registry,
+            BATCH_SECONDS_BUCKETS,
+            "kind",
         )
-        self.cache_lookups = Counter(
+        self.cache_lookups = self._counter(
             "cache_lookups",
             "Cache lookups by tier (embedding, result) and outcome (hit, miss, bypass = cache off or unavailable).",
-            ["tier", "outcome"],
-            namespace=NAMESPACE,
-            registry=self.registry,
+            "tier",
+            "outcome",
         )
-        self.store_seconds = Histogram(
+        self.store_seconds = self._histogram(
             "store_duration_seconds",
             "Time of one vector store call, by operation, failed calls included.",
-            ["operation"],
-            namespace=NAMESPACE,
-            buckets=STORE_SECONDS_BUCKETS,
-            registry=self.registry,
+            STORE_SECONDS_BUCKETS,
+            "operation",
         )
-        self.store_errors = Counter(
-            "store_errors",
-            "Vector store calls that raised, by operation.",
-            ["operation"],
-            namespace=NAMESPACE,
-            registry=self.registry,
-        )
+        self.store_errors = self._counter("store_errors", "Vector store calls that raised, by operation.", "operation")
         # Series with known label values exist from the start at 0, so rate() and "no hits yet" dashboards work
         # before the first event instead of showing no data.
-        for kind in _ENCODER_KINDS:
+        for kind in get_args(Modality):
             self.batch_size.labels(kind)
             self.batch_seconds.labels(kind)
-        for tier in _CACHE_TIERS:
-            for outcome in _CACHE_OUTCOMES:
+        for tier in get_args(CacheTier):
+            for outcome in CACHE_OUTCOMES:
                 self.cache_lookups.labels(tier, outcome)
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+        return Histogram(name, documentation, labels, namespace=NAMESPACE, buckets=buckets, registry=self.registry)
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """One finished RPC. `method` is gRPC's full method ("/pkg.Service/Method"); `code` a StatusCode name.
@@ -130,7 +112,7 @@ class Metrics:
         self.rpcs.labels(service, name, code).inc()
         self.rpc_seconds.labels(service, name).observe(seconds)
 
-    def observe_batch(self, kind: EncoderKind, size: int, seconds: float) -> None:
+    def observe_batch(self, kind: Modality, size: int, seconds: float) -> None:
         """One model forward pass over `size` items."""
         self.batch_size.labels(kind).observe(size)
         self.batch_seconds.labels(kind).observe(seconds)
