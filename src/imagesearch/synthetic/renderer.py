@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from imagesearch.synthetic.shapes import RGB, SILHOUETTES, Point
+
 __all__ = [
     "COLOURS",
     "KINDS",
@@ -28,9 +30,7 @@ __all__ = [
     "render",
 ]
 
-RGB = tuple[int, int, int]
-Point = tuple[float, float]
-
+# Each kind is drawn as its silhouette in shapes.py.
 KINDS: tuple[str, ...] = ("t-shirt", "mug", "shoe", "bag", "lamp", "hat", "bottle", "chair")
 
 # Saturated, well-separated hues; every one differs from the light backgrounds (white gets a dark outline).
@@ -48,130 +48,6 @@ COLOURS: dict[str, RGB] = {
 }
 
 PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted")
-
-# --- Shapes -------------------------------------------------------------------------------------------------------
-# Each kind is a list of parts in a unit frame (x right, y down, the object inside [-1, 1]^2). A part is either a
-# filled polygon or a thick polyline; "main" parts take the product colour and pattern, "trim" parts a fixed
-# neutral colour. Kinds are told apart by silhouette alone, since colour and pattern are shared by all of them.
-
-
-@dataclass(frozen=True)
-class _Part:
-    points: tuple[Point, ...]
-    role: str = "main"  # "main" or "trim"
-    line_width: float = 0.0  # > 0: a polyline of this width (unit frame) instead of a polygon
-
-
-def _ellipse(
-    cx: float, cy: float, rx: float, ry: float, start_deg: float = 0.0, end_deg: float = 360.0, steps: int = 20
-) -> tuple[Point, ...]:
-    # Ellipses as polygons, so that one affine transform (rotation, flip) covers every part.
-    span = end_deg - start_deg
-    return tuple(
-        (
-            cx + rx * math.cos(math.radians(start_deg + span * i / steps)),
-            cy + ry * math.sin(math.radians(start_deg + span * i / steps)),
-        )
-        for i in range(steps + 1)
-    )
-
-
-def _rect(x0: float, y0: float, x1: float, y1: float) -> tuple[Point, ...]:
-    return ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
-
-
-_SHAPES: dict[str, tuple[_Part, ...]] = {
-    "t-shirt": (
-        _Part(
-            (
-                (-0.22, -0.88),
-                (-0.55, -0.80),
-                (-1.0, -0.42),
-                (-0.78, -0.15),
-                (-0.55, -0.32),
-                (-0.55, 0.92),
-                (0.55, 0.92),
-                (0.55, -0.32),
-                (0.78, -0.15),
-                (1.0, -0.42),
-                (0.55, -0.80),
-                (0.22, -0.88),
-                (0.0, -0.68),
-            )
-        ),
-    ),
-    "mug": (
-        _Part(_rect(-0.62, -0.72, 0.38, 0.82)),
-        _Part(_ellipse(0.38, 0.03, 0.42, 0.38, -90, 90, 12), line_width=0.16),
-        _Part(_ellipse(-0.12, -0.72, 0.5, 0.08), role="trim"),
-    ),
-    "shoe": (
-        _Part(
-            (
-                (-0.98, 0.28),
-                (-0.98, -0.38),
-                (-0.88, -0.50),
-                (-0.50, -0.42),
-                (-0.10, -0.12),
-                (0.45, 0.00),
-                (0.85, 0.08),
-                (0.98, 0.22),
-                (0.98, 0.28),
-            )
-        ),
-        _Part(_rect(-1.0, 0.26, 1.0, 0.44), role="trim"),
-    ),
-    "bag": (
-        _Part(((-0.72, -0.22), (0.72, -0.22), (0.95, 0.88), (-0.95, 0.88))),
-        _Part(_ellipse(0.0, -0.22, 0.45, 0.62, 180, 360, 14), line_width=0.12),
-    ),
-    "lamp": (
-        _Part(((-0.32, -0.95), (0.32, -0.95), (0.72, -0.22), (-0.72, -0.22))),
-        _Part(_rect(-0.07, -0.22, 0.07, 0.78), role="trim"),
-        _Part(_ellipse(0.0, 0.82, 0.48, 0.12)),
-    ),
-    "hat": (
-        _Part(_ellipse(0.0, 0.32, 1.0, 0.2)),
-        _Part(_ellipse(0.0, 0.30, 0.58, 0.85, 180, 360, 16)),
-        _Part(_rect(-0.58, 0.08, 0.58, 0.22), role="trim"),
-    ),
-    "bottle": (
-        _Part(
-            (
-                (-0.32, 0.95),
-                (-0.32, -0.18),
-                (-0.12, -0.48),
-                (-0.12, -0.66),
-                (0.12, -0.66),
-                (0.12, -0.48),
-                (0.32, -0.18),
-                (0.32, 0.95),
-            )
-        ),
-        _Part(_rect(-0.15, -0.92, 0.15, -0.64), role="trim"),
-    ),
-    "chair": (
-        _Part(_rect(-0.55, -0.98, 0.55, -0.28)),
-        _Part(_rect(-0.50, -0.30, -0.38, 0.05)),
-        _Part(_rect(0.38, -0.30, 0.50, 0.05)),
-        _Part(_rect(-0.70, 0.0, 0.70, 0.20)),
-        _Part(((-0.66, 0.2), (-0.72, 0.98)), line_width=0.12),
-        _Part(((0.66, 0.2), (0.72, 0.98)), line_width=0.12),
-        _Part(((-0.30, 0.2), (-0.32, 0.80)), line_width=0.09),
-        _Part(((0.30, 0.2), (0.32, 0.80)), line_width=0.09),
-    ),
-}
-
-_TRIM: dict[str, RGB] = {
-    "t-shirt": (90, 90, 95),
-    "mug": (60, 45, 35),
-    "shoe": (235, 235, 230),
-    "bag": (90, 90, 95),
-    "lamp": (150, 150, 155),
-    "hat": (40, 40, 45),
-    "bottle": (140, 140, 145),
-    "chair": (90, 90, 95),
-}
 
 
 def _blend(a: RGB, b: RGB, t: float) -> RGB:
@@ -246,7 +122,7 @@ def render(kind: str, colour: str, pattern: str, rng: random.Random, size: int =
     stays inside the central ~90% of the frame, so resizing or a centre crop to a square keeps it whole.
     Deterministic given the state of `rng`. Returns an RGB image of `size` x `size` pixels.
     """
-    if kind not in _SHAPES:
+    if kind not in SILHOUETTES:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if colour not in COLOURS:
         raise ValueError(f"unknown colour {colour!r}; expected one of {tuple(COLOURS)}")
@@ -269,7 +145,8 @@ def render(kind: str, colour: str, pattern: str, rng: random.Random, size: int =
     main_mask = Image.new("L", (size, size), 0)
     trim_mask = Image.new("L", (size, size), 0)
     main_draw, trim_draw = ImageDraw.Draw(main_mask), ImageDraw.Draw(trim_mask)
-    for part in _SHAPES[kind]:
+    silhouette = SILHOUETTES[kind]
+    for part in silhouette.parts:
         pts = _transform(part.points, cx, cy, half, sx, angle, flip)
         draw = main_draw if part.role == "main" else trim_draw
         if part.line_width > 0:
@@ -287,7 +164,7 @@ def render(kind: str, colour: str, pattern: str, rng: random.Random, size: int =
     # A dark rim around the whole object lets white and yellow products stand out from light backgrounds.
     image.paste(_blend(rgb, (0, 0, 0), 0.6), mask=_dilate(np.maximum(np.asarray(main_mask), np.asarray(trim_mask))))
     image.paste(_fill_layer(rgb, pattern, size, rng), mask=main_mask)
-    image.paste(_TRIM[kind], mask=trim_mask)
+    image.paste(silhouette.trim, mask=trim_mask)
 
     noise_rng = np.random.default_rng(rng.getrandbits(64))
     noise = noise_rng.standard_normal((size, size, 3), dtype=np.float32) * rng.uniform(2.0, 5.0)
