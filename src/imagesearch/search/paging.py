@@ -5,8 +5,8 @@ the forger a page they could have asked for, and every field is checked on the w
 paging limit, a cursor that is not a point id, a malformed token: INVALID_ARGUMENT on the token's field).
 
 Search tokens are offsets into one ranking, so they are bound to
-- the query: a digest of everything that shapes the ranking (`Catalog` computes it), so a token cannot be
-  replayed with another query, and
+- the query: `Query.digest`, its fingerprint (everything that shapes the ranking, the same form its result-cache
+  key is built from) and its page size, so a token cannot be replayed with another query, and
 - the catalogue version at the first page, so that pages never mix two states of the catalogue (a product
   moving between pages would be shown twice or never).
 
