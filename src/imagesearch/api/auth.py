@@ -37,6 +37,7 @@ SCOPES: dict[str, Scope] = {
     "GetProduct": "read",
     "ListProducts": "read",
     "GetServiceInfo": "read",
+    "FindDuplicates": "read",
     "IndexProduct": "write",
     "IndexProductInline": "write",
     "IndexProducts": "write",

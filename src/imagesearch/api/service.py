@@ -113,6 +113,13 @@ class ImageSearchService:
     async def GetServiceInfo(self, request: pb.GetServiceInfoRequest, context: Context) -> pb.GetServiceInfoResponse:
         return service_info_to_proto(await self.catalog.describe(), self.settings, server_version())
 
+    async def FindDuplicates(
+        self, request: pb.FindDuplicatesRequest, context: Context
+    ) -> pb.FindDuplicatesResponse:
+        # In progress (issue #24): answered UNIMPLEMENTED until the catalogue side lands.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "FindDuplicates is not implemented yet")
+        raise AssertionError("unreachable")
+
     # The unary forms run the streaming handlers on their request split into the stream those take, so both forms
     # share admission, limits, rules and errors.
 

@@ -305,6 +305,11 @@ class SearchQuery(_message.Message):
     FACET_SPEC_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     HYBRID_SPEC_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    COLLAPSE_DUPLICATES_FIELD_NUMBER: _builtins.int
+    DUPLICATE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    RANKING_FIELD_NUMBER: _builtins.int
+    EXPLAIN_SCORES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text to search for, e.g. "red leather handbag". At most 1000 characters. Empty means an image-only
     search, which then needs image chunks. Text beyond the model's context (77 tokens for standard CLIP
@@ -370,6 +375,19 @@ class SearchQuery(_message.Message):
     keep their meaning. HYBRID and LEXICAL need `text`; LEXICAL takes no image, image_url or example products.
     Otherwise INVALID_ARGUMENT on `query.mode`.
     """
+    collapse_duplicates: _builtins.bool
+    """Collapses near-duplicate listings: a hit whose images are near copies of a better-ranked hit's (some pair
+    of their images has a cosine similarity of at least `duplicate_threshold`) is left out, and listed in that
+    hit's `duplicate_product_ids`. Hits are collapsed among the 200 best matches, so a collapsing search returns
+    at most 200 results (over all pages). Default false.
+    """
+    duplicate_threshold: _builtins.float
+    """With collapse_duplicates: the cosine similarity at or above which two images are near copies, in (0, 1].
+    Unset means 0.94 (clip-retrieval's deduplication threshold). Set without collapse_duplicates, or out of
+    range: INVALID_ARGUMENT.
+    """
+    explain_scores: _builtins.bool
+    """Return each hit's `SearchHit.explanation`: its relevance and what each ranking rule added. Default false."""
     @_builtins.property
     def filter(self) -> Global___SearchFilter:
         """Restricts the results. Unset: the whole catalogue."""
@@ -406,6 +424,25 @@ class SearchQuery(_message.Message):
         unless the search runs in HYBRID mode.
         """
 
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___NormalizedBox]:
+        """Regions of the query image to search for ("shop the look"): each box is cropped from the image (after its
+        EXIF orientation is applied) before it is encoded. One box: the search runs on that crop, with paging,
+        facets and everything else as usual. Several boxes: one search per box, each with this query's other
+        parameters, returned in `SearchResponse.region_results` in the same order (and `hits` empty); no paging
+        (a page_token is INVALID_ARGUMENT), facets counted once. At most
+        `GetServiceInfoResponse.limits.max_query_regions` (default 8) boxes. Needs a query image (chunks or
+        `image_url`); with text, each crop is the image side of a multimodal query. A coordinate outside 0..1 or
+        not finite, or a box with x1 <= x0 or y1 <= y0, is INVALID_ARGUMENT naming it (e.g. `query.regions[1].x1`).
+        """
+
+    @_builtins.property
+    def ranking(self) -> Global___RankingSpec:
+        """Business rules that reorder the best matches: boosts from numeric attributes (popularity, stock, newness),
+        and boosts or burials by filter. Unset: the server's default rules (IMAGESEARCH_RANKING_RULES_FILE), if it
+        has any; set (even empty), these rules instead. See `RankingSpec` for the score.
+        """
+
     def __init__(
         self,
         *,
@@ -425,13 +462,20 @@ class SearchQuery(_message.Message):
         facet_spec: Global___SearchQuery.FacetSpec | None = ...,
         mode: Global___SearchMode.ValueType = ...,
         hybrid_spec: Global___SearchQuery.HybridSpec | None = ...,
+        regions: _abc.Iterable[Global___NormalizedBox] | None = ...,
+        collapse_duplicates: _builtins.bool = ...,
+        duplicate_threshold: _builtins.float | None = ...,
+        ranking: Global___RankingSpec | None = ...,
+        explain_scores: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "facet_spec", b"facet_spec", "filter", b"filter", "hybrid_spec", b"hybrid_spec", "score_threshold", b"score_threshold", "text_weight", b"text_weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_duplicate_threshold", b"_duplicate_threshold", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "duplicate_threshold", b"duplicate_threshold", "facet_spec", b"facet_spec", "filter", b"filter", "hybrid_spec", b"hybrid_spec", "ranking", b"ranking", "score_threshold", b"score_threshold", "text_weight", b"text_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "diversity", b"diversity", "facet_spec", b"facet_spec", "filter", b"filter", "group_by", b"group_by", "hybrid_spec", b"hybrid_spec", "image_url", b"image_url", "include_liked_products", b"include_liked_products", "like_product_ids", b"like_product_ids", "mode", b"mode", "page_size", b"page_size", "page_token", b"page_token", "score_threshold", b"score_threshold", "text", b"text", "text_weight", b"text_weight", "top_k", b"top_k", "unlike_product_ids", b"unlike_product_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_diversity", b"_diversity", "_duplicate_threshold", b"_duplicate_threshold", "_score_threshold", b"_score_threshold", "_text_weight", b"_text_weight", "collapse_duplicates", b"collapse_duplicates", "diversity", b"diversity", "duplicate_threshold", b"duplicate_threshold", "explain_scores", b"explain_scores", "facet_spec", b"facet_spec", "filter", b"filter", "group_by", b"group_by", "hybrid_spec", b"hybrid_spec", "image_url", b"image_url", "include_liked_products", b"include_liked_products", "like_product_ids", b"like_product_ids", "mode", b"mode", "page_size", b"page_size", "page_token", b"page_token", "ranking", b"ranking", "regions", b"regions", "score_threshold", b"score_threshold", "text", b"text", "text_weight", b"text_weight", "top_k", b"top_k", "unlike_product_ids", b"unlike_product_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__diversity: _TypeAlias = _typing.Literal["diversity"]  # noqa: Y015
     _WhichOneofArgType__diversity: _TypeAlias = _typing.Literal["_diversity", b"_diversity"]  # noqa: Y015
+    _WhichOneofReturnType__duplicate_threshold: _TypeAlias = _typing.Literal["duplicate_threshold"]  # noqa: Y015
+    _WhichOneofArgType__duplicate_threshold: _TypeAlias = _typing.Literal["_duplicate_threshold", b"_duplicate_threshold"]  # noqa: Y015
     _WhichOneofReturnType__score_threshold: _TypeAlias = _typing.Literal["score_threshold"]  # noqa: Y015
     _WhichOneofArgType__score_threshold: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold"]  # noqa: Y015
     _WhichOneofReturnType__text_weight: _TypeAlias = _typing.Literal["text_weight"]  # noqa: Y015
@@ -439,11 +483,343 @@ class SearchQuery(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__diversity) -> _WhichOneofReturnType__diversity | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__duplicate_threshold) -> _WhichOneofReturnType__duplicate_threshold | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__score_threshold) -> _WhichOneofReturnType__score_threshold | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__text_weight) -> _WhichOneofReturnType__text_weight | None: ...
 
 Global___SearchQuery: _TypeAlias = SearchQuery  # noqa: Y015
+
+@_typing.final
+class NormalizedBox(_message.Message):
+    """A rectangle of an image, in fractions of its width and height: (x0, y0) is the top-left corner, (x1, y1) the
+    bottom-right one; 0 is the left or top edge, 1 the right or bottom edge.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    X0_FIELD_NUMBER: _builtins.int
+    Y0_FIELD_NUMBER: _builtins.int
+    X1_FIELD_NUMBER: _builtins.int
+    Y1_FIELD_NUMBER: _builtins.int
+    x0: _builtins.float
+    """Left edge, 0 to 1."""
+    y0: _builtins.float
+    """Top edge, 0 to 1."""
+    x1: _builtins.float
+    """Right edge, 0 to 1, greater than x0."""
+    y1: _builtins.float
+    """Bottom edge, 0 to 1, greater than y0."""
+    def __init__(
+        self,
+        *,
+        x0: _builtins.float = ...,
+        y0: _builtins.float = ...,
+        x1: _builtins.float = ...,
+        y1: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["x0", b"x0", "x1", b"x1", "y0", b"y0", "y1", b"y1"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NormalizedBox: _TypeAlias = NormalizedBox  # noqa: Y015
+
+@_typing.final
+class RankingSpec(_message.Message):
+    """Business rules on top of relevance. Each rule gives every candidate a value f (a numeric attribute, optionally
+    transformed, or 1 when the product matches a filter and 0 otherwise) and a weight w. The score is
+
+      relevance * product over MULTIPLY rules of (1 + w * f)  +  sum over ADD rules of w * f
+
+    where relevance is the score the search would have without rules (`SearchHit.score` of a search without
+    rules: a cosine similarity in DENSE mode, 0 to 1 in HYBRID and LEXICAL mode). The rules reorder the
+    `candidates` best matches by relevance; score_threshold applies to relevance. A Qdrant server computes the
+    score with its formula queries, the embedded store with the same formula: both rank alike.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    candidates: _builtins.int
+    """How many of the best matches by relevance the rules reorder: 1 to 1000. 0 (unset) means 200. Paging, group_by
+    and diversity then work within them.
+    """
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankingRule]:
+        """The rules, at most 16. Empty: relevance alone (and no server default)."""
+
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___RankingRule] | None = ...,
+        candidates: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankingSpec: _TypeAlias = RankingSpec  # noqa: Y015
+
+@_typing.final
+class RankingRule(_message.Message):
+    """One ranking rule: a value per product, a weight, and how it combines with the score (see `RankingSpec`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Combine:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _CombineEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RankingRule._Combine.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        COMBINE_UNSPECIFIED: RankingRule._Combine.ValueType  # 0
+        """Not set: COMBINE_ADD."""
+        COMBINE_ADD: RankingRule._Combine.ValueType  # 1
+        """Adds w * f to the score."""
+        COMBINE_MULTIPLY: RankingRule._Combine.ValueType  # 2
+        """Multiplies relevance by (1 + w * f): e.g. w = -0.5 halves the relevance of products matching a filter."""
+
+    class Combine(_Combine, metaclass=_CombineEnumTypeWrapper):
+        """How a rule's weighted value joins the score."""
+
+    COMBINE_UNSPECIFIED: RankingRule.Combine.ValueType  # 0
+    """Not set: COMBINE_ADD."""
+    COMBINE_ADD: RankingRule.Combine.ValueType  # 1
+    """Adds w * f to the score."""
+    COMBINE_MULTIPLY: RankingRule.Combine.ValueType  # 2
+    """Multiplies relevance by (1 + w * f): e.g. w = -0.5 halves the relevance of products matching a filter."""
+
+    class _Transform:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TransformEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RankingRule._Transform.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TRANSFORM_UNSPECIFIED: RankingRule._Transform.ValueType  # 0
+        """Not set: TRANSFORM_IDENTITY."""
+        TRANSFORM_IDENTITY: RankingRule._Transform.ValueType  # 1
+        """f = x."""
+        TRANSFORM_LOG1P: RankingRule._Transform.ValueType  # 2
+        """f = ln(1 + max(x, 0)): counts such as popularity or stock, where the first units matter most."""
+        TRANSFORM_LINEAR_DECAY: RankingRule._Transform.ValueType  # 3
+        """f = 1 - |x - target| / (scale / (1 - midpoint)), at least 0 (linear decay): 1 at `decay.target`, `midpoint`
+        at `scale` from it.
+        """
+        TRANSFORM_EXP_DECAY: RankingRule._Transform.ValueType  # 4
+        """f = exp(ln(midpoint) * |x - target| / scale) (exponential decay)."""
+        TRANSFORM_GAUSS_DECAY: RankingRule._Transform.ValueType  # 5
+        """f = exp(ln(midpoint) * (x - target)^2 / scale^2) (Gaussian decay)."""
+
+    class Transform(_Transform, metaclass=_TransformEnumTypeWrapper):
+        """How a numeric attribute's value x becomes f."""
+
+    TRANSFORM_UNSPECIFIED: RankingRule.Transform.ValueType  # 0
+    """Not set: TRANSFORM_IDENTITY."""
+    TRANSFORM_IDENTITY: RankingRule.Transform.ValueType  # 1
+    """f = x."""
+    TRANSFORM_LOG1P: RankingRule.Transform.ValueType  # 2
+    """f = ln(1 + max(x, 0)): counts such as popularity or stock, where the first units matter most."""
+    TRANSFORM_LINEAR_DECAY: RankingRule.Transform.ValueType  # 3
+    """f = 1 - |x - target| / (scale / (1 - midpoint)), at least 0 (linear decay): 1 at `decay.target`, `midpoint`
+    at `scale` from it.
+    """
+    TRANSFORM_EXP_DECAY: RankingRule.Transform.ValueType  # 4
+    """f = exp(ln(midpoint) * |x - target| / scale) (exponential decay)."""
+    TRANSFORM_GAUSS_DECAY: RankingRule.Transform.ValueType  # 5
+    """f = exp(ln(midpoint) * (x - target)^2 / scale^2) (Gaussian decay)."""
+
+    @_typing.final
+    class Decay(_message.Message):
+        """Parameters of a decay transform: f is 1 at `target` and `midpoint` at distance `scale` from it (Qdrant's
+        decay functions).
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        TARGET_FIELD_NUMBER: _builtins.int
+        SCALE_FIELD_NUMBER: _builtins.int
+        MIDPOINT_FIELD_NUMBER: _builtins.int
+        target: _builtins.float
+        """Where f is 1, in the attribute's units (e.g. the current time in Unix seconds, for newness)."""
+        scale: _builtins.float
+        """Required. The distance from target at which f falls to midpoint: finite and > 0."""
+        midpoint: _builtins.float
+        """f at distance scale, in (0, 1). Unset means 0.5."""
+        def __init__(
+            self,
+            *,
+            target: _builtins.float = ...,
+            scale: _builtins.float = ...,
+            midpoint: _builtins.float | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["_midpoint", b"_midpoint", "midpoint", b"midpoint"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["_midpoint", b"_midpoint", "midpoint", b"midpoint", "scale", b"scale", "target", b"target"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType__midpoint: _TypeAlias = _typing.Literal["midpoint"]  # noqa: Y015
+        _WhichOneofArgType__midpoint: _TypeAlias = _typing.Literal["_midpoint", b"_midpoint"]  # noqa: Y015
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__midpoint) -> _WhichOneofReturnType__midpoint | None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    MATCHES_FIELD_NUMBER: _builtins.int
+    TRANSFORM_FIELD_NUMBER: _builtins.int
+    DECAY_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    COMBINE_FIELD_NUMBER: _builtins.int
+    MISSING_VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A short name shown in score explanations, e.g. "popular" or "bury-refurbished": at most 64 characters, no
+    control characters. Empty: "rules[i]".
+    """
+    field: _builtins.str
+    """A numeric attribute (`Product.numeric_attributes` key) that some product of the catalogue has; an unknown
+    key is INVALID_ARGUMENT. A product without it takes `missing_value`.
+    """
+    transform: Global___RankingRule.Transform.ValueType
+    """For `field`: how its value becomes f. Unset: TRANSFORM_IDENTITY."""
+    weight: _builtins.float
+    """The rule's weight w: finite, -1000 to 1000."""
+    combine: Global___RankingRule.Combine.ValueType
+    """How w * f joins the score. Unset: COMBINE_ADD."""
+    missing_value: _builtins.float
+    """For `field`: the value x of a product without the attribute. Unset means 0."""
+    @_builtins.property
+    def matches(self) -> Global___SearchFilter:
+        """f = 1 for products this filter admits, 0 for the others: to boost (w > 0) or bury (w < 0) a category, a
+        price range or attribute values.
+        """
+
+    @_builtins.property
+    def decay(self) -> Global___RankingRule.Decay:
+        """For the decay transforms: required."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        field: _builtins.str = ...,
+        matches: Global___SearchFilter | None = ...,
+        transform: Global___RankingRule.Transform.ValueType = ...,
+        decay: Global___RankingRule.Decay | None = ...,
+        weight: _builtins.float = ...,
+        combine: Global___RankingRule.Combine.ValueType = ...,
+        missing_value: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_missing_value", b"_missing_value", "decay", b"decay", "field", b"field", "matches", b"matches", "missing_value", b"missing_value", "signal", b"signal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_missing_value", b"_missing_value", "combine", b"combine", "decay", b"decay", "field", b"field", "matches", b"matches", "missing_value", b"missing_value", "name", b"name", "signal", b"signal", "transform", b"transform", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__missing_value: _TypeAlias = _typing.Literal["missing_value"]  # noqa: Y015
+    _WhichOneofArgType__missing_value: _TypeAlias = _typing.Literal["_missing_value", b"_missing_value"]  # noqa: Y015
+    _WhichOneofReturnType_signal: _TypeAlias = _typing.Literal["field", "matches"]  # noqa: Y015
+    _WhichOneofArgType_signal: _TypeAlias = _typing.Literal["signal", b"signal"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__missing_value) -> _WhichOneofReturnType__missing_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_signal) -> _WhichOneofReturnType_signal | None: ...
+
+Global___RankingRule: _TypeAlias = RankingRule  # noqa: Y015
+
+@_typing.final
+class ScoreExplanation(_message.Message):
+    """Why a hit has its score (`SearchQuery.explain_scores`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RuleContribution(_message.Message):
+        """What one ranking rule contributed to a hit."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        NAME_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        WEIGHTED_FIELD_NUMBER: _builtins.int
+        name: _builtins.str
+        """Output only. The rule's name (`RankingRule.name`, or "rules[i]")."""
+        value: _builtins.float
+        """Output only. The rule's value f for this product."""
+        weighted: _builtins.float
+        """Output only. w * f: added to the score (ADD), or the factor minus one applied to relevance (MULTIPLY)."""
+        def __init__(
+            self,
+            *,
+            name: _builtins.str = ...,
+            value: _builtins.float = ...,
+            weighted: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value", "weighted", b"weighted"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RELEVANCE_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    relevance: _builtins.float
+    """Output only. The hit's relevance: its score without ranking rules."""
+    similarity: _builtins.float
+    """Output only. The cosine similarity between the query vector and the product's best image, for a search with a
+    dense side; unset in LEXICAL mode.
+    """
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreExplanation.RuleContribution]:
+        """Output only. Each ranking rule's part, in the order of the rules."""
+
+    def __init__(
+        self,
+        *,
+        relevance: _builtins.float = ...,
+        similarity: _builtins.float | None = ...,
+        rules: _abc.Iterable[Global___ScoreExplanation.RuleContribution] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_similarity", b"_similarity", "similarity", b"similarity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_similarity", b"_similarity", "relevance", b"relevance", "rules", b"rules", "similarity", b"similarity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__similarity: _TypeAlias = _typing.Literal["similarity"]  # noqa: Y015
+    _WhichOneofArgType__similarity: _TypeAlias = _typing.Literal["_similarity", b"_similarity"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__similarity) -> _WhichOneofReturnType__similarity | None: ...
+
+Global___ScoreExplanation: _TypeAlias = ScoreExplanation  # noqa: Y015
+
+@_typing.final
+class RegionResult(_message.Message):
+    """The results for one region of the query image (`SearchQuery.regions`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    HITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def region(self) -> Global___NormalizedBox:
+        """Output only. The region, as requested."""
+
+    @_builtins.property
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]:
+        """Output only. The best matches for that region, best first, at most top_k."""
+
+    def __init__(
+        self,
+        *,
+        region: Global___NormalizedBox | None = ...,
+        hits: _abc.Iterable[Global___SearchHit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionResult: _TypeAlias = RegionResult  # noqa: Y015
 
 @_typing.final
 class SearchFilter(_message.Message):
@@ -518,27 +894,53 @@ class SearchHit(_message.Message):
 
     PRODUCT_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    MATCHED_IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    MATCHED_IMAGE_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATE_PRODUCT_IDS_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """Output only. How well the product matches; higher is better. In DENSE mode the cosine similarity between
     the query and the product's image embedding, -1 to 1. In HYBRID mode the fused score, 0 to 1 (see
     `SearchQuery.HybridSpec.Fusion`); in LEXICAL mode the BM25 relative to the best match, 0 to 1. Scores are
-    comparable within one model and one mode only.
+    comparable within one model and one mode only. With ranking rules, the score after them (`RankingSpec`).
     """
+    matched_image_index: _builtins.int
+    """Output only. Which of the product's images matched best: its position in `product.images` (the image whose
+    embedding is closest to the query vector). Unset in LEXICAL mode, which does not look at images.
+    """
+    matched_image_id: _builtins.str
+    """Output only. The id of that image (`ProductImage.id`); empty when it has none."""
     @_builtins.property
     def product(self) -> _products_pb2.Product:
         """Output only. The matching product, as indexed."""
+
+    @_builtins.property
+    def duplicate_product_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. With `SearchQuery.collapse_duplicates`: the ids of the lower-ranked near-duplicate listings
+        collapsed into this hit, best first.
+        """
+
+    @_builtins.property
+    def explanation(self) -> Global___ScoreExplanation:
+        """Output only. With `SearchQuery.explain_scores`: how the score was formed."""
 
     def __init__(
         self,
         *,
         product: _products_pb2.Product | None = ...,
         score: _builtins.float = ...,
+        matched_image_index: _builtins.int | None = ...,
+        matched_image_id: _builtins.str = ...,
+        duplicate_product_ids: _abc.Iterable[_builtins.str] | None = ...,
+        explanation: Global___ScoreExplanation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["product", b"product"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_matched_image_index", b"_matched_image_index", "explanation", b"explanation", "matched_image_index", b"matched_image_index", "product", b"product"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["product", b"product", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_matched_image_index", b"_matched_image_index", "duplicate_product_ids", b"duplicate_product_ids", "explanation", b"explanation", "matched_image_id", b"matched_image_id", "matched_image_index", b"matched_image_index", "product", b"product", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__matched_image_index: _TypeAlias = _typing.Literal["matched_image_index"]  # noqa: Y015
+    _WhichOneofArgType__matched_image_index: _TypeAlias = _typing.Literal["_matched_image_index", b"_matched_image_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__matched_image_index) -> _WhichOneofReturnType__matched_image_index | None: ...
 
 Global___SearchHit: _TypeAlias = SearchHit  # noqa: Y015
 
@@ -614,6 +1016,7 @@ class SearchResponse(_message.Message):
     CATEGORY_FACETS_FIELD_NUMBER: _builtins.int
     ATTRIBUTE_FACETS_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    REGION_RESULTS_FIELD_NUMBER: _builtins.int
     query_kind: Global___QueryKind.ValueType
     """Output only. How the query was formed."""
     cached: _builtins.bool
@@ -655,6 +1058,12 @@ class SearchResponse(_message.Message):
         the requested order.
         """
 
+    @_builtins.property
+    def region_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionResult]:
+        """Output only. With several `SearchQuery.regions`: the results per region, in the requested order (`hits` is
+        then empty). Empty otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -668,10 +1077,11 @@ class SearchResponse(_message.Message):
         category_facets: _abc.Iterable[Global___FacetCount] | None = ...,
         attribute_facets: _abc.Iterable[Global___AttributeFacet] | None = ...,
         mode: Global___SearchMode.ValueType = ...,
+        region_results: _abc.Iterable[Global___RegionResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_facets", b"attribute_facets", "cached", b"cached", "category_facets", b"category_facets", "embedding_cache", b"embedding_cache", "hits", b"hits", "mode", b"mode", "next_page_token", b"next_page_token", "query_kind", b"query_kind", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_facets", b"attribute_facets", "cached", b"cached", "category_facets", b"category_facets", "embedding_cache", b"embedding_cache", "hits", b"hits", "mode", b"mode", "next_page_token", b"next_page_token", "query_kind", b"query_kind", "region_results", b"region_results", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -729,6 +1139,7 @@ class SearchInlineResponse(_message.Message):
     CATEGORY_FACETS_FIELD_NUMBER: _builtins.int
     ATTRIBUTE_FACETS_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    REGION_RESULTS_FIELD_NUMBER: _builtins.int
     query_kind: Global___QueryKind.ValueType
     """Output only. As `SearchResponse.query_kind`."""
     cached: _builtins.bool
@@ -757,6 +1168,10 @@ class SearchInlineResponse(_message.Message):
     def attribute_facets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeFacet]:
         """Output only. As `SearchResponse.attribute_facets`."""
 
+    @_builtins.property
+    def region_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionResult]:
+        """Output only. As `SearchResponse.region_results`."""
+
     def __init__(
         self,
         *,
@@ -770,10 +1185,11 @@ class SearchInlineResponse(_message.Message):
         category_facets: _abc.Iterable[Global___FacetCount] | None = ...,
         attribute_facets: _abc.Iterable[Global___AttributeFacet] | None = ...,
         mode: Global___SearchMode.ValueType = ...,
+        region_results: _abc.Iterable[Global___RegionResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_facets", b"attribute_facets", "cached", b"cached", "category_facets", b"category_facets", "embedding_cache", b"embedding_cache", "hits", b"hits", "mode", b"mode", "next_page_token", b"next_page_token", "query_kind", b"query_kind", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_facets", b"attribute_facets", "cached", b"cached", "category_facets", b"category_facets", "embedding_cache", b"embedding_cache", "hits", b"hits", "mode", b"mode", "next_page_token", b"next_page_token", "query_kind", b"query_kind", "region_results", b"region_results", "result_cache", b"result_cache", "server_time_ms", b"server_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -787,8 +1203,13 @@ class IndexProductRequest(_message.Message):
 
     PRODUCT_FIELD_NUMBER: _builtins.int
     IMAGE_CHUNK_FIELD_NUMBER: _builtins.int
+    IMAGE_INDEX_FIELD_NUMBER: _builtins.int
     image_chunk: _builtins.bytes
-    """The next chunk of the product image, in order. At most 1 MiB per chunk; 64 KiB recommended."""
+    """The next chunk of the current image, in order. At most 1 MiB per chunk; 64 KiB recommended."""
+    image_index: _builtins.int
+    """Starts the bytes of `product.images[image_index]`: the image_chunk messages that follow are that image's.
+    Each index at most once; without any, the chunks are the bytes of the first image.
+    """
     @_builtins.property
     def product(self) -> _products_pb2.Product:
         """The product to index. Required in the first message, and only there."""
@@ -798,12 +1219,13 @@ class IndexProductRequest(_message.Message):
         *,
         product: _products_pb2.Product | None = ...,
         image_chunk: _builtins.bytes = ...,
+        image_index: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "product", b"product"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "image_index", b"image_index", "product", b"product"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "product", b"product"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "image_index", b"image_index", "product", b"product"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["product", "image_chunk"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["product", "image_chunk", "image_index"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
@@ -845,24 +1267,33 @@ class IndexProductInlineRequest(_message.Message):
 
     PRODUCT_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     """The product image, whole (the formats and limit of `SearchInlineRequest.image`; base64 in JSON). Empty:
     the server fetches `product.image_url` when it enables URL fetching (IMAGESEARCH_FETCH_IMAGE_URLS);
-    otherwise INVALID_ARGUMENT.
+    otherwise INVALID_ARGUMENT. For a product with several images, use `images`.
     """
     @_builtins.property
     def product(self) -> _products_pb2.Product:
         """Required. The product to index (same rules as `IndexProductRequest.product`)."""
+
+    @_builtins.property
+    def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The bytes of the product's images: `images[i]` is the image `product.images[i]` describes (empty: fetched from
+        its url). Each at most the image limit; together at most the request limit of `SearchInline` (prefer
+        `IndexProduct` for several large images). Set together with `image`: INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
         *,
         product: _products_pb2.Product | None = ...,
         image: _builtins.bytes = ...,
+        images: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["product", b"product"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "product", b"product"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "images", b"images", "product", b"product"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -904,8 +1335,13 @@ class IndexProductsRequest(_message.Message):
 
     PRODUCT_FIELD_NUMBER: _builtins.int
     IMAGE_CHUNK_FIELD_NUMBER: _builtins.int
+    IMAGE_INDEX_FIELD_NUMBER: _builtins.int
     image_chunk: _builtins.bytes
-    """The next chunk of the current product's image, in order. At most 1 MiB per chunk; 64 KiB recommended."""
+    """The next chunk of the current image of the current product, in order. At most 1 MiB per chunk; 64 KiB
+    recommended.
+    """
+    image_index: _builtins.int
+    """Starts the bytes of the current product's `images[image_index]` (as `IndexProductRequest.image_index`)."""
     @_builtins.property
     def product(self) -> _products_pb2.Product:
         """The next product to index (same rules as `IndexProductRequest.product`)."""
@@ -915,12 +1351,13 @@ class IndexProductsRequest(_message.Message):
         *,
         product: _products_pb2.Product | None = ...,
         image_chunk: _builtins.bytes = ...,
+        image_index: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "product", b"product"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "image_index", b"image_index", "product", b"product"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "product", b"product"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_chunk", b"image_chunk", "image_index", b"image_index", "product", b"product"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["product", "image_chunk"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["product", "image_chunk", "image_index"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
@@ -1151,6 +1588,8 @@ class GetServiceInfoResponse(_message.Message):
         TORCH_THREADS_FIELD_NUMBER: _builtins.int
         IMAGE_TOWER_RUNTIME_FIELD_NUMBER: _builtins.int
         TEXT_TOWER_RUNTIME_FIELD_NUMBER: _builtins.int
+        RUNTIME_REASON_FIELD_NUMBER: _builtins.int
+        CPU_FIELD_NUMBER: _builtins.int
         name: _builtins.str
         """Output only. The model spec as configured, e.g. "ViT-B-32:laion2b_s34b_b79k" or "local-dir:/models/x"."""
         embedding_dimension: _builtins.int
@@ -1171,6 +1610,14 @@ class GetServiceInfoResponse(_message.Message):
         """Output only. What runs the image tower: "openvino" (CPU, the default where it is installed) or "torch"."""
         text_tower_runtime: _builtins.str
         """Output only. What runs the text tower: "torch" (the lean unpadded path on CPU, or open_clip's own)."""
+        runtime_reason: _builtins.str
+        """Output only. Why the towers run as they do, in one sentence: the runtime, precision and threads chosen and
+        what decided them (a setting, the CPU's features, a measurement at start).
+        """
+        cpu: _builtins.str
+        """Output only. The CPU the model runs on: its model name and the instruction-set features that matter to
+        inference (e.g. "AMD EPYC 9R14; avx2 avx512f avx512_bf16 avx512_vnni").
+        """
         def __init__(
             self,
             *,
@@ -1183,10 +1630,12 @@ class GetServiceInfoResponse(_message.Message):
             torch_threads: _builtins.int = ...,
             image_tower_runtime: _builtins.str = ...,
             text_tower_runtime: _builtins.str = ...,
+            runtime_reason: _builtins.str = ...,
+            cpu: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "image_tower_precision", b"image_tower_precision", "image_tower_runtime", b"image_tower_runtime", "name", b"name", "text_tower_precision", b"text_tower_precision", "text_tower_runtime", b"text_tower_runtime", "torch_threads", b"torch_threads"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "device", b"device", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "image_tower_precision", b"image_tower_precision", "image_tower_runtime", b"image_tower_runtime", "name", b"name", "runtime_reason", b"runtime_reason", "text_tower_precision", b"text_tower_precision", "text_tower_runtime", b"text_tower_runtime", "torch_threads", b"torch_threads"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1265,6 +1714,8 @@ class GetServiceInfoResponse(_message.Message):
         MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
         MAX_TEXT_CHARS_FIELD_NUMBER: _builtins.int
         MAX_TOP_K_FIELD_NUMBER: _builtins.int
+        MAX_IMAGES_PER_PRODUCT_FIELD_NUMBER: _builtins.int
+        MAX_QUERY_REGIONS_FIELD_NUMBER: _builtins.int
         max_image_bytes: _builtins.int
         """Output only. Largest accepted image, in bytes."""
         max_image_pixels: _builtins.int
@@ -1275,6 +1726,10 @@ class GetServiceInfoResponse(_message.Message):
         """Output only. Largest accepted `SearchQuery.text`, in characters."""
         max_top_k: _builtins.int
         """Output only. Largest accepted `SearchQuery.top_k`."""
+        max_images_per_product: _builtins.int
+        """Output only. Most images one product may have (`Product.images`)."""
+        max_query_regions: _builtins.int
+        """Output only. Most regions one search may have (`SearchQuery.regions`)."""
         def __init__(
             self,
             *,
@@ -1283,10 +1738,12 @@ class GetServiceInfoResponse(_message.Message):
             max_chunk_bytes: _builtins.int = ...,
             max_text_chars: _builtins.int = ...,
             max_top_k: _builtins.int = ...,
+            max_images_per_product: _builtins.int = ...,
+            max_query_regions: _builtins.int = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_text_chars", b"max_text_chars", "max_top_k", b"max_top_k"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_images_per_product", b"max_images_per_product", "max_query_regions", b"max_query_regions", "max_text_chars", b"max_text_chars", "max_top_k", b"max_top_k"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1329,3 +1786,149 @@ class GetServiceInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServiceInfoResponse: _TypeAlias = GetServiceInfoResponse  # noqa: Y015
+
+@_typing.final
+class FindDuplicatesRequest(_message.Message):
+    """Request message for the `FindDuplicates` method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_ID_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    product_id: _builtins.str
+    """One product whose duplicates to find (a valid `Product.id`). Empty: every product the filter admits."""
+    threshold: _builtins.float
+    """The cosine similarity at or above which two images are near copies, in (0, 1]. Unset means 0.94
+    (clip-retrieval's deduplication threshold). Lower values also pair merely similar products.
+    """
+    page_size: _builtins.int
+    """Without product_id: how many products to check in this page, 1 to 500. 0 (unset) means 100. A page can list
+    none of them (no duplicates) and still have a next page.
+    """
+    page_token: _builtins.str
+    """A `FindDuplicatesResponse.next_page_token`, to check the next products. The filter and threshold must be the
+    same as for the first page; otherwise INVALID_ARGUMENT on `page_token`.
+    """
+    @_builtins.property
+    def filter(self) -> Global___SearchFilter:
+        """Restricts both the products checked and their duplicates (same rules as for `Search`). Unset: the whole
+        catalogue.
+        """
+
+    def __init__(
+        self,
+        *,
+        product_id: _builtins.str = ...,
+        filter: Global___SearchFilter | None = ...,
+        threshold: _builtins.float | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "filter", b"filter", "threshold", b"threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "product_id", b"product_id", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
+    _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__threshold) -> _WhichOneofReturnType__threshold | None: ...
+
+Global___FindDuplicatesRequest: _TypeAlias = FindDuplicatesRequest  # noqa: Y015
+
+@_typing.final
+class FindDuplicatesResponse(_message.Message):
+    """Response message for the `FindDuplicates` method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. Token for the next page; empty on the last page (and with product_id). Opaque, do not parse."""
+    @_builtins.property
+    def products(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProductDuplicates]:
+        """Output only. The checked products that have duplicates, in the catalogue's listing order, each with its
+        duplicates.
+        """
+
+    def __init__(
+        self,
+        *,
+        products: _abc.Iterable[Global___ProductDuplicates] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "products", b"products"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindDuplicatesResponse: _TypeAlias = FindDuplicatesResponse  # noqa: Y015
+
+@_typing.final
+class ProductDuplicates(_message.Message):
+    """One checked product and its near-duplicate listings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    product_id: _builtins.str
+    """Output only. The checked product's id."""
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Duplicate]:
+        """Output only. Its duplicates, most similar first."""
+
+    def __init__(
+        self,
+        *,
+        product_id: _builtins.str = ...,
+        duplicates: _abc.Iterable[Global___Duplicate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "product_id", b"product_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProductDuplicates: _TypeAlias = ProductDuplicates  # noqa: Y015
+
+@_typing.final
+class Duplicate(_message.Message):
+    """A product whose images nearly copy the checked product's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_ID_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    DUPLICATE_IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    product_id: _builtins.str
+    """Output only. The duplicate's product id."""
+    similarity: _builtins.float
+    """Output only. The cosine similarity of the closest pair of images (one of each product), threshold to 1."""
+    image_index: _builtins.int
+    """Output only. The checked product's image of that pair (its position in `Product.images`)."""
+    duplicate_image_index: _builtins.int
+    """Output only. The duplicate's image of that pair."""
+    exact: _builtins.bool
+    """Output only. True when the two products share an image byte for byte (the same `ProductImage.sha256`)."""
+    def __init__(
+        self,
+        *,
+        product_id: _builtins.str = ...,
+        similarity: _builtins.float = ...,
+        image_index: _builtins.int = ...,
+        duplicate_image_index: _builtins.int = ...,
+        exact: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate_image_index", b"duplicate_image_index", "exact", b"exact", "image_index", b"image_index", "product_id", b"product_id", "similarity", b"similarity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Duplicate: _TypeAlias = Duplicate  # noqa: Y015

@@ -90,6 +90,11 @@ class ImageSearchServiceStub:
                 request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.GetServiceInfoRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.GetServiceInfoResponse.FromString,
                 _registered_method=True)
+        self.FindDuplicates = channel.unary_unary(
+                '/imagesearch.v1.ImageSearchService/FindDuplicates',
+                request_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.FindDuplicatesResponse.FromString,
+                _registered_method=True)
 
 
 class ImageSearchServiceServicer:
@@ -122,7 +127,11 @@ class ImageSearchServiceServicer:
         like_product_ids/unlike_product_ids, one id in both, or too many; a bad group_by or facet_spec; mode
         HYBRID or LEXICAL without text, or LEXICAL with an image, image_url or example products (field
         `query.mode`); a page_token that is malformed, was issued for another query, or was issued before the
-        catalogue changed (field `query.page_token`: search again without it).
+        catalogue changed (field `query.page_token`: search again without it); a region box outside 0..1 or
+        empty, regions without an image, more regions than allowed, or a page_token with several regions
+        (field `query.regions[i]...`); duplicate_threshold out of range or without collapse_duplicates; a bad
+        ranking rule: an unknown numeric attribute, a weight that is not finite, a decay without a positive
+        scale (field `query.ranking.rules[i]...`).
         NOT_FOUND: a product named in like_product_ids or unlike_product_ids does not exist; the message names
         it and a `google.rpc.ResourceInfo` detail per unknown id carries it in `resource_name`.
         UNAVAILABLE: the vector store cannot be reached; retry with backoff.
@@ -155,16 +164,22 @@ class ImageSearchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IndexProduct(self, request_iterator, context):
-        """Indexes one product with its image: an upsert. Indexing an id that exists replaces its metadata and
-        embedding; the response says whether the product was created or updated.
+        """Indexes one product with its images: an upsert. Indexing an id that exists replaces its metadata and all
+        its images in one write (no search sees a mix of old and new); the response says whether the product was
+        created or updated.
 
         The first message must carry `product`; the following messages carry its image bytes in `image_chunk`.
-        An image is required: in chunks or, when the server enables URL fetching (IMAGESEARCH_FETCH_IMAGE_URLS)
-        and no chunk is sent, fetched from `product.image_url`.
+        One image: its chunks follow the product message directly. Several images: `product.images` describes them,
+        and the bytes of entry i follow an `image_index` message set to i (entries in any order, each at most once;
+        chunks right after the product message belong to entry 0). Every image needs bytes or, when the server
+        enables URL fetching (IMAGESEARCH_FETCH_IMAGE_URLS), a URL to fetch (`ProductImage.url`, or
+        `product.image_url` for a product without `images`).
 
         Possible errors:
-        INVALID_ARGUMENT: a bad or missing product id or field; no image; an image that cannot be decoded or
-        is too large; chunks before the product message; the product message sent twice.
+        INVALID_ARGUMENT: a bad or missing product id or field; no image, or an image entry without bytes or URL;
+        an image that cannot be decoded or is too large; more images than allowed; two images with one id; an
+        `image_index` outside `product.images` or sent twice; chunks before the product message; the product
+        message sent twice.
         UNAVAILABLE: the vector store cannot be reached; nothing was written; retry with backoff.
         DEADLINE_EXCEEDED: the caller's deadline passed; the product may or may not have been written, and
         retrying is safe because indexing is idempotent.
@@ -174,14 +189,16 @@ class ImageSearchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IndexProductInline(self, request, context):
-        """The unary form of `IndexProduct`: one product and its image in one message, the image inline (`image`) or,
-        when the server enables URL fetching and `image` is empty, fetched from `product.image_url`. For plain
+        """The unary form of `IndexProduct`: one product and its images in one message, inline (`image` for a product
+        with one image, `images` for several) or, when the server enables URL fetching and no bytes are sent, fetched
+        from their URLs. For plain
         HTTP/1.1 clients of the HTTP/JSON port and gRPC callers who prefer one message; the same upsert, rules and
         errors as `IndexProduct`. The request size limit is that of `SearchInline`.
 
         Possible errors: those of `IndexProduct`, where a violation about the image names the field `image` (not
         `image_chunk`), and:
-        INVALID_ARGUMENT: `product` is missing.
+        INVALID_ARGUMENT: `product` is missing; `image` and `images` are both set; `images` has more entries than
+        `product.images`.
         RESOURCE_EXHAUSTED: the request is larger than the server accepts, or too many encoding requests are in
         flight (with a `google.rpc.RetryInfo`).
         """
@@ -191,7 +208,8 @@ class ImageSearchServiceServicer:
 
     def IndexProducts(self, request_iterator, context):
         """Indexes many products over one stream: a bulk import. Each product is a `product` message followed by
-        its image in `image_chunk` messages; the next `product` message starts the next product.
+        its images as in `IndexProduct` (`image_chunk` messages, with `image_index` messages before each further
+        image); the next `product` message starts the next product.
 
         The server encodes products in batches and writes them in batches, and answers each product with one
         `IndexProductsResponse`, in request order. A bad product gets a response with `error` set and does not
@@ -258,6 +276,28 @@ class ImageSearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindDuplicates(self, request, context):
+        """Finds near-duplicate listings: products whose images are near copies of another product's (the same photo
+        re-uploaded, re-compressed, resized or lightly cropped). For catalogue tooling; never touches the model (it
+        compares stored image embeddings).
+
+        With `product_id`: that product's duplicates. Without: every product the filter admits is checked, page by
+        page (`page_size` products checked per page), and each one that has duplicates is listed with them; a pair
+        of duplicates is listed under both products. Duplicates are looked for among the products the filter
+        admits. Two products are duplicates when some image of one and some image of the other have a cosine
+        similarity of at least `threshold`; `exact` tells that they share an image byte for byte (same SHA-256).
+
+        Possible errors:
+        INVALID_ARGUMENT: a malformed product_id; a bad filter; threshold outside (0, 1]; page_size outside
+        0..500; a page_token that is malformed or was issued for another request.
+        NOT_FOUND: no product has `product_id`.
+        UNAVAILABLE: the vector store cannot be reached.
+        DEADLINE_EXCEEDED: the caller's deadline passed; ask for smaller pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageSearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -305,6 +345,11 @@ def add_ImageSearchServiceServicer_to_server(servicer, server):
                     servicer.GetServiceInfo,
                     request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.GetServiceInfoRequest.FromString,
                     response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.GetServiceInfoResponse.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=imagesearch_dot_v1_dot_image__search__service__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=imagesearch_dot_v1_dot_image__search__service__pb2.FindDuplicatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -561,6 +606,33 @@ class ImageSearchService:
             '/imagesearch.v1.ImageSearchService/GetServiceInfo',
             imagesearch_dot_v1_dot_image__search__service__pb2.GetServiceInfoRequest.SerializeToString,
             imagesearch_dot_v1_dot_image__search__service__pb2.GetServiceInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagesearch.v1.ImageSearchService/FindDuplicates',
+            imagesearch_dot_v1_dot_image__search__service__pb2.FindDuplicatesRequest.SerializeToString,
+            imagesearch_dot_v1_dot_image__search__service__pb2.FindDuplicatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dimagesearch/v1/products.proto\x12\x0eimagesearch.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xf4\x01\n\x07Product\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12;\n\nattributes\x18\x07 \x03(\x0b\x32\'.imagesearch.v1.Product.AttributesEntry\x12\x11\n\timage_url\x18\x08 \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42u\n\x12\x64\x65v.imagesearch.v1B\rProductsProtoP\x01ZNgithub.com/imagesearch/imagesearch/clients/go/gen/imagesearch/v1;imagesearchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dimagesearch/v1/products.proto\x12\x0eimagesearch.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xa8\x03\n\x07Product\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12;\n\nattributes\x18\x07 \x03(\x0b\x32\'.imagesearch.v1.Product.AttributesEntry\x12\x11\n\timage_url\x18\x08 \x01(\t\x12,\n\x06images\x18\t \x03(\x0b\x32\x1c.imagesearch.v1.ProductImage\x12J\n\x12numeric_attributes\x18\n \x03(\x0b\x32..imagesearch.v1.Product.NumericAttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x38\n\x16NumericAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"K\n\x0cProductImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x14\n\x06sha256\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x42u\n\x12\x64\x65v.imagesearch.v1B\rProductsProtoP\x01ZNgithub.com/imagesearch/imagesearch/clients/go/gen/imagesearch/v1;imagesearchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.imagesearch.v1B\rProductsProtoP\001ZNgithub.com/imagesearch/imagesearch/clients/go/gen/imagesearch/v1;imagesearchv1'
   _globals['_PRODUCT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_PRODUCT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_PRODUCT_NUMERICATTRIBUTESENTRY']._loaded_options = None
+  _globals['_PRODUCT_NUMERICATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_PRODUCT'].fields_by_name['id']._loaded_options = None
   _globals['_PRODUCT'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_PRODUCTIMAGE'].fields_by_name['sha256']._loaded_options = None
+  _globals['_PRODUCTIMAGE'].fields_by_name['sha256']._serialized_options = b'\342A\001\003'
   _globals['_PRODUCT']._serialized_start=83
-  _globals['_PRODUCT']._serialized_end=327
-  _globals['_PRODUCT_ATTRIBUTESENTRY']._serialized_start=278
-  _globals['_PRODUCT_ATTRIBUTESENTRY']._serialized_end=327
+  _globals['_PRODUCT']._serialized_end=507
+  _globals['_PRODUCT_ATTRIBUTESENTRY']._serialized_start=400
+  _globals['_PRODUCT_ATTRIBUTESENTRY']._serialized_end=449
+  _globals['_PRODUCT_NUMERICATTRIBUTESENTRY']._serialized_start=451
+  _globals['_PRODUCT_NUMERICATTRIBUTESENTRY']._serialized_end=507
+  _globals['_PRODUCTIMAGE']._serialized_start=509
+  _globals['_PRODUCTIMAGE']._serialized_end=584
 # @@protoc_insertion_point(module_scope)

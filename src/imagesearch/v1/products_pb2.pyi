@@ -20,8 +20,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Product(_message.Message):
-    """A catalogue product. The service stores its metadata and the CLIP embedding of its image; the image bytes
-    themselves are not kept.
+    """A catalogue product. The service stores its metadata and the CLIP embedding of each of its images; the image
+    bytes themselves are not kept.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -46,6 +46,26 @@ class Product(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class NumericAttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
@@ -54,6 +74,8 @@ class Product(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     IMAGE_URL_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    NUMERIC_ATTRIBUTES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Required. The caller's product id, unique in the catalogue. 1 to 256 bytes of UTF-8, without control
     characters (U+0000-U+001F, U+007F-U+009F) and without leading or trailing whitespace. Ids are compared
@@ -81,6 +103,29 @@ class Product(_message.Message):
         and keys may not contain "=".
         """
 
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProductImage]:
+        """The product's images, in order (packshot, on-model, detail, ...): 1 to
+        `GetServiceInfoResponse.limits.max_images_per_product` (default 10). A search by image or by text matches a
+        product by its best image, and says which (`SearchHit.matched_image_index`).
+
+        When indexing: one entry per image, describing it (id, role, url); its bytes follow the product message in
+        the stream, after an `image_index` message naming the entry (see `IndexProductRequest`), or, where no bytes
+        are sent for it, the server fetches its `url` (when it enables URL fetching). Empty: the product has one
+        image, the chunks that follow the product message (or, without chunks, `image_url`), as before this field.
+        Replacing a product replaces all its images at once: no search ever sees half of the new set.
+
+        In responses: every image, with its `sha256`; a product indexed without this field shows one entry whose
+        url is `image_url`.
+        """
+
+    @_builtins.property
+    def numeric_attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Numeric attributes for ranking rules (`SearchQuery.ranking`), e.g. {"popularity": 1520, "stock": 3,
+        "created_at": 1764547200}. At most 32 entries; keys 1 to 64 characters of letters, digits, "_" and "-"; values
+        finite. Dates go in as Unix seconds. Stored with the product and returned as sent.
+        """
+
     def __init__(
         self,
         *,
@@ -92,11 +137,57 @@ class Product(_message.Message):
         currency: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         image_url: _builtins.str = ...,
+        images: _abc.Iterable[Global___ProductImage] | None = ...,
+        numeric_attributes: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "category", b"category", "currency", b"currency", "description", b"description", "id", b"id", "image_url", b"image_url", "name", b"name", "price", b"price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "category", b"category", "currency", b"currency", "description", b"description", "id", b"id", "image_url", b"image_url", "images", b"images", "name", b"name", "numeric_attributes", b"numeric_attributes", "price", b"price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Product: _TypeAlias = Product  # noqa: Y015
+
+@_typing.final
+class ProductImage(_message.Message):
+    """One image of a product."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The image's id within its product, e.g. "front" or "detail-2": at most 128 characters, no control
+    characters, unique within the product. Optional: an image without an id is known by its position in
+    `Product.images`.
+    """
+    role: _builtins.str
+    """What the image shows, free text such as "packshot", "on-model" or "detail"; at most 64 characters, no
+    control characters. Stored and returned; it does not change the ranking.
+    """
+    url: _builtins.str
+    """Where the caller keeps the image, at most 2048 characters, stored as given. When indexing, an image for
+    which no bytes are sent is fetched from here by a server that enables URL fetching
+    (IMAGESEARCH_FETCH_IMAGE_URLS); otherwise INVALID_ARGUMENT.
+    """
+    sha256: _builtins.str
+    """Output only. SHA-256 of the image bytes the server encoded, as 64 lowercase hex digits: images with the same
+    hash are exact re-uploads (`FindDuplicatesResponse`). Ignored when sent.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        role: _builtins.str = ...,
+        url: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "role", b"role", "sha256", b"sha256", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProductImage: _TypeAlias = ProductImage  # noqa: Y015
