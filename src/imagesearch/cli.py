@@ -181,6 +181,48 @@ def _delete(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from imagesearch import evaluate
+
+    try:
+        judgements = evaluate.read_judgements(Path(args.judgements))
+        variants = [evaluate.parse_variant(spec) for spec in args.variant] or [evaluate.DEFAULT_VARIANT]
+        report = asyncio.run(
+            evaluate.evaluate(
+                judgements,
+                variants,
+                target=args.target or client_target(),
+                recall_at=args.recall_at,
+                concurrency=args.concurrency,
+            )
+        )
+    except (evaluate.EvaluationError, OSError) as exc:
+        print(f"imagesearch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except evaluate.QueryFailed as exc:
+        print(f"imagesearch: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    print(json.dumps(evaluate.report_json(report), indent=2) if args.json else evaluate.format_report(report))
+    return 0
+
+
+def _cutoffs(text: str) -> list[int]:
+    try:
+        cutoffs = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if min(cutoffs) < 1:
+        raise argparse.ArgumentTypeError(f"cutoffs must be at least 1, got {text!r}")
+    return cutoffs
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -250,6 +292,33 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="port (default: any free port)")
     demo.add_argument("--serve", action="store_true", help="keep serving after the demo (Ctrl-C to stop)")
     demo.set_defaults(func=_demo)
+
+    evaluate = client_command(
+        "evaluate", "score a running server's rankings against a judgement list: nDCG@10, MRR, recall@k"
+    )
+    evaluate.add_argument(
+        "judgements",
+        metavar="JUDGEMENTS",
+        help=".jsonl or .csv; each line a query (text) or image (a file, relative to the list), a product_id and "
+        "its grade (0 = not relevant; higher = better), optionally a query_id",
+    )
+    evaluate.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME[@TARGET]=JSON",
+        help="a setting to score: SearchQuery fields in proto3 JSON merged into every query, or =@FILE; @TARGET: "
+        "another server. Repeatable: one column each, two side by side with their difference. Default: one "
+        "column, the server's defaults",
+    )
+    evaluate.add_argument(
+        "--recall-at", type=_cutoffs, default=[10, 100], metavar="K,...", help="recall cutoffs (default 10,100)"
+    )
+    evaluate.add_argument(
+        "--concurrency", type=_positive, default=4, help="searches in flight at once per variant (default 4)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON, with per-query values")
+    evaluate.set_defaults(func=_evaluate)
 
     info = client_command("info", "show the server's health, model, store, cache and limits")
     info.set_defaults(func=_info)
