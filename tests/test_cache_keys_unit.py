@@ -85,12 +85,12 @@ CACHE = cache_over()
 
 
 def test_keys_are_prefixed_by_format_version_and_namespace() -> None:
-    assert KEY_VERSION == "v2"
-    assert CACHE.embedding_key("text", b"mug").startswith("imagesearch:v2:emb:")
-    assert CACHE.result_key(1, BASE).startswith("imagesearch:v2:res:")
+    assert KEY_VERSION == "v3"
+    assert CACHE.embedding_key("text", b"mug").startswith("imagesearch:v3:emb:")
+    assert CACHE.result_key(1, BASE).startswith("imagesearch:v3:res:")
     staging = cache_over(namespace="staging")
-    assert staging.embedding_key("text", b"mug").startswith("imagesearch:v2:staging:emb:")
-    assert staging.result_key(1, BASE).startswith("imagesearch:v2:staging:res:")
+    assert staging.embedding_key("text", b"mug").startswith("imagesearch:v3:staging:emb:")
+    assert staging.result_key(1, BASE).startswith("imagesearch:v3:staging:res:")
     # The rest of the key is the same digest: only the prefix keeps deployments apart.
     assert (
         staging.embedding_key("text", b"mug").rsplit(":", 1)[1] == CACHE.embedding_key("text", b"mug").rsplit(":", 1)[1]
@@ -219,7 +219,7 @@ async def test_generation_is_the_backends_counter_and_every_write_bumps_it() -> 
     await cache.bump_generation()
     await cache.bump_generation()
     assert await cache.generation() == 2
-    assert backend.counters == {"imagesearch:v2:ns:generation": 2}
+    assert backend.counters == {"imagesearch:v3:ns:generation": 2}
     backend.available = False
     assert await cache.generation() is None
 

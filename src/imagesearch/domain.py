@@ -13,7 +13,12 @@ import struct
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from imagesearch.images import NormalizedBox, ProductImage
+
+if TYPE_CHECKING:  # ranking.py builds on this module's SearchFilter
+    from imagesearch.ranking import RankingRequest, RankingSpec, ScoreExplanation
 
 QueryKind = Literal["text", "image", "multimodal", "recommend"]
 # What a cache tier did for one search: answered it, missed (and was filled), or was not consulted.
@@ -63,7 +68,8 @@ def _float_or_none(value: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Product:
-    """A catalogue product as stored: metadata only, the image lives only as its embedding."""
+    """A catalogue product as stored: metadata only; its images live only as their embeddings (and `images`
+    describes them, in order: the first is the primary image). `numeric_attributes` feed ranking rules."""
 
     id: str
     name: str = ""
@@ -73,23 +79,39 @@ class Product:
     currency: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
     image_url: str = ""
+    images: tuple[ProductImage, ...] = ()
+    numeric_attributes: Mapping[str, float] = field(default_factory=dict)
 
     def to_row(self) -> list[Any]:
         """The product as a JSON-able list in PRODUCT_FIELDS order (cache values)."""
-        return [getattr(self, name) for name in PRODUCT_SCALAR_FIELDS] + [dict(self.attributes)]
+        return [getattr(self, name) for name in PRODUCT_SCALAR_FIELDS] + [
+            dict(self.attributes),
+            [image.to_row() for image in self.images],
+            dict(self.numeric_attributes),
+        ]
 
     @classmethod
     def from_row(cls, row: list[Any]) -> Product:
-        *scalars, attributes = row
-        if len(scalars) != len(PRODUCT_SCALAR_FIELDS):
+        if len(row) != len(PRODUCT_FIELDS):
             raise ValueError(f"a product row has {len(PRODUCT_FIELDS)} fields, not {len(row)}")
+        *scalars, attributes, images, numbers = row
         values = {name: _SCALAR_TYPES[name](value) for name, value in zip(PRODUCT_SCALAR_FIELDS, scalars, strict=True)}
-        return cls(**values, attributes={str(k): str(v) for k, v in dict(attributes).items()})
+        return cls(
+            **values,
+            attributes={str(k): str(v) for k, v in dict(attributes).items()},
+            images=tuple(ProductImage.from_row(image) for image in images),
+            numeric_attributes={str(k): float(v) for k, v in dict(numbers).items()},
+        )
+
+    @property
+    def image_ids(self) -> tuple[str, ...]:
+        return tuple(image.id for image in self.images)
 
 
-# The product's fields that map one to one onto the wire and the store payload; `attributes` is a map everywhere.
+# The product's fields that map one to one onto the wire and the store payload; `attributes` and
+# `numeric_attributes` are maps everywhere, `images` a list of ProductImage.
 PRODUCT_SCALAR_FIELDS = ("id", "name", "description", "category", "price", "currency", "image_url")
-PRODUCT_FIELDS = (*PRODUCT_SCALAR_FIELDS, "attributes")
+PRODUCT_FIELDS = (*PRODUCT_SCALAR_FIELDS, "attributes", "images", "numeric_attributes")
 _SCALAR_TYPES: dict[str, type] = {name: float if name == "price" else str for name in PRODUCT_SCALAR_FIELDS}
 
 
@@ -125,10 +147,17 @@ class SearchFilter:
 @dataclass(frozen=True)
 class Hit:
     """One ranked search result: the stored product and its score (dense: the cosine similarity to the query,
-    -1..1; hybrid and lexical: 0..1, see VectorStore.search)."""
+    -1..1; hybrid and lexical: 0..1, see VectorStore.search; with ranking rules, the ruled score).
+
+    `matched_image`: the position in `product.images` of the image closest to the query vector (None when the
+    search has no dense side). `duplicates`: the near-duplicate listings collapsed into this hit. `explanation`:
+    how the score was formed, when asked for."""
 
     product: Product
     score: float
+    matched_image: int | None = None
+    duplicates: tuple[str, ...] = ()
+    explanation: ScoreExplanation | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +240,12 @@ class QueryRequest:
     mode: SearchMode | None = None
     fusion: Fusion | None = None
     lexical_weight: float | None = None
+    regions: tuple[NormalizedBox, ...] = ()
+    collapse_duplicates: bool = False
+    duplicate_threshold: float | None = None
+    # None: the request left `ranking` unset (the server's default rules apply).
+    ranking: RankingRequest | None = None
+    explain: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,13 +258,27 @@ class ListRequest:
 
 
 @dataclass(frozen=True)
+class DuplicatesRequest:
+    """A FindDuplicates call as sent (unset threshold: None; 0 page size: the default)."""
+
+    product_id: str = ""
+    flt: SearchFilter = field(default_factory=SearchFilter)
+    threshold: float | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
 class Query:
     """A validated search. `text` is already normalised; `image` holds the raw bytes (or None), `image_url` an
     image to fetch instead.
 
     `top_k` is the page size. `like_ids`/`unlike_ids` are example products (deduplicated, disjoint); `page` is
     the decoded page token (None: the first page). `mode` is resolved (never unset); `fusion` and
-    `lexical_weight` are the defaults unless a hybrid search uses them.
+    `lexical_weight` are the defaults unless a hybrid search uses them. `regions`: boxes of the image to search
+    for, each on its own (the catalogue runs one search per region, each with a single region). `collapse`: the
+    near-duplicate threshold when collapsing (None: no collapsing). `ranking`: the rules in force (the request's
+    or the server's default; None: relevance alone). `explain`: hits carry their score explanation.
     """
 
     text: str
@@ -249,6 +298,10 @@ class Query:
     mode: SearchMode = "dense"
     fusion: Fusion = "weighted"
     lexical_weight: float = 0.5
+    regions: tuple[NormalizedBox, ...] = ()
+    collapse: float | None = None
+    ranking: RankingSpec | None = None
+    explain: bool = False
 
     @property
     def kind(self) -> QueryKind:
@@ -299,6 +352,11 @@ class Query:
             "mode": self.mode,
             "fusion": self.fusion,
             "lexical_weight": float(self.lexical_weight),
+            "regions": [box.key_value() for box in self.regions],
+            "collapse": _float_or_none(self.collapse),
+            "ranking": None if self.ranking is None else self.ranking.key_value(),
+            # What a hit carries rather than how hits rank, but a cached page must carry what was asked for.
+            "explain": self.explain,
         }
 
     @functools.cached_property
@@ -322,6 +380,8 @@ class SearchOutcome:
     next_page_token: str = ""
     facets: Facets | None = None
     mode: SearchMode = "dense"
+    # With several query regions: the hits per region, in the requested order (`hits` is then empty).
+    region_results: tuple[tuple[NormalizedBox, list[Hit]], ...] = ()
 
     @property
     def cached(self) -> bool:

@@ -33,11 +33,12 @@ from imagesearch.domain import (
     canonical_bytes,
     digest,
 )
+from imagesearch.ranking import ScoreExplanation
 
 # Bump when a value format changes, so old entries are never misread by a new server. A change in what a key is
 # made of needs no bump: the new digests miss the old entries, which expire. A bump also moves the generation
 # counter, so during a rolling update the two versions would not see each other's writes.
-KEY_VERSION = "v2"
+KEY_VERSION = "v3"
 # Backends whose counters every replica sees; the others (in-process) count this process's writes only.
 _SHARED_BACKENDS = frozenset({"redis"})
 
@@ -161,7 +162,7 @@ class SearchCache:
         self._model_id = model_id
         self._embedding_ttl_s = embedding_ttl_s
         self._result_ttl_s = result_ttl_s
-        # e.g. "imagesearch:v2:" or "imagesearch:v2:staging:" -- two deployments sharing a Redis never collide.
+        # e.g. "imagesearch:v3:" or "imagesearch:v3:staging:" -- two deployments sharing a Redis never collide.
         self._prefix = f"imagesearch:{KEY_VERSION}:{namespace + ':' if namespace else ''}"
         self._generation_key = self._prefix + "generation"
 
@@ -231,8 +232,27 @@ def _decode_vector(raw: bytes | None, dimension: int) -> np.ndarray | None:
 
 
 def _encode_hits(hits: list[Hit]) -> bytes:
-    rows = [[h.score, h.product.to_row()] for h in hits]
+    rows = [
+        [
+            h.score,
+            h.product.to_row(),
+            h.matched_image,
+            list(h.duplicates),
+            None if h.explanation is None else h.explanation.to_row(),
+        ]
+        for h in hits
+    ]
     return json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _decode_hit(score: Any, product: Any, matched: Any, duplicates: Any, explanation: Any) -> Hit:
+    return Hit(
+        product=Product.from_row(product),
+        score=float(score),
+        matched_image=None if matched is None else int(matched),
+        duplicates=tuple(str(d) for d in duplicates),
+        explanation=None if explanation is None else ScoreExplanation.from_row(explanation),
+    )
 
 
 def _decode_hits(raw: bytes | None) -> list[Hit] | None:
@@ -242,7 +262,7 @@ def _decode_hits(raw: bytes | None) -> list[Hit] | None:
         rows: Any = json.loads(raw)
         if not isinstance(rows, list):
             return None  # e.g. an empty JSON object, which would read as no hits
-        return [Hit(product=Product.from_row(row), score=float(score)) for score, row in rows]
+        return [_decode_hit(*row) for row in rows]
     except (ValueError, TypeError, AttributeError):
         # Corrupted or foreign value: treat as a miss.
         return None
