@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from imagesearch.config import Settings
-from imagesearch.domain import FacetSpec, ListRequest, Product, QueryRequest, SearchFilter, SearchPage
+from imagesearch.domain import FacetSpec, ListPage, ListRequest, Product, QueryRequest, SearchFilter, SearchPage
 from imagesearch.errors import InvalidArgument
 from imagesearch.search import validation
 from imagesearch.search.paging import encode_list_page, encode_search_page
@@ -504,11 +504,11 @@ def test_list_page_size_defaults_and_is_coerced(page_size: int, expected: int) -
 
 def test_list_request_keeps_its_filter_and_decodes_its_token() -> None:
     flt = SearchFilter(categories=("mugs",))
-    token = encode_list_page(validation.ListPage("f", CURSOR))
+    token = encode_list_page(ListPage("f", CURSOR))
     assert validation.list_request(ListRequest(flt=flt, page_size=3, page_token=token)) == (
         flt,
         3,
-        validation.ListPage("f", CURSOR),
+        ListPage("f", CURSOR),
     )
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing (mutmut) of the modules that guard users: the request rules (search/validation.py), page
+# Mutation testing (mutmut) of the modules that guard users: the request rules (search/validation/), page
 # tokens (search/paging.py), cache keys and values (search/cache.py), error mapping and deadlines (api/status.py),
 # URL fetching (search/urlfetch.py) and API keys (api/auth.py). Each mutant (a changed comparison, constant,
 # argument, string...) runs against the tests of its group that cover it, fastest first; a mutant that no test
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 declare -A modules_of=(
-  [guards]="search/validation.py search/paging.py search/cache.py api/status.py"
+  [guards]="search/validation search/paging.py search/cache.py api/status.py"
   [urlfetch]="search/urlfetch.py"
   [auth]="api/auth.py"
 )

@@ -104,6 +104,13 @@ class Settings:
     max_text_chars: int = 1000
     max_top_k: int = 100
     default_top_k: int = 10
+    # Images one product may have (Product.images). Each is encoded and stored as its own vector, so this bounds
+    # the work and memory of one index request (each image is also bounded by max_image_bytes).
+    max_images_per_product: int = 10
+    # Boxes one search may crop from its query image (SearchQuery.regions): one encode and one search each.
+    max_query_regions: int = 8
+    # Default ranking rules (a RankingSpec in proto3 JSON) for searches that send none; unset = relevance alone.
+    ranking_rules_file: Path | None = None
     shutdown_grace_s: float = 10.0
     # Encoding RPCs (Search, IndexProduct, IndexProducts) in flight at once; more get RESOURCE_EXHAUSTED.
     max_concurrent_requests: int = 64
@@ -136,6 +143,8 @@ class Settings:
             "http_port",
             "must differ from the gRPC and metrics ports",
         )
+        _require(1 <= self.max_images_per_product <= 64, "max_images_per_product", "must be 1 to 64")
+        _require(1 <= self.max_query_regions <= 32, "max_query_regions", "must be 1 to 32")
         _require(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = automatic)")
         _require(self.decode_threads >= 0, "decode_threads", "must be >= 0 (0 = automatic)")
         _require(1 <= self.batch_max_size <= 1024, "batch_max_size", "must be 1..1024")

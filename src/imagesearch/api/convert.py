@@ -9,6 +9,7 @@ from imagesearch.domain import (
     PRODUCT_SCALAR_FIELDS,
     CacheOutcome,
     CatalogDescription,
+    DuplicatesRequest,
     Facets,
     FacetSpec,
     Fusion,
@@ -22,6 +23,8 @@ from imagesearch.domain import (
     SearchOutcome,
 )
 from imagesearch.errors import FieldViolation, InvalidArgument
+from imagesearch.images import DuplicatesPage, NormalizedBox, ProductImage
+from imagesearch.ranking import Combine, Decay, RankingRequest, RankingRule, ScoreExplanation, Transform
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import products_pb2
 
@@ -51,15 +54,38 @@ _CACHE_OUTCOMES: dict[CacheOutcome, pb.CacheOutcome.ValueType] = {
     "miss": pb.CACHE_OUTCOME_MISS,
     "bypass": pb.CACHE_OUTCOME_BYPASS,
 }
+_Rule = pb.RankingRule
+_TRANSFORMS_FROM_PROTO: dict[int, Transform] = {
+    _Rule.TRANSFORM_UNSPECIFIED: "identity",
+    _Rule.TRANSFORM_IDENTITY: "identity",
+    _Rule.TRANSFORM_LOG1P: "log1p",
+    _Rule.TRANSFORM_LINEAR_DECAY: "linear_decay",
+    _Rule.TRANSFORM_EXP_DECAY: "exp_decay",
+    _Rule.TRANSFORM_GAUSS_DECAY: "gauss_decay",
+}
+_COMBINES_FROM_PROTO: dict[int, Combine] = {
+    _Rule.COMBINE_UNSPECIFIED: "add",
+    _Rule.COMBINE_ADD: "add",
+    _Rule.COMBINE_MULTIPLY: "multiply",
+}
 
 
 def product_from_proto(message: products_pb2.Product) -> Product:
-    return Product(**{f: getattr(message, f) for f in PRODUCT_SCALAR_FIELDS}, attributes=dict(message.attributes))
+    return Product(
+        **{f: getattr(message, f) for f in PRODUCT_SCALAR_FIELDS},
+        attributes=dict(message.attributes),
+        # sha256 is output only: what a caller sends there is ignored, the server sets it from the bytes.
+        images=tuple(ProductImage(id=i.id, role=i.role, url=i.url) for i in message.images),
+        numeric_attributes=dict(message.numeric_attributes),
+    )
 
 
 def product_to_proto(product: Product) -> products_pb2.Product:
     return products_pb2.Product(
-        **{f: getattr(product, f) for f in PRODUCT_SCALAR_FIELDS}, attributes=dict(product.attributes)
+        **{f: getattr(product, f) for f in PRODUCT_SCALAR_FIELDS},
+        attributes=dict(product.attributes),
+        images=[products_pb2.ProductImage(id=i.id, role=i.role, url=i.url, sha256=i.sha256) for i in product.images],
+        numeric_attributes=dict(product.numeric_attributes),
     )
 
 
@@ -99,6 +125,37 @@ def query_from_proto(message: pb.SearchQuery, image: bytes | None) -> QueryReque
         mode=_enum_value(_MODES_FROM_PROTO, message.mode, "query.mode"),
         fusion=_enum_value(_FUSIONS_FROM_PROTO, hybrid.fusion, "query.hybrid_spec.fusion"),
         lexical_weight=hybrid.lexical_weight if hybrid.HasField("lexical_weight") else None,
+        regions=tuple(NormalizedBox(b.x0, b.y0, b.x1, b.y1) for b in message.regions),
+        collapse_duplicates=message.collapse_duplicates,
+        duplicate_threshold=message.duplicate_threshold if message.HasField("duplicate_threshold") else None,
+        ranking=ranking_from_proto(message.ranking, "query.ranking") if message.HasField("ranking") else None,
+        explain=message.explain_scores,
+    )
+
+
+def ranking_from_proto(message: pb.RankingSpec, field: str) -> RankingRequest:
+    """A RankingSpec (a request's, or the server's default rules file) as sent; search/validation.py checks it."""
+    return RankingRequest(
+        rules=tuple(_rule_from_proto(rule, f"{field}.rules[{i}]") for i, rule in enumerate(message.rules)),
+        candidates=message.candidates,
+    )
+
+
+def _rule_from_proto(rule: pb.RankingRule, field: str) -> RankingRule:
+    signal = rule.WhichOneof("signal")
+    decay = None
+    if rule.HasField("decay"):
+        midpoint = rule.decay.midpoint if rule.decay.HasField("midpoint") else 0.5
+        decay = Decay(target=rule.decay.target, scale=rule.decay.scale, midpoint=midpoint)
+    return RankingRule(
+        name=rule.name,
+        weight=rule.weight,
+        field=rule.field if signal == "field" else None,
+        matches=filter_from_proto(rule.matches) if signal == "matches" else None,
+        transform=_enum_value(_TRANSFORMS_FROM_PROTO, rule.transform, f"{field}.transform"),
+        decay=decay,
+        combine=_enum_value(_COMBINES_FROM_PROTO, rule.combine, f"{field}.combine"),
+        missing_value=rule.missing_value if rule.HasField("missing_value") else 0.0,
     )
 
 
@@ -115,8 +172,66 @@ def list_request_from_proto(request: pb.ListProductsRequest) -> ListRequest:
     )
 
 
+def duplicates_request_from_proto(request: pb.FindDuplicatesRequest) -> DuplicatesRequest:
+    return DuplicatesRequest(
+        product_id=request.product_id,
+        flt=filter_from_proto(request.filter),
+        threshold=request.threshold if request.HasField("threshold") else None,
+        page_size=request.page_size,
+        page_token=request.page_token,
+    )
+
+
+def duplicates_to_proto(page: DuplicatesPage) -> pb.FindDuplicatesResponse:
+    return pb.FindDuplicatesResponse(
+        products=[
+            pb.ProductDuplicates(
+                product_id=checked.product_id,
+                duplicates=[
+                    pb.Duplicate(
+                        product_id=d.product_id,
+                        similarity=d.similarity,
+                        image_index=d.image_index,
+                        duplicate_image_index=d.duplicate_image_index,
+                        exact=d.exact,
+                    )
+                    for d in checked.duplicates
+                ],
+            )
+            for checked in page.products
+        ],
+        next_page_token=page.next_page_token,
+    )
+
+
 def hits_to_proto(hits: list[Hit]) -> list[pb.SearchHit]:
-    return [pb.SearchHit(product=product_to_proto(h.product), score=h.score) for h in hits]
+    return [_hit_to_proto(h) for h in hits]
+
+
+def _hit_to_proto(hit: Hit) -> pb.SearchHit:
+    message = pb.SearchHit(
+        product=product_to_proto(hit.product), score=hit.score, duplicate_product_ids=list(hit.duplicates)
+    )
+    if hit.matched_image is not None:
+        message.matched_image_index = hit.matched_image
+        images = hit.product.images
+        message.matched_image_id = images[hit.matched_image].id if hit.matched_image < len(images) else ""
+    if hit.explanation is not None:
+        message.explanation.CopyFrom(_explanation_to_proto(hit.explanation))
+    return message
+
+
+def _explanation_to_proto(explanation: ScoreExplanation) -> pb.ScoreExplanation:
+    message = pb.ScoreExplanation(
+        relevance=explanation.relevance,
+        rules=[
+            pb.ScoreExplanation.RuleContribution(name=r.name, value=r.value, weighted=r.weighted)
+            for r in explanation.rules
+        ],
+    )
+    if explanation.similarity is not None:
+        message.similarity = explanation.similarity
+    return message
 
 
 def facets_to_proto(facets: Facets | None) -> dict[str, Any]:
@@ -142,6 +257,10 @@ def outcome_to_proto(outcome: SearchOutcome) -> pb.SearchResponse:
         result_cache=_CACHE_OUTCOMES[outcome.result_cache],
         next_page_token=outcome.next_page_token,
         mode=_SEARCH_MODES[outcome.mode],
+        region_results=[
+            pb.RegionResult(region=pb.NormalizedBox(**vars(box)), hits=hits_to_proto(hits))
+            for box, hits in outcome.region_results
+        ],
         **facets_to_proto(outcome.facets),
     )
 
@@ -179,5 +298,7 @@ def service_info_to_proto(
             max_chunk_bytes=s.max_chunk_bytes,
             max_text_chars=s.max_text_chars,
             max_top_k=s.max_top_k,
+            max_images_per_product=s.max_images_per_product,
+            max_query_regions=s.max_query_regions,
         ),
     )

@@ -1,46 +1,41 @@
-"""Every request rule, with its default: products, ids, filters, queries, listings. Each check adds a
-FieldViolation naming the field as the caller spells it in the proto (e.g. "product.attributes[colour]"), so one
-INVALID_ARGUMENT lists every problem. `search_query` and `list_request` turn a request as sent (domain.py) into
-the validated form the catalogue runs."""
+"""The rules of a search and of a listing, with their defaults: `search_query` and `list_request` turn a request
+as sent (domain.py) into the validated form the catalogue runs."""
 
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
-from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 from imagesearch.config import Settings
 from imagesearch.domain import (
+    DuplicatesRequest,
     FacetSpec,
     Fusion,
     ListPage,
     ListRequest,
-    Product,
     Query,
     QueryRequest,
     SearchFilter,
     SearchMode,
-    SearchPage,
 )
-from imagesearch.errors import FieldViolation, InvalidArgument
+from imagesearch.images import NormalizedBox
+from imagesearch.ranking import RankingSpec
 from imagesearch.search.paging import (
     LIST_PAGE_TOKEN_FIELD,
     SEARCH_PAGE_TOKEN_FIELD,
     decode_list_page,
     decode_search_page,
 )
+from imagesearch.search.validation.checks import (
+    Violations,
+    check_attribute_key,
+    check_filter,
+    check_product_id,
+    decoded,
+    normalise_query_text,
+)
+from imagesearch.search.validation.rules import ranking_spec
 
-MAX_ID_BYTES = 256
-MAX_NAME_CHARS = 1024
-MAX_DESCRIPTION_CHARS = 8192
-MAX_CATEGORY_CHARS = 256
-MAX_IMAGE_URL_CHARS = 2048
-MAX_ATTRIBUTES = 64
-MAX_ATTRIBUTE_KEY_CHARS = 128
-MAX_ATTRIBUTE_VALUE_CHARS = 256
-MAX_FILTER_CATEGORIES = 100
 MAX_EXAMPLE_IDS = 16
 MAX_FACET_KEYS = 16
 MAX_FACET_VALUES = 100
@@ -54,77 +49,10 @@ DEFAULT_FUSION: Fusion = "weighted"
 DEFAULT_LEXICAL_WEIGHT = 0.5
 LIST_DEFAULT_PAGE_SIZE = 50
 LIST_MAX_PAGE_SIZE = 1000
-Page = TypeVar("Page", SearchPage, ListPage)
-_CURRENCY = re.compile(r"[A-Z]{3}")
-_WHITESPACE = re.compile(r"\s+")
-
-
-class Violations:
-    """Collects violations; `raise_if_any` raises one InvalidArgument holding all of them."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise InvalidArgument(self.items)
-
-
-def has_control_chars(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" for ch in text)
-
-
-def check_product_id(product_id: str, field: str, v: Violations) -> None:
-    if not product_id:
-        v.add(field, "required: a non-empty product id")
-        return
-    size = len(product_id.encode("utf-8"))
-    if size > MAX_ID_BYTES:
-        v.add(field, f"is {size} bytes of UTF-8; the limit is {MAX_ID_BYTES}")
-    if has_control_chars(product_id):
-        v.add(field, "must not contain control characters")
-    if product_id != product_id.strip():
-        v.add(field, "must not start or end with whitespace")
-
-
-def check_product(product: Product, v: Violations, prefix: str = "product") -> None:
-    check_product_id(product.id, f"{prefix}.id", v)
-    _check_text(product.name, f"{prefix}.name", MAX_NAME_CHARS, v)
-    _check_text(product.description, f"{prefix}.description", MAX_DESCRIPTION_CHARS, v, allow_newlines=True)
-    _check_text(product.category, f"{prefix}.category", MAX_CATEGORY_CHARS, v)
-    _check_text(product.image_url, f"{prefix}.image_url", MAX_IMAGE_URL_CHARS, v)
-    if not math.isfinite(product.price) or product.price < 0:
-        v.add(f"{prefix}.price", f"must be a finite number >= 0, got {product.price}")
-    if product.currency and not _CURRENCY.fullmatch(product.currency):
-        v.add(
-            f"{prefix}.currency", f"must be an ISO 4217 code of 3 capital letters (e.g. EUR), got {product.currency!r}"
-        )
-    check_attributes(product.attributes, f"{prefix}.attributes", v)
-
-
-def check_attributes(attributes: Mapping[str, str], field: str, v: Violations) -> None:
-    if len(attributes) > MAX_ATTRIBUTES:
-        v.add(field, f"has {len(attributes)} entries; the limit is {MAX_ATTRIBUTES}")
-        return
-    for key, value in attributes.items():
-        where = f"{field}[{key[:40]}]"
-        check_attribute_key(key, where, v)
-        if has_control_chars(value):
-            v.add(where, "values must not contain control characters")
-        if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
-            v.add(where, f"values must be at most {MAX_ATTRIBUTE_VALUE_CHARS} characters")
-
-
-def check_attribute_key(key: str, field: str, v: Violations) -> None:
-    if not key or len(key) > MAX_ATTRIBUTE_KEY_CHARS:
-        v.add(field, f"keys must be 1 to {MAX_ATTRIBUTE_KEY_CHARS} characters")
-    if "=" in key:
-        v.add(field, "keys must not contain '='")
-    if has_control_chars(key):
-        v.add(field, "keys must not contain control characters")
+# Near-duplicate images: clip-retrieval's deduplication threshold (cosine similarity of CLIP image embeddings).
+DEFAULT_DUPLICATE_THRESHOLD = 0.94
+DUPLICATES_DEFAULT_PAGE_SIZE = 100
+DUPLICATES_MAX_PAGE_SIZE = 500
 
 
 def check_example_ids(ids: Sequence[str], field: str, v: Violations) -> tuple[str, ...]:
@@ -153,64 +81,9 @@ def check_facet_spec(
     return tuple(dict.fromkeys(attribute_keys)), max_values or DEFAULT_FACET_VALUES
 
 
-def check_filter(flt: SearchFilter, v: Violations, prefix: str = "query.filter") -> None:
-    if len(flt.categories) > MAX_FILTER_CATEGORIES:
-        v.add(f"{prefix}.categories", f"has {len(flt.categories)} entries; the limit is {MAX_FILTER_CATEGORIES}")
-    for i, category in enumerate(flt.categories[:MAX_FILTER_CATEGORIES]):
-        _check_text(category, f"{prefix}.categories[{i}]", MAX_CATEGORY_CHARS, v)
-    for name, bound in (("price_min", flt.price_min), ("price_max", flt.price_max)):
-        if bound is not None and (not math.isfinite(bound) or bound < 0):
-            v.add(f"{prefix}.{name}", f"must be a finite number >= 0, got {bound}")
-    if (
-        flt.price_min is not None
-        and flt.price_max is not None
-        and math.isfinite(flt.price_min)
-        and math.isfinite(flt.price_max)
-        and flt.price_min > flt.price_max
-    ):
-        v.add(f"{prefix}.price_min", f"is greater than price_max ({flt.price_min} > {flt.price_max})")
-    check_attributes(dict(flt.attributes), f"{prefix}.attributes", v)
-
-
-def normalise_query_text(text: str, field: str, max_chars: int, v: Violations) -> str:
-    """NFC, whitespace runs (tabs, newlines) collapsed to one space, trimmed. Other control characters are
-    refused: they are never meaningful in a query and usually mean a client encoding bug."""
-    if len(text) > max_chars:
-        v.add(field, f"is {len(text)} characters; the limit is {max_chars}")
-        return ""
-    normalised = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
-    if has_control_chars(normalised):
-        v.add(field, "must not contain control characters")
-    return normalised
-
-
-def _check_text(text: str, field: str, max_chars: int, v: Violations, *, allow_newlines: bool = False) -> None:
-    if len(text) > max_chars:
-        v.add(field, f"is {len(text)} characters; the limit is {max_chars}")
-    checked = text.replace("\n", "").replace("\r", "").replace("\t", "") if allow_newlines else text
-    if has_control_chars(checked):
-        v.add(field, "must not contain control characters")
-
-
-def check_image_source(image: bytes | None, product: Product, fetches_urls: bool, v: Violations) -> None:
-    """A product to index needs its image: sent as chunks, or at its image_url when this server fetches URLs."""
-    if image is not None:
-        return
-    if fetches_urls and product.image_url:
-        return  # fetched from product.image_url
-    hint = " (or set product.image_url)" if fetches_urls else ""
-    v.add("image_chunk", f"required: send the product image after the product message{hint}")
-
-
-def check_id(product_id: str, field: str = "id") -> None:
-    """Raise InvalidArgument unless `product_id` is a valid product id."""
-    v = Violations()
-    check_product_id(product_id, field, v)
-    v.raise_if_any()
-
-
-def search_query(request: QueryRequest, settings: Settings) -> Query:
-    """The validated query, defaults applied; raises one InvalidArgument naming every bad field."""
+def search_query(request: QueryRequest, settings: Settings, default_ranking: RankingSpec | None = None) -> Query:
+    """The validated query, defaults applied (`default_ranking`: the server's rules for a request that sends none);
+    raises one InvalidArgument naming every bad field."""
     v = Violations()
     if request.image_url and request.image is not None:
         v.add("query.image_url", "send the image either as image_chunk messages or as image_url, not both")
@@ -245,7 +118,10 @@ def search_query(request: QueryRequest, settings: Settings) -> Query:
             request.facets.attribute_keys, request.facets.max_values, "query.facet_spec", v
         )
         facets = FacetSpec(categories=request.facets.categories, attribute_keys=keys, max_values=max_values)
-    page = _decoded(request.page_token, decode_search_page, SEARCH_PAGE_TOKEN_FIELD, v)
+    page = decoded(request.page_token, decode_search_page, SEARCH_PAGE_TOKEN_FIELD, v)
+    _check_regions(request, settings.max_query_regions, v)
+    collapse = _collapse(request, v)
+    ranking = default_ranking if request.ranking is None else ranking_spec(request.ranking, "query.ranking", v)
     v.raise_if_any()
     return Query(
         text=text,
@@ -265,7 +141,66 @@ def search_query(request: QueryRequest, settings: Settings) -> Query:
         mode=mode,
         fusion=fusion,
         lexical_weight=lexical_weight,
+        regions=request.regions,
+        collapse=collapse,
+        ranking=ranking,
+        explain=request.explain,
     )
+
+
+def _check_regions(request: QueryRequest, max_regions: int, v: Violations) -> None:
+    if not request.regions:
+        return
+    if len(request.regions) > max_regions:
+        v.add("query.regions", f"has {len(request.regions)} boxes; the limit is {max_regions}")
+    if request.image is None and not request.image_url:
+        v.add("query.regions", "regions are boxes of the query image: send an image (image_chunk or image_url)")
+    if len(request.regions) > 1 and request.page_token:
+        v.add(SEARCH_PAGE_TOKEN_FIELD, "a search of several regions has no pages: search one region to page")
+    for i, box in enumerate(request.regions[:max_regions]):
+        _check_box(box, f"query.regions[{i}]", v)
+
+
+def _check_box(box: NormalizedBox, field: str, v: Violations) -> None:
+    for name in ("x0", "y0", "x1", "y1"):
+        value = getattr(box, name)
+        if not 0.0 <= value <= 1.0:  # also false for NaN
+            v.add(f"{field}.{name}", f"must be a fraction of the image from 0 to 1, got {value}")
+    if box.x1 <= box.x0:
+        v.add(f"{field}.x1", f"must be greater than x0 ({box.x1} <= {box.x0}): the box is empty")
+    if box.y1 <= box.y0:
+        v.add(f"{field}.y1", f"must be greater than y0 ({box.y1} <= {box.y0}): the box is empty")
+
+
+def _collapse(request: QueryRequest, v: Violations) -> float | None:
+    threshold = request.duplicate_threshold
+    if threshold is not None and not request.collapse_duplicates:
+        v.add("query.duplicate_threshold", "applies with collapse_duplicates: set it, or leave this unset")
+    if threshold is not None and not 0.0 < threshold <= 1.0:  # also false for NaN
+        v.add("query.duplicate_threshold", f"must be a cosine similarity above 0, at most 1, got {threshold}")
+    if not request.collapse_duplicates:
+        return None
+    return DEFAULT_DUPLICATE_THRESHOLD if threshold is None else threshold
+
+
+def duplicates_request(request: DuplicatesRequest) -> tuple[DuplicatesRequest, ListPage | None]:
+    """The validated duplicate check, defaults applied (threshold, page size), and its decoded page token."""
+    v = Violations()
+    if request.product_id:
+        check_product_id(request.product_id, "product_id", v)
+    check_filter(request.flt, v, prefix="filter")
+    threshold = DEFAULT_DUPLICATE_THRESHOLD if request.threshold is None else request.threshold
+    if not (math.isfinite(threshold) and 0.0 < threshold <= 1.0):
+        v.add("threshold", f"must be a cosine similarity above 0, at most 1, got {threshold}")
+    if not 0 <= request.page_size <= DUPLICATES_MAX_PAGE_SIZE:
+        default, most = DUPLICATES_DEFAULT_PAGE_SIZE, DUPLICATES_MAX_PAGE_SIZE
+        v.add("page_size", f"must be 1 to {most} (0 means {default}), got {request.page_size}")
+    page = decoded(request.page_token, decode_list_page, LIST_PAGE_TOKEN_FIELD, v)
+    if page is not None and request.product_id:
+        v.add(LIST_PAGE_TOKEN_FIELD, "a check of one product has one page: send no page_token with product_id")
+    v.raise_if_any()
+    size = request.page_size or DUPLICATES_DEFAULT_PAGE_SIZE
+    return DuplicatesRequest(request.product_id, request.flt, threshold, size, request.page_token), page
 
 
 def list_request(request: ListRequest) -> tuple[SearchFilter, int, ListPage | None]:
@@ -276,7 +211,7 @@ def list_request(request: ListRequest) -> tuple[SearchFilter, int, ListPage | No
         v.add("page_size", f"must be >= 0 (0 means {LIST_DEFAULT_PAGE_SIZE}), got {request.page_size}")
     # googleapis convention: 0 means the default, and sizes above the maximum are coerced, not refused.
     page_size = min(request.page_size or LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)
-    page = _decoded(request.page_token, decode_list_page, LIST_PAGE_TOKEN_FIELD, v)
+    page = decoded(request.page_token, decode_list_page, LIST_PAGE_TOKEN_FIELD, v)
     v.raise_if_any()
     return request.flt, page_size, page
 
@@ -332,13 +267,3 @@ def _page_size(request: QueryRequest, settings: Settings, v: Violations) -> int:
     if not 1 <= top_k <= settings.max_top_k:
         v.add("query.top_k", f"must be 1 to {settings.max_top_k} (0 means {settings.default_top_k}), got {top_k}")
     return top_k
-
-
-def _decoded(token: str, decode: Callable[[str, str], Page], field: str, v: Violations) -> Page | None:
-    if not token:
-        return None
-    try:
-        return decode(token, field)
-    except InvalidArgument as exc:
-        v.items += exc.violations
-        return None
