@@ -11,10 +11,13 @@ from imagesearch.metrics import Metrics
 from imagesearch.store.base import VectorStore
 from imagesearch.tracing import tracer
 
-# Calls that are timed: every asynchronous operation of the VectorStore protocol but close, derived from it so
-# that a new operation is timed without being listed. Anything else a backend offers passes through unchanged.
+# Calls that are timed: every asynchronous operation of the VectorStore protocol but close and execute (search's
+# backend half, timed as search), derived from it so that a new operation is timed without being listed. Anything
+# else a backend offers passes through unchanged.
 TIMED_OPERATIONS = frozenset(
-    name for name, member in vars(VectorStore).items() if inspect.iscoroutinefunction(member) and name != "close"
+    name
+    for name, member in vars(VectorStore).items()
+    if inspect.iscoroutinefunction(member) and name not in {"close", "execute"}
 )
 # Not traced: the health probe pings the store every few seconds outside any RPC, each ping a trace of its own.
 UNTRACED_OPERATIONS = frozenset({"ping"})
