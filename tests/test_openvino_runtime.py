@@ -28,15 +28,18 @@ import open_clip
 import imagesearch
 from imagesearch.errors import ModelLoadError
 from imagesearch.model import openvino_runtime
+from imagesearch.model.calibration import Calibration
 from imagesearch.model.openvino_runtime import (
     OpenVinoImageTower,
     OpenVinoTextTower,
     Precision,
-    cache_key,
+    compile_config,
     cpu_has_native_bf16,
     cpuinfo_has_bf16,
     resolve_precision,
 )
+from imagesearch.model.runtime_cache import cache_key
+from imagesearch.synthetic.calibration import CALIBRATION_SET, calibration_images
 from imagesearch.synthetic.renderer import COLOURS, KINDS, PATTERNS, render
 
 SYNTHETIC_DIR = Path(imagesearch.__file__).parent / "models" / "synthetic-clip"
@@ -92,7 +95,11 @@ def image_tower(cache_dir: Path, synthetic: tuple[Any, Any, Any]) -> Callable[[P
         need_precision(precision)
         if precision not in built:
             built[precision] = OpenVinoImageTower.build(
-                synthetic[0].visual, cache_dir=cache_dir, precision=precision, preprocess=synthetic[1]
+                synthetic[0].visual,
+                cache_dir=cache_dir,
+                precision=precision,
+                preprocess=synthetic[1],
+                calibration=Calibration(CALIBRATION_SET, calibration_images),
             )
         return built[precision]
 
@@ -186,12 +193,11 @@ def test_unwritable_cache_dir_still_builds_the_tower(tmp_path: Path, synthetic: 
     assert min_cosine(tower(pixels), torch_image(synthetic[0], pixels)) >= MIN_COSINE["f32"]
 
 
-def test_cache_key_differs_by_precision_weights_and_input_size(synthetic: tuple[Any, Any, Any]) -> None:
+def test_cache_key_differs_by_ir_precision_weights_and_input_size(synthetic: tuple[Any, Any, Any]) -> None:
     visual = synthetic[0].visual
     extra = {"image_size": 48}
-    keys = {cache_key(visual, kind="image", precision=p, extra=extra) for p in ("f32", "bf16", "int8")}
-    assert len(keys) == 3
     f32 = cache_key(visual, kind="image", precision="f32", extra=extra)
+    assert cache_key(visual, kind="image", precision="int8", extra=extra) != f32
     assert cache_key(visual, kind="image", precision="f32", extra=extra) == f32  # deterministic
     assert cache_key(visual, kind="image", precision="f32", extra={"image_size": 64}) != f32
     assert cache_key(visual, kind="text", precision="f32", extra=extra) != f32
@@ -199,6 +205,22 @@ def test_cache_key_differs_by_precision_weights_and_input_size(synthetic: tuple[
     with torch.no_grad():
         next(iter(nudged.parameters())).view(-1)[0] += 1e-6  # one value of millions
     assert cache_key(nudged, kind="image", precision="f32", extra=extra) != f32
+
+
+def test_float_precisions_share_one_entry_and_int8_has_its_own(
+    synthetic: tuple[Any, Any, Any], image_tower: Callable[[Precision], OpenVinoImageTower]
+) -> None:
+    # The IR holds fp32 weights; f32 and bf16 are compile options over it. int8 is another graph.
+    need_precision("bf16")
+    assert image_tower("bf16").cache.path == image_tower("f32").cache.path
+    int8 = OpenVinoImageTower.conversion(
+        synthetic[0].visual,
+        cache_dir=image_tower("f32").cache.path.parent,
+        int8=True,
+        preprocess=synthetic[1],
+        calibration=Calibration(CALIBRATION_SET, calibration_images),
+    )
+    assert int8.key != image_tower("f32").cache.key
 
 
 def damage_weights(entry: Path) -> None:
@@ -337,3 +359,35 @@ def test_entries_unused_for_a_month_are_removed_and_used_ones_kept(
     assert second.cache.hit
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.cache.path.name, recent.name])
     assert time.time() - first.cache.path.stat().st_mtime < 3600
+
+
+@pytest.mark.parametrize(
+    ("threads", "physical", "hyper_threading"),
+    [
+        pytest.param(2, 2, False, id="one-thread-per-core"),
+        pytest.param(2, 1, True, id="both-hyper-threads-of-one-core"),
+    ],
+)
+def test_compile_config_states_precision_threads_and_hyper_threading(
+    monkeypatch: pytest.MonkeyPatch, threads: int, physical: int, hyper_threading: bool
+) -> None:
+    monkeypatch.setattr(openvino_runtime, "physical_cores", lambda: physical)
+    config = compile_config("bf16", threads)
+    assert config["INFERENCE_NUM_THREADS"] == threads
+    assert config["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert config["ENABLE_HYPER_THREADING"] is hyper_threading
+    # Never pinned: the model's threads share the CPUs with decoding, gRPC and other processes.
+    assert config["ENABLE_CPU_PINNING"] is False
+    assert compile_config("int8", 1)["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+def test_tower_compiled_at_two_thread_counts_gives_the_same_vectors(
+    synthetic: tuple[Any, Any, Any], cache_dir: Path
+) -> None:
+    converted = OpenVinoImageTower.conversion(synthetic[0].visual, cache_dir=cache_dir).run()
+    one, two = (OpenVinoImageTower.compile(converted, precision="f32", threads=n) for n in (1, 2))
+    assert (one.threads, two.threads) == (1, 2)
+    pixels = renders(synthetic[1], 4, seed=8)
+    np.testing.assert_allclose(one(pixels), two(pixels), atol=1e-4)
+    with pytest.raises(ValueError, match="cannot compile"):
+        OpenVinoTextTower.compile(converted, precision="f32")

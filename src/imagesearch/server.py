@@ -27,6 +27,7 @@ from imagesearch.api.service import SERVICE, ImageSearchService, add_to_server
 from imagesearch.config import Settings, otel_environment
 from imagesearch.errors import ModelLoadError, StoreConfigError, StoreUnavailable
 from imagesearch.metrics import Metrics
+from imagesearch.model.calibration import Calibration
 from imagesearch.model.encoder import AsyncEncoder, ClipEncoder, load_on_model_thread
 from imagesearch.search.cache import CacheBackend, LruCache, NoCache, SearchCache
 from imagesearch.search.catalog import Catalog, Limits
@@ -93,6 +94,30 @@ def open_cache_backend(settings: Settings) -> CacheBackend:
     return NoCache()
 
 
+def encoder_options(settings: Settings) -> dict[str, Any]:
+    """ClipEncoder.load's options (all but the model spec) from the settings."""
+    return {
+        "device": settings.device,
+        "offline": settings.offline,
+        "threads": settings.torch_threads,
+        "text_weights": settings.text_weights,
+        "runtime": settings.runtime,
+        "precision": settings.precision,
+        "runtime_cache_dir": settings.runtime_cache_dir,
+        # None: on CUDA only (the setting's default); False: never.
+        "device_jpeg_decode": None if settings.device_jpeg_decode else False,
+        # The model layer has no images of its own to calibrate int8 on: the synthetic renders, made only if a
+        # tower is quantised (a start without a cache entry).
+        "calibration": _synthetic_calibration() if settings.precision == "int8" else None,
+    }
+
+
+def _synthetic_calibration() -> Calibration:
+    from imagesearch.synthetic.calibration import CALIBRATION_SET, calibration_images
+
+    return Calibration(CALIBRATION_SET, calibration_images)
+
+
 async def open_components(settings: Settings, encoder: ClipEncoder | None = None) -> Components:
     """Read the API keys, load the model (unless given one: tests share one across servers), open the store and the
     cache."""
@@ -105,18 +130,7 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
     metrics = Metrics()
     forward_thread = None
     if encoder is None:
-        encoder, forward_thread = await load_on_model_thread(
-            settings.model,
-            device=settings.device,
-            offline=settings.offline,
-            threads=settings.torch_threads,
-            text_weights=settings.text_weights,
-            runtime=settings.runtime,
-            precision=settings.precision,
-            runtime_cache_dir=settings.runtime_cache_dir,
-            # None: on CUDA only (the setting's default); False: never.
-            device_jpeg_decode=None if settings.device_jpeg_decode else False,
-        )
+        encoder, forward_thread = await load_on_model_thread(settings.model, **encoder_options(settings))
     async_encoder = AsyncEncoder(
         encoder,
         forward_thread=forward_thread,
@@ -298,6 +312,8 @@ async def serve(settings: Settings) -> int:
             image_tower=f"{model.image_runtime} {model.image_precision}",
             text_tower=f"{model.text_runtime} {model.text_path}",
             torch_threads=model.torch_threads,
+            runtime_reason=model.runtime_reason,
+            cpu=model.cpu,
             store=components.store.backend,
             cache=components.cache.backend.name,
             gc_frozen_objects=frozen,

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import structlog
@@ -22,7 +21,8 @@ from PIL import Image
 from imagesearch.domain import ModelDescription
 from imagesearch.errors import ModelLoadError
 from imagesearch.model.batching import MicroBatcher
-from imagesearch.model.cpus import available_cpus
+from imagesearch.model.calibration import Calibration
+from imagesearch.model.cpus import CpuBudget, available_cpus
 from imagesearch.model.device_decode import DeviceJpegPreprocessor
 from imagesearch.model.imaging import decode_image
 from imagesearch.model.loading import (
@@ -36,13 +36,12 @@ from imagesearch.model.loading import (
     resolve_runtime,
     resolve_text_weights,
 )
+from imagesearch.model.runtime_choice import choose_runtime
 from imagesearch.model.text_tower import LeanTextTower, TextWeights
 from imagesearch.tracing import IMAGE_BYTES, tracer
 
 if TYPE_CHECKING:
     from imagesearch.model.openvino_runtime import OpenVinoImageTower, OpenVinoTextTower
-
-T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -62,9 +61,14 @@ class ClipEncoder:
         image_tower: OpenVinoImageTower | None = None,
         text_tower: OpenVinoTextTower | None = None,
         device_jpeg_decode: bool | None = None,
+        runtime_reason: str = "",
+        cpu: str = "",
     ) -> None:
         self.spec = spec
         self.device = device
+        # How the towers' runtime, precision and threads were chosen (runtime_choice.py), and on what CPU.
+        self.runtime_reason = runtime_reason
+        self.cpu = cpu
         # The intra-op pool of the thread that builds the encoder, which is the one that runs it (AsyncEncoder).
         self.torch_threads = torch.get_num_threads()
         # Images go in at the precision the towers were created with (fp16 on CUDA). Not "the first parameter's
@@ -125,14 +129,17 @@ class ClipEncoder:
         precision: Literal["auto", "bf16", "f32", "int8"] = "auto",
         runtime_cache_dir: Path | None = None,
         device_jpeg_decode: bool | None = None,
+        calibration: Calibration | None = None,
     ) -> ClipEncoder:
         """Load a model by spec. Raises ModelLoadError with instructions when the weights cannot be had.
 
-        `runtime` (see loading.resolve_runtime): "auto" runs both towers with OpenVINO on CPU where it is
-        installed, torch elsewhere. OpenVINO computes at `precision`: "auto" is bf16 where the CPU computes it
-        natively, else f32; "int8" (opt-in, needs the `int8` extra) quantises the image tower with NNCF and keeps
-        the text tower at auto. The graphs are converted from this model and kept in `runtime_cache_dir` for the
-        next start (None: converted into a temporary directory, not kept).
+        How the towers run on CPU is decided by runtime_choice.choose_runtime: with everything at auto, OpenVINO
+        at f32 or at a precision the CPU computes natively (bf16, f16), or torch, on one thread per physical core
+        or per CPU, whichever measures fastest on this CPU (the choice is kept in `runtime_cache_dir` with the
+        converted graphs, for the next start; None: a temporary directory, nothing kept). An explicit `runtime`
+        (see loading.resolve_runtime), `precision` (OpenVINO's: "bf16", "f32", or "int8", which quantises the
+        image tower with NNCF on `calibration`'s images, and leaves the text tower at auto) or `threads` is
+        used as given. On CUDA the towers run on torch.
 
         On torch, `text_weights` (see text_tower.py): "fp16" keeps the CPU text tower's weights in half
         precision, halving what a query forward reads; "auto" picks it where the CPU has the kernels. On CUDA the
@@ -148,8 +155,9 @@ class ClipEncoder:
                 f"precision {precision} is the OpenVINO runtime's; this model runs on {resolved_runtime} "
                 f"(runtime {runtime}, device {resolved_device}): use precision auto, or runtime openvino on a CPU"
             )
-        # torch sizes its pool by the host's cores; a container's CPU quota can be far lower (see cpus.py).
-        torch.set_num_threads(threads if threads > 0 else min(torch.get_num_threads(), available_cpus()))
+        # torch sizes its pool by the host's cores; a container's CPU quota can be far lower (see cpus.py). The
+        # runtime choice below sets the final count.
+        torch.set_num_threads(threads if threads > 0 else CpuBudget.detect().physical)
         if offline:
             enable_hub_offline_mode()
         try:
@@ -158,11 +166,19 @@ class ClipEncoder:
             raise
         except Exception as exc:  # open_clip / huggingface_hub raise many unrelated types
             raise ModelLoadError(load_failure_message(parsed, exc)) from exc
-        image_tower = text_tower = None
-        if resolved_runtime == "openvino":
-            image_tower, text_tower = _openvino_towers(
-                model, preprocess, runtime_cache_dir, precision, explicit=runtime == "openvino"
-            )
+        choice = choose_runtime(
+            model,
+            preprocess,
+            tokenizer,
+            device=resolved_device,
+            runtime=runtime,
+            precision=precision,
+            threads=threads,
+            text_weights=resolved_text_weights,
+            cache_dir=runtime_cache_dir,
+            calibration=calibration,
+        )
+        log.info("runtime_chosen", cpu=choice.cpu, reason=choice.reason)
         return cls(
             parsed,
             model,
@@ -170,9 +186,11 @@ class ClipEncoder:
             tokenizer,
             resolved_device,
             resolved_text_weights,
-            image_tower,
-            text_tower,
+            choice.image,
+            choice.text,
             device_jpeg_decode,
+            choice.reason,
+            choice.cpu,
         )
 
     def decode(self, data: bytes, *, field: str, max_pixels: int) -> Image.Image:
@@ -320,6 +338,8 @@ class AsyncEncoder:
             image_runtime=e.image_runtime,
             text_runtime=e.text_runtime,
             text_path=e.text_path,
+            runtime_reason=e.runtime_reason,
+            cpu=e.cpu,
         )
 
     async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
@@ -341,49 +361,9 @@ class AsyncEncoder:
         return self.encoder.pixels_from_bytes(data, field=field, max_pixels=max_pixels)
 
 
-def _openvino_towers(
-    model: Any,
-    preprocess: Any,
-    cache_dir: Path | None,
-    precision: Literal["auto", "bf16", "f32", "int8"],
-    *,
-    explicit: bool,
-) -> tuple[OpenVinoImageTower | None, OpenVinoTextTower | None]:
-    """Both towers compiled by OpenVINO. A tower it cannot build here is None (torch runs it) when the runtime
-    was auto, so that auto never stops a start that torch can serve; with runtime openvino it is an error."""
-    from imagesearch.model.openvino_runtime import OpenVinoImageTower, OpenVinoTextTower
-
-    def built(build: Callable[[Path], T], tower: str) -> T | None:
-        try:
-            if cache_dir is not None:
-                return build(cache_dir)
-            with tempfile.TemporaryDirectory(prefix="imagesearch-openvino-") as scratch:
-                return build(Path(scratch))
-        except ModelLoadError as exc:
-            if explicit:
-                raise
-            log.warning("openvino cannot run a tower of this model; torch runs it", tower=tower, error=str(exc))
-            return None
-
-    image = built(
-        lambda directory: OpenVinoImageTower.build(
-            model.visual, cache_dir=directory, precision=precision, preprocess=preprocess
-        ),
-        "image",
-    )
-    text = None
-    if OpenVinoTextTower.supports(model):
-        # int8 is the image tower's option: the text tower is known to lose too much to it.
-        text_precision = "auto" if precision == "int8" else precision
-        text = built(
-            lambda directory: OpenVinoTextTower.build(model, cache_dir=directory, precision=text_precision), "text"
-        )
-    return image, text
-
-
 def _precision_name(precision: str) -> str:
-    # The names GetServiceInfo has always used: "fp32", not OpenVINO's "f32".
-    return "fp32" if precision == "f32" else precision
+    # The names GetServiceInfo has always used: "fp32", not OpenVINO's "f32" (and "fp16" for its "f16").
+    return {"f32": "fp32", "f16": "fp16"}.get(precision, precision)
 
 
 def _image_size(model: Any) -> int:
