@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -68,10 +68,14 @@ class RunningServer:
 
 
 async def start_server(
-    settings: Settings, encoder: ClipEncoder, store: VectorStore | None = None, resolve: Resolve | None = None
+    settings: Settings,
+    encoder: ClipEncoder,
+    store: VectorStore | None = None,
+    resolve: Resolve | None = None,
+    handlers: Sequence[grpc.GenericRpcHandler] = (),
 ) -> RunningServer:
     """A real server on a free port; `store` replaces the embedded store the settings would open, `resolve` the
-    system resolver its URL fetcher would look host names up in."""
+    system resolver its URL fetcher would look host names up in, and `handlers` serve methods besides the service's."""
     components = await open_components(settings, encoder=encoder)
     if store is not None:
         await components.store.close()
@@ -80,6 +84,7 @@ async def start_server(
         await components.fetcher.close()
         components.fetcher = ImageFetcher(components.fetcher.policy, resolve=resolve)
     server, port, store_health = build_server(settings, components)
+    server.add_generic_rpc_handlers(tuple(handlers))
     await server.start()
     await store_health.serving()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -61,6 +61,17 @@ async def index(
     messages += [pb.IndexProductRequest(image_chunk=c) for c in chunks(image or b"")]
     response: pb.IndexProductResponse = await stub.IndexProduct(stream(*messages), timeout=timeout)
     return response
+
+
+async def index_all(
+    stub: pb_grpc.ImageSearchServiceAsyncStub, products: Sequence[tuple[products_pb2.Product, bytes]]
+) -> None:
+    """Index products with their images in one IndexProducts stream; every one must be stored."""
+    messages: list[object] = []
+    for item, image in products:
+        messages += [pb.IndexProductsRequest(product=item), pb.IndexProductsRequest(image_chunk=image)]
+    responses = [r async for r in stub.IndexProducts(stream(*messages))]
+    assert not [r for r in responses if r.HasField("error")]
 
 
 async def search(

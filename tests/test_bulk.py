@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -14,6 +13,7 @@ import pytest
 from conftest import RunningServer, jpeg_bytes, start_server, stop_server
 from google.rpc import code_pb2, error_details_pb2
 from grpc_health.v1 import health_pb2
+from helpers import rpc_codes, until
 from rpc import chunks, product, search, stream
 
 from imagesearch.config import Settings
@@ -98,25 +98,6 @@ async def test_bulk_import_of_empty_stream_answers_nothing(running: RunningServe
 
 
 # --- streams that break, stores that fail -------------------------------------------------------------------------
-
-
-def rpc_codes(running: RunningServer, method: str) -> dict[str, float]:
-    """The server's own record of finished RPCs of `method` by status code (its metrics)."""
-    counts: dict[str, float] = {}
-    for metric in running.components.metrics.registry.collect():
-        for sample in metric.samples:
-            if sample.name == "imagesearch_rpcs_total" and sample.labels["method"] == method and sample.value:
-                counts[sample.labels["code"]] = sample.value
-    return counts
-
-
-async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60) -> None:
-    """Wait for an event the test cannot await directly; the timeout only bounds a hang, it is not asserted on."""
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def stored_ids(running: RunningServer) -> set[str]:

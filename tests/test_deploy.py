@@ -8,13 +8,11 @@ a deployment. The two health checks that run inside containers are run here agai
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -26,6 +24,7 @@ import pytest
 import yaml
 from conftest import free_port
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from helpers import QuietHandler, http_server
 
 from imagesearch.config import DEFAULT_MODEL, ENV_PREFIX, Settings, client_target
 
@@ -414,26 +413,18 @@ def test_image_healthcheck_follows_the_grpc_health_service(health_server: tuple[
 def test_image_healthcheck_checks_the_http_port_when_set(
     health_server: tuple[int, health.HealthServicer], monkeypatch: pytest.MonkeyPatch, status: int, healthy: bool
 ) -> None:
-    class Healthz(http.server.BaseHTTPRequestHandler):
+    class Healthz(QuietHandler):
         def do_GET(self) -> None:
             body = b'{"status": "SERVING"}' if status == 200 else b'{"status": "NOT_SERVING"}'
             self.send_response(status if self.path == "/healthz" else 404)
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Healthz)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("IMAGESEARCH_HTTP_PORT", str(server.server_port))
+    with http_server(Healthz) as port:
+        monkeypatch.setenv("IMAGESEARCH_HTTP_PORT", str(port))
         assert (run_healthcheck(f"127.0.0.1:{health_server[0]}").returncode == 0) is healthy
         monkeypatch.setenv("IMAGESEARCH_HTTP_PORT", str(free_port()))  # nothing listens there
         assert run_healthcheck(f"127.0.0.1:{health_server[0]}").returncode == 1
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_image_healthcheck_fails_when_nothing_listens() -> None:
@@ -441,16 +432,13 @@ def test_image_healthcheck_fails_when_nothing_listens() -> None:
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
 
 
-class _Readyz(http.server.BaseHTTPRequestHandler):
+class _Readyz(QuietHandler):
     status = 200
 
     def do_GET(self) -> None:
         self.send_response(self.status if self.path == "/readyz" else 404)
         self.end_headers()
         self.wfile.write(b"all shards are ready")
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest's output clean
-        pass
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash, as in the qdrant image")
@@ -459,16 +447,11 @@ def test_qdrant_healthcheck_reads_readyz_with_bash_builtins(status: int, healthy
     test = compose()["services"]["qdrant"]["healthcheck"]["test"]
     assert test[:3] == ["CMD", "bash", "-c"]
     handler = type("Handler", (_Readyz,), {"status": status})
-    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with http_server(handler) as port:
         # Compose turns $$ into $; the check talks to Qdrant's REST port, here our stand-in's.
-        command = test[3].replace("$$", "$").replace("/6333", f"/{server.server_port}")
+        command = test[3].replace("$$", "$").replace("/6333", f"/{port}")
         result = subprocess.run(["bash", "-c", command], capture_output=True, timeout=10)
         assert (result.returncode == 0) is healthy
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash, as in the qdrant image")

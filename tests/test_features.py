@@ -21,7 +21,7 @@ from conftest import RunningServer, start_server, stop_server
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from qdrant_client import AsyncQdrantClient
-from rpc import stream, violated_fields
+from rpc import index_all, stream, violated_fields
 
 from imagesearch.config import CacheBackendName, Settings
 from imagesearch.model.encoder import ClipEncoder
@@ -79,21 +79,13 @@ async def start_backend(
     return await start_server(settings, encoder, store=store)
 
 
-async def index_all(running: RunningServer, products: Sequence[tuple[products_pb2.Product, bytes]]) -> None:
-    messages: list[object] = []
-    for item, image in products:
-        messages += [pb.IndexProductsRequest(product=item), pb.IndexProductsRequest(image_chunk=image)]
-    responses = [r async for r in running.stub.IndexProducts(stream(*messages))]
-    assert not [r for r in responses if r.HasField("error")]
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=BACKENDS)
 async def shop(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, encoder: ClipEncoder
 ) -> AsyncIterator[RunningServer]:
     settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("shop"), model="synthetic-clip")
     running = await start_backend(request.param, settings, encoder)
-    await index_all(running, [(as_product(item), item.jpeg()) for item in CATALOGUE])
+    await index_all(running.stub, [(as_product(item), item.jpeg()) for item in CATALOGUE])
     yield running
     await stop_server(running)
 
@@ -334,13 +326,13 @@ async def test_page_token_expires_when_the_catalogue_changes(
 ) -> None:
     running = await start_backend(backend, with_cache(settings, cache, redis_url, cache_namespace), encoder)
     try:
-        await index_all(running, small_catalogue(12))
+        await index_all(running.stub, small_catalogue(12))
         query = {"text": "red mug", "page_size": 3}
         token = (await search(running, **query)).next_page_token
         assert len((await search(running, **query, page_token=token)).hits) == 3  # unchanged: accepted, repeatedly
         assert len((await search(running, **query, page_token=token)).hits) == 3
 
-        await index_all(running, small_catalogue(13)[12:])
+        await index_all(running.stub, small_catalogue(13)[12:])
         error = await search_error(running, **query, page_token=token)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert violated_fields(error) == ["query.page_token"]
@@ -364,14 +356,14 @@ async def test_page_tokens_follow_the_shared_generation_across_replicas(
         "qdrant", dataclasses.replace(shared, data_dir=settings.data_dir / "b"), encoder, client
     )
     try:
-        await index_all(first, small_catalogue(12))
+        await index_all(first.stub, small_catalogue(12))
         query = {"text": "blue shoe", "page_size": 4}
         token = (await search(first, **query)).next_page_token
         assert ids(await search(second, **query, page_token=token)) == ids(
             await search(first, **query, page_token=token)
         )
 
-        await index_all(second, small_catalogue(13)[12:])
+        await index_all(second.stub, small_catalogue(13)[12:])
         error = await search_error(first, **query, page_token=token)
         assert (error.code(), violated_fields(error)) == (grpc.StatusCode.INVALID_ARGUMENT, ["query.page_token"])
     finally:
@@ -390,7 +382,7 @@ async def test_page_tokens_stay_with_their_replica_without_a_shared_cache(
         "qdrant", dataclasses.replace(settings, data_dir=settings.data_dir / "b"), encoder, client
     )
     try:
-        await index_all(first, small_catalogue(8))
+        await index_all(first.stub, small_catalogue(8))
         token = (await search(first, text="blue shoe", page_size=2)).next_page_token
         assert len((await search(first, text="blue shoe", page_size=2, page_token=token)).hits) == 2
         error = await search_error(second, text="blue shoe", page_size=2, page_token=token)

@@ -6,10 +6,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +14,8 @@ import grpc
 import numpy as np
 import pytest
 from conftest import RunningServer, free_port, jpeg_bytes
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from helpers import serve_process, wait_serving
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rpc import index, product, search, violated_fields
@@ -40,7 +37,6 @@ from imagesearch.v1 import image_search_service_pb2 as pb
 
 # Frames that no protobuf parser accepts: a varint that never ends, and a field with wire type 7.
 CORRUPT_FRAME = b"\xff\xff\xff\xff\x0f" * 4
-TEST_MODEL = "synthetic-clip"
 
 
 async def test_result_cache_keeps_a_category_with_a_comma_apart_from_two_categories(running: RunningServer) -> None:
@@ -244,22 +240,10 @@ def test_json_log_stays_json_when_clients_send_corrupt_frames(tmp_path: Path) ->
     # A real `imagesearch serve` process: every line it writes to stderr must be one JSON object, library
     # loggers (grpc's among them) included, and a corrupt frame is logged at info level without a traceback.
     port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESEARCH_")}
-    environ.update(
-        IMAGESEARCH_PORT=str(port),
-        IMAGESEARCH_HOST="127.0.0.1",
-        IMAGESEARCH_DATA_DIR=str(tmp_path / "data"),
-        IMAGESEARCH_MODEL=TEST_MODEL,
-        IMAGESEARCH_DEVICE="cpu",
-        IMAGESEARCH_LOG_FORMAT="json",
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "imagesearch.cli", "serve"], env=environ, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+    process = serve_process(tmp_path, port, IMAGESEARCH_LOG_FORMAT="json")
     try:
+        wait_serving(port)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_serving(channel)
             for method in SERVICE.methods:
                 path = f"/{SERVICE.full_name}/{method.name}"
                 with pytest.raises(grpc.RpcError) as err:
@@ -280,15 +264,3 @@ def test_json_log_stays_json_when_clients_send_corrupt_frames(tmp_path: Path) ->
     assert len(rpc_lines) == len(SERVICE.methods)
     assert all(r["level"] == "info" for r in rpc_lines)
     assert not [r for r in records if "exception" in r or r.get("level") == "error"]
-
-
-def _wait_serving(channel: grpc.Channel, timeout_s: float = 60) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True).status == 1:
-                return
-        except grpc.RpcError:
-            time.sleep(0.1)
-    raise AssertionError("server did not become SERVING")

@@ -7,11 +7,9 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import http.server
 import json
 import ssl
 import struct
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from conftest import jpeg_bytes, self_signed_certificate
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from helpers import QuietHandler, http_server, raising
 
 from imagesearch.api.status import status_for
 from imagesearch.config import Settings
@@ -162,7 +161,7 @@ def image_host() -> Iterator[str]:
     """A local image server, for searches and indexing by URL."""
     image = jpeg_bytes((30, 160, 40))
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             self.send_response(200 if self.path == "/green.jpg" else 404)
             self.send_header("Content-Type", "image/jpeg")
@@ -170,16 +169,8 @@ def image_host() -> Iterator[str]:
             self.end_headers()
             self.wfile.write(image)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Handler) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 async def test_search_and_index_by_image_url_over_http(
@@ -329,9 +320,7 @@ async def test_not_found_is_404_with_resource_info(running: Running) -> None:
 async def test_store_outage_is_503_with_retry_info_and_health_follows(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def down(*args: Any, **kwargs: Any) -> Any:
-        raise StoreUnavailable("qdrant is unreachable (injected)")
-
+    down = raising(StoreUnavailable("qdrant is unreachable (injected)"))
     monkeypatch.setattr(running.components.store, "get", down)
     monkeypatch.setattr(running.components.store, "ping", down)
     response = await running.call("GetProduct", {"id": "any"})
@@ -364,10 +353,7 @@ async def test_deadline_is_504(running: Running) -> None:
 async def test_unexpected_failure_is_500_with_the_request_id_only(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("secret internals")
-
-    monkeypatch.setattr(running.components.store, "get", broken)
+    monkeypatch.setattr(running.components.store, "get", raising(RuntimeError("secret internals")))
     response = await running.call("GetProduct", {"id": "any"}, headers={"x-request-id": "req-42"})
     assert response.status_code == 500
     assert response.json() == {"code": "internal", "message": "internal error; request id req-42"}

@@ -17,7 +17,7 @@ import io
 import json
 import random
 import tarfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ import pytest_asyncio
 import qdrant_edge as qe
 from conftest import RunningServer, start_server, stop_server
 from qdrant_client import AsyncQdrantClient, models
-from rpc import search, stream, violated_fields
+from rpc import index_all, search, violated_fields
+from stores import DIM, MODEL, open_store, unit
 
 from imagesearch.config import Settings
 from imagesearch.domain import LexicalQuery, Product, SearchFilter, point_id_for
@@ -66,14 +67,6 @@ def as_product(item: CatalogueItem, **attributes: str) -> products_pb2.Product:
     )
 
 
-async def index_all(running: RunningServer, products: Sequence[tuple[products_pb2.Product, bytes]]) -> None:
-    messages: list[object] = []
-    for item, image in products:
-        messages += [pb.IndexProductsRequest(product=item), pb.IndexProductsRequest(image_chunk=image)]
-    responses = [r async for r in running.stub.IndexProducts(stream(*messages))]
-    assert not [r for r in responses if r.HasField("error")]
-
-
 def ids(response: pb.SearchResponse) -> list[str]:
     return [hit.product.id for hit in response.hits]
 
@@ -88,7 +81,7 @@ async def search_error(running: RunningServer, **query: Any) -> grpc.aio.AioRpcE
 async def demo(tmp_path_factory: pytest.TempPathFactory, encoder: ClipEncoder) -> AsyncIterator[RunningServer]:
     settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("demo"), model="synthetic-clip")
     running = await start_server(settings, encoder)
-    await index_all(running, [(as_product(item), item.jpeg()) for item in DEMO])
+    await index_all(running.stub, [(as_product(item), item.jpeg()) for item in DEMO])
     yield running
     await stop_server(running)
 
@@ -280,7 +273,7 @@ async def shop(
     for item in SHOP:
         group = family(item)
         products.append((as_product(item, **({"group_id": group} if group else {})), item.jpeg()))
-    await index_all(running, products)
+    await index_all(running.stub, products)
     yield running
     await stop_server(running)
 
@@ -446,21 +439,6 @@ async def test_page_token_is_refused_with_another_mode(demo: RunningServer, chan
 
 
 # --- the stores: scores of each mode --------------------------------------------------------------------------
-
-DIM = 8
-MODEL = "test-model"
-
-
-def unit(*values: float) -> Vector:
-    v = np.zeros(DIM, dtype=np.float32)
-    v[: len(values)] = values
-    return (v / np.linalg.norm(v)).astype(np.float32)
-
-
-async def open_store(backend: str, path: Path) -> VectorStore:
-    if backend == "embedded":
-        return await EdgeStore.open(path / "edge", DIM, MODEL)
-    return await QdrantServerStore.open(None, DIM, MODEL, location=":memory:")
 
 
 @pytest_asyncio.fixture(params=["embedded", "qdrant"])

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -16,6 +16,7 @@ from conftest import RunningServer, jpeg_bytes, start_server, stop_server
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
+from helpers import rpc_codes, until
 from rpc import index, product, search
 
 from imagesearch.config import Settings
@@ -79,25 +80,6 @@ async def test_store_outage_gives_unavailable_and_health_follows_the_store(
         await asyncio.sleep(0.05)
     assert await health_status(running) == SERVING
     assert [h.product.id for h in (await search(running.stub, text="something new")).hits] == ["a"]
-
-
-def rpc_codes(running: RunningServer, method: str) -> dict[str, float]:
-    """The server's own record of finished RPCs of `method` by status code (its metrics), not the client's."""
-    counts: dict[str, float] = {}
-    for metric in running.components.metrics.registry.collect():
-        for sample in metric.samples:
-            if sample.name == "imagesearch_rpcs_total" and sample.labels["method"] == method and sample.value:
-                counts[sample.labels["code"]] = sample.value
-    return counts
-
-
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    """Wait for an event the test cannot await directly; the timeout only bounds a hang, it is not asserted on."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 class HeldForward:

@@ -26,7 +26,7 @@ from rpc import chunks, index, product, stream
 from imagesearch.api.auth import REQUIRED_SCOPE
 from imagesearch.config import Settings
 from imagesearch.model.encoder import ClipEncoder
-from imagesearch.server import STARTUP_FAILURE, build_server, open_components, serve
+from imagesearch.server import STARTUP_FAILURE, serve
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
@@ -275,21 +275,7 @@ async def with_extra_methods(
     settings: Settings, encoder: ClipEncoder, tmp_path: Path
 ) -> AsyncIterator[tuple[RunningServer, _ExtraMethods]]:
     extra = _ExtraMethods()
-    keyed_settings = _keyed_settings(settings, tmp_path)
-    components = await open_components(keyed_settings, encoder=encoder)
-    server, port, store_health = build_server(keyed_settings, components)
-    server.add_generic_rpc_handlers((extra,))
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    running = RunningServer(
-        server,
-        port,
-        components,
-        store_health,
-        channel,
-        pb_grpc.ImageSearchServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
+    running = await start_server(_keyed_settings(settings, tmp_path), encoder, handlers=(extra,))
     try:
         yield running, extra
     finally:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,8 +14,9 @@ from typing import IO
 
 import grpc
 import pytest
-from conftest import TEST_MODEL, RunningServer, free_port, jpeg_bytes
+from conftest import RunningServer, free_port, jpeg_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import serve_process, wait_serving
 from rpc import index, product, search
 
 from imagesearch.cli import main
@@ -110,42 +109,11 @@ async def test_closed_store_gives_unavailable_with_retry_info(running: RunningSe
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def _serve(tmp_path: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESEARCH_")}
-    environ.update(
-        IMAGESEARCH_PORT=str(port),
-        IMAGESEARCH_HOST="127.0.0.1",
-        IMAGESEARCH_DATA_DIR=str(tmp_path / "data"),
-        IMAGESEARCH_MODEL=TEST_MODEL,
-        IMAGESEARCH_DEVICE="cpu",
-        **env,
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "imagesearch.cli", "serve"],
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _wait_serving(port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise AssertionError("server did not become SERVING")
-
-
 def test_serve_process_drains_on_sigterm_and_exits_zero(tmp_path: Path) -> None:
     port = free_port()
-    process = _serve(tmp_path, port)
+    process = serve_process(tmp_path, port)
     try:
-        _wait_serving(port)
+        wait_serving(port)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
@@ -163,7 +131,7 @@ def test_serve_process_drains_on_sigterm_and_exits_zero(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_unreachable_qdrant_with_exit_code_3(tmp_path: Path) -> None:
-    process = _serve(tmp_path, free_port(), IMAGESEARCH_QDRANT_URL=f"http://127.0.0.1:{free_port()}")
+    process = serve_process(tmp_path, free_port(), IMAGESEARCH_QDRANT_URL=f"http://127.0.0.1:{free_port()}")
     try:
         _, logs = process.communicate(timeout=60)
         assert process.returncode == 3
@@ -203,10 +171,10 @@ class ServerLog:
 
 async def test_sigterm_under_load_finishes_in_flight_searches_and_refuses_new_ones(tmp_path: Path) -> None:
     port = free_port()
-    process = _serve(tmp_path, port, IMAGESEARCH_SHUTDOWN_GRACE_S="20")
+    process = serve_process(tmp_path, port, IMAGESEARCH_SHUTDOWN_GRACE_S="20")
     log = ServerLog(process)
     try:
-        await asyncio.to_thread(_wait_serving, port)
+        await asyncio.to_thread(wait_serving, port)
         release = asyncio.Event()
         heads_sent: list[int] = []
 
@@ -264,10 +232,10 @@ async def test_sigterm_under_load_finishes_in_flight_searches_and_refuses_new_on
 
 async def test_kill_9_during_bulk_index_loses_no_acknowledged_product(tmp_path: Path) -> None:
     port = free_port()
-    process = _serve(tmp_path, port)
+    process = serve_process(tmp_path, port)
     acknowledged: list[str] = []
     try:
-        await asyncio.to_thread(_wait_serving, port)
+        await asyncio.to_thread(wait_serving, port)
 
         async def products() -> AsyncIterator[pb.IndexProductsRequest]:
             for i in range(400):
@@ -289,9 +257,9 @@ async def test_kill_9_during_bulk_index_loses_no_acknowledged_product(tmp_path: 
         process.communicate()
     assert len(acknowledged) >= 60
 
-    restarted = _serve(tmp_path, port)
+    restarted = serve_process(tmp_path, port)
     try:
-        await asyncio.to_thread(_wait_serving, port)
+        await asyncio.to_thread(wait_serving, port)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ImageSearchServiceStub(channel)
             for product_id in acknowledged:
@@ -326,14 +294,14 @@ async def test_flood_of_large_uploads_keeps_server_memory_bounded(tmp_path: Path
     # The server runs in its own process so its memory is measured alone. With 4 encoding requests admitted at
     # a time, the rest are refused before their uploads are read: memory must not grow with the flood's size.
     port = free_port()
-    process = _serve(
+    process = serve_process(
         tmp_path,
         port,
         IMAGESEARCH_MAX_CONCURRENT_REQUESTS="4",
         IMAGESEARCH_MAX_IMAGE_BYTES=str(5 * 1024 * 1024),
     )
     try:
-        await asyncio.to_thread(_wait_serving, port)
+        await asyncio.to_thread(wait_serving, port)
         upload = jpeg_bytes((10, 200, 30)) + b"\0" * (4 * 1024 * 1024)
         await _flood(port, 8, upload)  # warm-up: the allocator's one-time growth
         baseline = _server_rss_mib(process.pid)

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.server
 import json
-import os
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
@@ -27,8 +23,9 @@ pytest.importorskip("opentelemetry.sdk.trace", reason="the tracing extra is not 
 pytest.importorskip("opentelemetry.instrumentation.grpc", reason="the tracing extra is not installed")
 
 import structlog
-from conftest import TEST_MODEL, RunningServer, free_port, jpeg_bytes, start_server, stop_server
+from conftest import RunningServer, free_port, jpeg_bytes, start_server, stop_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import QuietHandler, http_server, raising, serve_process
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -181,7 +178,7 @@ async def test_image_search_traces_the_upload_decode_and_forward(
     assert not any(isinstance(value, bytes) for value in attribute_values(spans))
 
 
-class _OneImage(http.server.BaseHTTPRequestHandler):
+class _OneImage(QuietHandler):
     body = jpeg_bytes((200, 120, 0))
 
     def do_GET(self) -> None:
@@ -191,21 +188,11 @@ class _OneImage(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(self.body)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
 
 @pytest.fixture
 def image_host() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneImage)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with http_server(_OneImage) as port:
+        yield f"127.0.0.1:{port}"
 
 
 async def test_search_by_url_traces_the_fetch_with_the_host_only(
@@ -276,10 +263,7 @@ async def test_invalid_argument_is_the_server_spans_status_code(
 async def test_server_failure_sets_the_error_status_on_the_server_span(
     traced: RunningServer, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def down(*args: Any, **kwargs: Any) -> Any:
-        raise StoreUnavailable("qdrant is unreachable (injected)")
-
-    monkeypatch.setattr(traced.components.store, "get", down)
+    monkeypatch.setattr(traced.components.store, "get", raising(StoreUnavailable("qdrant is unreachable (injected)")))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await traced.stub.GetProduct(pb.GetProductRequest(id="any"))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -414,21 +398,13 @@ def test_serve_exports_spans_over_otlp_and_logs_their_trace_id(
     # receiver (the last ones when it stops), and its JSON rpc line names the trace the caller started.
     endpoint, receiver = collector
     port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGESEARCH_", "OTEL_"))}
-    environ.update(
-        IMAGESEARCH_PORT=str(port),
-        IMAGESEARCH_HOST="127.0.0.1",
-        IMAGESEARCH_DATA_DIR=str(tmp_path / "data"),
-        IMAGESEARCH_MODEL=TEST_MODEL,
-        IMAGESEARCH_DEVICE="cpu",
+    process = serve_process(
+        tmp_path,
+        port,
         IMAGESEARCH_LOG_FORMAT="json",
         OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
         OTEL_SERVICE_NAME="imagesearch-e2e",
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "imagesearch.cli", "serve"], env=environ, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -497,10 +473,7 @@ async def test_http_calls_have_the_same_server_span_as_grpc_calls(
         assert missing.status.status_code == StatusCode.UNSET
         spans.clear()
 
-        async def down(*args: Any, **kwargs: Any) -> Any:
-            raise StoreUnavailable("qdrant is unreachable (injected)")
-
-        running.components.store.get = down  # type: ignore[method-assign]
+        running.components.store.get = raising(StoreUnavailable("qdrant is unreachable (injected)"))  # type: ignore[method-assign]
         assert (await running.call("GetProduct", {"id": "any"})).status_code == 503
         failed = await server_span(spans, "GetProduct")
         assert failed.status.status_code == StatusCode.ERROR
