@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from qdrant_client import AsyncQdrantClient
+from stores import DIM, MODEL, open_store, unit
 
 import imagesearch
 from imagesearch.domain import FacetCount, FacetSpec, Product, SearchFilter
@@ -28,28 +29,10 @@ from imagesearch.store.edge import indexed_clip_vectors
 # qdrant-client's local mode warns that it ignores payload indexes; the store creates them for real servers.
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
 
-DIM = 8
-MODEL = "test-model"
-
-
-def unit(*values: float) -> Vector:
-    """A normalised DIM-d vector whose leading components are `values`."""
-    v = np.zeros(DIM, dtype=np.float32)
-    v[: len(values)] = values
-    return (v / np.linalg.norm(v)).astype(np.float32)
-
 
 def at_cosine(c: float) -> Vector:
     """A unit vector whose cosine similarity to unit(1) is `c`."""
     return unit(c, float(np.sqrt(1 - c * c)))
-
-
-async def open_store(backend: str, tmp_path: Path, dimension: int = DIM, model_id: str = MODEL) -> VectorStore:
-    if backend == "embedded":
-        return await EdgeStore.open(tmp_path / "edge", dimension, model_id)
-    # ":memory:" is qdrant-client's in-process local mode. It exercises this store's qdrant-client code path
-    # (requests, filters, payload layout, error handling) because no Qdrant server can run here.
-    return await QdrantServerStore.open(None, dimension, model_id, location=":memory:")
 
 
 @pytest_asyncio.fixture(params=["embedded", "qdrant"])
