@@ -163,6 +163,13 @@ def test_read_judgements_rejects_an_unusable_file(tmp_path: Path, name: str, tex
         read_judgements(write(tmp_path / name, text))
 
 
+def test_read_judgements_rejects_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "j.csv"
+    path.write_bytes(b"query,product_id,grade\nmug,p1,2\n\xff\xfe,p2,1\n")
+    with pytest.raises(EvaluationError, match="not UTF-8 text"):
+        read_judgements(path)
+
+
 def test_evaluate_command_exits_2_on_a_bad_judgement_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path / "j.jsonl", jsonl({"query": "mug", "product_id": "p1", "grade": "high"}))
     # The list is read before any server is called: nothing listens on this port.

@@ -192,8 +192,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                 judgements,
                 variants,
                 target=args.target or client_target(),
-                recall_at=args.recall_at,
-                concurrency=args.concurrency,
+                recall_at=args.recall_at or evaluate.DEFAULT_RECALL_AT,
+                concurrency=args.concurrency or evaluate.DEFAULT_CONCURRENCY,
             )
         )
     except (evaluate.EvaluationError, OSError) as exc:
@@ -311,12 +311,8 @@ def _parser() -> argparse.ArgumentParser:
         "another server. Repeatable: one column each, two side by side with their difference. Default: one "
         "column, the server's defaults",
     )
-    evaluate.add_argument(
-        "--recall-at", type=_cutoffs, default=[10, 100], metavar="K,...", help="recall cutoffs (default 10,100)"
-    )
-    evaluate.add_argument(
-        "--concurrency", type=_positive, default=4, help="searches in flight at once per variant (default 4)"
-    )
+    evaluate.add_argument("--recall-at", type=_cutoffs, metavar="K,...", help="recall cutoffs (default 10,100)")
+    evaluate.add_argument("--concurrency", type=_positive, help="searches in flight at once per variant (default 4)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON, with per-query values")
     evaluate.set_defaults(func=_evaluate)
 

@@ -78,12 +78,12 @@ class Judgements:
 
 
 def read_judgements(path: Path) -> Judgements:
-    if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path)
-    elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = _jsonl_rows(path)
-    else:
+    if path.suffix.lower() not in (".jsonl", ".csv"):
         raise EvaluationError(f"{path}: expected a .jsonl or .csv judgement list")
+    try:
+        rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    except UnicodeDecodeError:
+        raise EvaluationError(f"{path}: not UTF-8 text") from None
     queries: dict[str, EvalQuery] = {}
     grades: dict[str, dict[str, int]] = {}
     judged_at: dict[tuple[str, str], int] = {}
@@ -133,12 +133,15 @@ def _csv_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     with path.open(encoding="utf-8", newline="") as file:
         reader = csv.DictReader(file)
-        _known_columns(path, 1, dict.fromkeys(reader.fieldnames or ()))
-        for row in reader:
-            if None in row:
-                raise JudgementError(path, reader.line_num, "more cells than columns")
-            # An empty cell is an absent value, as an absent key is in JSONL.
-            rows.append((reader.line_num, {key: value for key, value in row.items() if value not in ("", None)}))
+        try:
+            _known_columns(path, 1, dict.fromkeys(reader.fieldnames or ()))
+            for row in reader:
+                if None in row:
+                    raise JudgementError(path, reader.line_num, "more cells than columns")
+                # An empty cell is an absent value, as an absent key is in JSONL.
+                rows.append((reader.line_num, {key: value for key, value in row.items() if value not in ("", None)}))
+        except csv.Error as exc:
+            raise JudgementError(path, reader.line_num, f"not CSV: {exc}") from None
     return rows
 
 
