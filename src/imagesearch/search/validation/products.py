@@ -49,7 +49,7 @@ def check_product(product: Product, v: Violations, prefix: str = "product") -> N
         check_text(image.role, f"{where}.role", MAX_IMAGE_ROLE_CHARS, v)
         check_text(image.url, f"{where}.url", MAX_IMAGE_URL_CHARS, v)
         if image.id and image.id in ids:
-            v.add(f"{where}.id", f"{image.id!r} is the id of an earlier image: ids are unique within a product")
+            v.add(f"{where}.id", f"repeats the id {image.id!r} of an earlier image: ids are unique within a product")
         ids.add(image.id)
 
 
