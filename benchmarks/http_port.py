@@ -38,7 +38,7 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from imagesearch.v1 import products_pb2
 
 # The gRPC benchmark's helpers (this directory is on sys.path when a benchmark runs as a script).
-from service import free_port, wait_serving  # isort: skip
+from service_server import free_port, wait_serving  # isort: skip
 
 RESULTS_DIR = Path(__file__).parent / "results"
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown"]

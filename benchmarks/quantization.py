@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from service import photo_like_jpeg  # sibling scripts, not a package
 from timing import median_ms
 
+from imagesearch.model.calibration import Calibration
 from imagesearch.model.encoder import ClipEncoder
+from imagesearch.synthetic.calibration import CALIBRATION_SET, calibration_images
 
 TEXTS = [f"a photo of a {c} {k}" for c in ("red", "blue", "green", "black") for k in ("mug", "shoe", "lamp", "bag")]
 
@@ -58,7 +60,9 @@ def load_pair(spec: str, options: dict[str, str]) -> tuple[ClipEncoder, ClipEnco
     torch.manual_seed(0)
     fp32 = ClipEncoder.load(spec, device="cpu", runtime="torch", text_weights="fp32")
     torch.manual_seed(0)
-    return fp32, ClipEncoder.load(spec, device="cpu", **options)  # type: ignore[arg-type]
+    # int8 calibrates on the images the server uses (server.encoder_options): the synthetic renders.
+    calibration = Calibration(CALIBRATION_SET, calibration_images) if options.get("precision") == "int8" else None
+    return fp32, ClipEncoder.load(spec, device="cpu", calibration=calibration, **options)  # type: ignore[arg-type]
 
 
 def speed(spec: str, image: bytes, n: int, options: dict[str, str]) -> None:

@@ -30,24 +30,29 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import open_clip
 import torch
 
 import imagesearch
+from imagesearch.model.calibration import Calibration
+from imagesearch.model.cpus import CpuBudget, CpuModel
 from imagesearch.model.openvino_runtime import (
+    FloatPrecision,
     OpenVinoImageTower,
     OpenVinoTextTower,
     Precision,
-    cpu_has_native_bf16,
+    native_precisions,
 )
 from imagesearch.model.text_tower import LeanTextTower, fp16_weight_kernels_available
+from imagesearch.synthetic.calibration import CALIBRATION_SET, calibration_images
 from imagesearch.synthetic.renderer import COLOURS, KINDS, PATTERNS, render
 
 SYNTHETIC = "synthetic-clip"
-FloatPrecision = Literal["f32", "bf16"]
+# int8 calibrates on the images the server uses (server.encoder_options).
+CALIBRATION = Calibration(CALIBRATION_SET, calibration_images)
 QUERY = "a photo of a red leather bag"  # 7 tokens + start and end
 
 
@@ -96,11 +101,25 @@ def torch_int8(visual: torch.nn.Module) -> torch.nn.Module:
 
 
 def float_precisions() -> list[FloatPrecision]:
-    return ["f32", "bf16"] if cpu_has_native_bf16() else ["f32"]
+    """f32, and each reduced precision this CPU computes natively."""
+    return ["f32", *(p for p in ("f16", "bf16") if p in native_precisions())]  # type: ignore[list-item]
 
 
 def precisions(int8: bool) -> list[Precision]:
     return [*float_precisions(), *(["int8"] if int8 else [])]  # type: ignore[list-item]
+
+
+def build_image(
+    visual: torch.nn.Module, cache_dir: Path, precision: Precision, threads: int, preprocess: Any
+) -> OpenVinoImageTower:
+    return OpenVinoImageTower.build(
+        visual,
+        cache_dir=cache_dir,
+        precision=precision,
+        threads=threads,
+        preprocess=preprocess,
+        calibration=CALIBRATION,
+    )
 
 
 def image_forward(model: Any, visual: torch.nn.Module | None = None) -> Callable[[torch.Tensor], np.ndarray]:
@@ -138,8 +157,7 @@ def print_table(title: str, cases: list[Case], reference: Case) -> None:
 def speed(spec: str, threads: int, n: int, int8: bool, cache_dir: Path) -> None:
     model, preprocess, tokenizer = load(spec)
     one, sixteen = renders(preprocess, 1, seed=1), renders(preprocess, 16, seed=2)
-    ours = {p: OpenVinoImageTower.build(model.visual, cache_dir=cache_dir, precision=p, threads=threads,
-                                        preprocess=preprocess) for p in precisions(int8)}  # fmt: skip
+    ours = {p: build_image(model.visual, cache_dir, p, threads, preprocess) for p in precisions(int8)}
     variants: list[tuple[str, Callable[[torch.Tensor], object]]] = [
         ("torch fp32", image_forward(model)),
         ("torch dynamic int8", image_forward(model, torch_int8(model.visual))),
@@ -180,10 +198,8 @@ def build_times(specs: list[str], threads: int, int8: bool) -> None:
         model, preprocess, _ = load(spec)
         for p in precisions(int8):
             with tempfile.TemporaryDirectory(prefix="runtimes-bench-") as scratch:
-                cold = OpenVinoImageTower.build(model.visual, cache_dir=Path(scratch), precision=p,
-                                                threads=threads, preprocess=preprocess)  # fmt: skip
-                cached = OpenVinoImageTower.build(model.visual, cache_dir=Path(scratch), precision=p,
-                                                  threads=threads, preprocess=preprocess)  # fmt: skip
+                cold = build_image(model.visual, Path(scratch), p, threads, preprocess)
+                cached = build_image(model.visual, Path(scratch), p, threads, preprocess)
                 assert not cold.cache.hit and cached.cache.hit
                 size_mb = sum(f.stat().st_size for f in cold.cache.path.iterdir()) / 1e6
             print(
@@ -213,7 +229,12 @@ def agreement(specs: list[str], threads: int, int8: bool, cache_dir: Path) -> No
         }
         for p in precisions(int8):
             towers[f"openvino {p}"] = OpenVinoImageTower.build(
-                model.visual, cache_dir=cache_dir, precision=p, threads=threads, preprocess=preprocess
+                model.visual,
+                cache_dir=cache_dir,
+                precision=p,
+                threads=threads,
+                preprocess=preprocess,
+                calibration=CALIBRATION,
             )
         for label, tower in towers.items():
             cosines = np.sum(tower(pixels) * reference, axis=1)
@@ -237,8 +258,9 @@ def main() -> int:
     parser.add_argument("--speed-only", action="store_true", help="skip the agreement and build-time sections")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = _cpu_name()
-    print(f"machine: {cpu}, {args.threads} threads; native bf16: {cpu_has_native_bf16()}; {platform.python_version()}")
+    natives = ", ".join(sorted(native_precisions())) or "none"
+    print(f"machine: {CpuModel.read().describe(CpuBudget.detect())}; {args.threads} threads")
+    print(f"native reduced precisions (OpenVINO): {natives}; python {platform.python_version()}")
     print(f"torch {torch.__version__}")
     specs = list(dict.fromkeys([args.model, SYNTHETIC]))
     with tempfile.TemporaryDirectory(prefix="runtimes-bench-") as scratch:
@@ -248,16 +270,6 @@ def main() -> int:
     if not args.speed_only:
         build_times(specs, args.threads, args.int8)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

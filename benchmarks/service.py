@@ -6,16 +6,19 @@
     .venv/bin/python benchmarks/service.py --runtime torch # the image tower on torch instead of OpenVINO
     .venv/bin/python benchmarks/service.py --tracing       # the server traced (sampled, exported over OTLP)
 
-Prints one table: p50/p95/p99 latency and throughput per path, next to the bare model floor (the model called directly
-in this process, no server, sampled between the service's calls, on the same runtime and precision as the server), and
-the ratio service/floor. Uncached text searches also run in dense and in hybrid mode (the default of a text-only
-search), alternating call by call, and the ratio of their p50s is printed. Image paths are also compared with a fixed
-reference sampled in the same run: the torch fp32 image tower (`vs torch fp32`), so the gain of a runtime over it is a
-ratio within one run. With --tracing the server traces every request (sampled, exported over OTLP/gRPC to a stand-in
-collector in this process) and the table shows the traced server; then uncached text searches alternate between two
-fresh servers, one traced and one not, for the overhead of tracing within one run. Writes the table as JSON under
-benchmarks/results/. Random weights cost the same compute as pretrained ones, so these are speed figures only: they say
-nothing about relevance. Never asserts on time; exits non-zero only when an RPC fails.
+Prints first the CPU (model, family/model numbers, the flags the runtimes depend on, the CPUs and cores this process
+may use) and how the server runs its towers and why (the runtime choice it measured at its first start); then one
+table: p50/p95/p99 latency and throughput per path, next to the bare model floor (the model called directly in this
+process, no server, sampled between the service's calls, loaded from the server's runtime cache so that it reuses the
+server's runtime choice), and the ratio service/floor. Uncached text searches also run in dense and in hybrid mode
+(the default of a text-only search), alternating call by call, and the ratio of their p50s is printed. Image paths are
+also compared with a fixed reference sampled in the same run: the torch fp32 image tower (`vs torch fp32`), so the gain
+of a runtime over it is a ratio within one run. With --tracing the server traces every request (sampled, exported over
+OTLP/gRPC to a stand-in collector in this process) and the table shows the traced server; then uncached text searches
+alternate between two fresh servers, one traced and one not, for the overhead of tracing within one run
+(service_tracing.py). Writes the table, the CPU and the runtime choice as JSON under benchmarks/results/. Random
+weights cost the same compute as pretrained ones, so these are speed figures only: they say nothing about relevance.
+Never asserts on time; exits non-zero only when an RPC fails.
 """
 
 from __future__ import annotations
@@ -27,75 +30,36 @@ import json
 import os
 import platform
 import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
-from timing import median_ms  # a sibling script
+
+# Sibling scripts.
+from service_report import Row, print_table, row
+from service_server import fill_catalogue, start_server, wait_serving
+from service_tracing import OtlpSink, tracing_overhead
+from service_tracing import report as report_tracing
+from timing import median_ms
 
 from imagesearch.client import ImageSearchClient, Product
-from imagesearch.domain import Product as DomainProduct
+from imagesearch.model.cpus import CpuBudget, CpuModel
 from imagesearch.model.encoder import ClipEncoder
-from imagesearch.store import EdgeStore
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # A pause between a floor call and a service call: after a forward pass, torch's OpenMP threads keep spinning
 # for a moment, and on a small machine the spinning threads of one process would slow the other's next call.
 SETTLE_S = 0.01
 CATEGORIES = ["mugs", "shoes", "bags", "lamps", "shirts", "hats", "bottles", "chairs"]
-
-
-@dataclass
-class Row:
-    path: str
-    n: int
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    per_s: float
-    floor_ms: float | None = None
-    reference_ms: float | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        return self.p50_ms / self.floor_ms if self.floor_ms else None
-
-
-def cpu_flags() -> str:
-    """The CPU's model and the flags the runtimes' speed depends on (AVX-512, bf16, AMX), from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "cpu flags unknown"
-    model = next((line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((line.partition(":")[2].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return f"{model}; " + " ".join(f for f in wanted if f in flags)
-
-
-def percentiles(samples_s: list[float]) -> tuple[float, float, float]:
-    ms = np.array(samples_s) * 1000.0
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), float(np.percentile(ms, 99))
-
-
-def row(path: str, samples_s: list[float], floor_ms: float | None = None, wall_s: float | None = None) -> Row:
-    p50, p95, p99 = percentiles(samples_s)
-    per_s = len(samples_s) / wall_s if wall_s else 1.0 / statistics.mean(samples_s)
-    return Row(path, len(samples_s), p50, p95, p99, per_s, floor_ms)
 
 
 def photo_like_jpeg(seed: int, size: int = 400) -> bytes:
@@ -145,102 +109,6 @@ class Floor:
         pixels = encoder.preprocess(encoder.decode(jpeg, field="f", max_pixels=10**8))
         batch = torch.stack([pixels] * 32)
         return 32 / (median_ms(lambda: encoder.encode_pixels(batch), repeats, warm_up=1) / 1000.0)
-
-
-async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: int) -> None:
-    # Random unit vectors stand in for indexed products: the store's cost depends on count and filters, not on
-    # what the vectors mean, and encoding 10k images with ViT-B-32 on 2 cores would take ~10 minutes.
-    store = await EdgeStore.open(data_dir / "qdrant-edge", dimension=dimension, model_id=model_id)
-    rng = np.random.default_rng(0)
-    try:
-        for start in range(0, size, 1000):
-            vectors = rng.standard_normal((min(1000, size - start), dimension)).astype(np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            items = [
-                (
-                    DomainProduct(
-                        id=f"bench-{start + i}",
-                        name=f"product {start + i}",
-                        category=CATEGORIES[(start + i) % len(CATEGORIES)],
-                        price=float((start + i) % 200),
-                        attributes={"colour": ["red", "blue", "green"][(start + i) % 3]},
-                    ),
-                    vector,
-                )
-                for i, vector in enumerate(vectors)
-            ]
-            await store.upsert(items)
-    finally:
-        await store.close()
-
-
-def start_server(
-    data_dir: Path,
-    args: argparse.Namespace,
-    started_at: float,
-    *,
-    port: int | None = None,
-    otlp_endpoint: str | None = None,
-) -> subprocess.Popen[bytes]:
-    # OpenTelemetry's variables too: a server is traced only when asked (otlp_endpoint), never by this shell's.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGESEARCH_", "OTEL_"))}
-    if otlp_endpoint is not None:
-        env.update(
-            OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint,
-            OTEL_EXPORTER_OTLP_INSECURE="true",
-            OTEL_TRACES_SAMPLER="always_on",
-            OTEL_SERVICE_NAME="imagesearch-benchmark",
-        )
-    env.update(
-        IMAGESEARCH_PORT=str(port or args.port),
-        IMAGESEARCH_HOST="127.0.0.1",
-        IMAGESEARCH_DATA_DIR=str(data_dir),
-        IMAGESEARCH_MODEL=args.model,
-        IMAGESEARCH_DEVICE=args.device,
-        IMAGESEARCH_LOG_LEVEL="warning",
-        IMAGESEARCH_TEXT_WEIGHTS=args.text_weights,
-        IMAGESEARCH_RUNTIME=args.runtime,
-        IMAGESEARCH_PRECISION=args.precision,
-    )
-    return subprocess.Popen([sys.executable, "-m", "imagesearch.cli", "serve"], env=env)
-
-
-class OtlpSink:
-    """A stand-in OpenTelemetry collector on loopback: accepts OTLP/gRPC trace exports and counts the spans, so a
-    traced server pays for creating, processing and exporting every span, as it would with a real collector."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
-        sink = self
-        self.spans = 0
-
-        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:
-                sink.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self._server)
-        self.endpoint = f"http://127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
-        self._server.start()
-
-    def stop(self) -> None:
-        self._server.stop(None)
-
-
-async def wait_serving(target: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.2)
-    raise RuntimeError("server did not become SERVING")
 
 
 @dataclass
@@ -373,77 +241,6 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
     return rows, figures
 
 
-async def tracing_overhead(
-    args: argparse.Namespace, data_dir: Path, otlp_endpoint: str, model_id: str, dimension: int
-) -> tuple[list[Row], dict[str, float]]:
-    """Uncached text searches alternating between two servers started together from identical copies of the
-    catalogue, one traced (sampled, exported to `otlp_endpoint`) and one not, each call after a pause, the order
-    swapped every round: both see the same machine, which on a shared one moves more between runs than tracing
-    costs, and neither has a history the other lacks (a server that has just started runs slower for a while).
-    Returns the rows (off, on) and figures: the median of the per-round differences (on - off, in ms), which slow
-    swings of the machine's load do not move, and each server's CPU time per search (all its threads, the span
-    exporter's included), which waiting does not move."""
-    servers: dict[str, subprocess.Popen[bytes]] = {}
-    ports = {"off": free_port(), "on": free_port()}
-    off_s: list[float] = []
-    on_s: list[float] = []
-    rounds = max(100, 4 * args.n)
-    cpu_s: dict[int, float] = {}
-    try:
-        for name, port in ports.items():
-            ab_dir = data_dir / f"tracing-{name}"
-            await fill_catalogue(ab_dir, model_id, dimension, args.catalogue)
-            # The runtime's converted graph from the main run: both start as a restarted server would.
-            if (data_dir / "runtime-cache").is_dir():
-                shutil.copytree(data_dir / "runtime-cache", ab_dir / "runtime-cache", dirs_exist_ok=True)
-            endpoint = otlp_endpoint if name == "on" else None
-            servers[name] = start_server(ab_dir, args, time.perf_counter(), port=port, otlp_endpoint=endpoint)
-        for port in ports.values():
-            await wait_serving(f"127.0.0.1:{port}")
-        twin, traced = servers["off"], servers["on"]
-        async with (
-            ImageSearchClient(f"127.0.0.1:{ports['off']}") as off,
-            ImageSearchClient(f"127.0.0.1:{ports['on']}") as on,
-        ):
-            pairs = [(off, off_s), (on, on_s)]
-            for i in range(-20, rounds):
-                if i == 0:
-                    cpu_s = {pid: process_cpu_s(pid) for pid in (twin.pid, traced.pid)}
-                for client, into in pairs if i % 2 else pairs[::-1]:
-                    # Longer than SETTLE_S: the other server's OpenMP threads spin on after its forward.
-                    await asyncio.sleep(0.05)
-                    started = time.perf_counter()
-                    await client.search(text=f"a green canvas tote, size {i}")
-                    if i >= 0:
-                        into.append(time.perf_counter() - started)
-            # The traced server's last spans are exported within its batch delay (5 s): count that work too.
-            await asyncio.sleep(6)
-            cpu_s = {pid: process_cpu_s(pid) - before for pid, before in cpu_s.items()}
-    finally:
-        for server in servers.values():
-            server.terminate()
-            server.wait(timeout=60)
-    figures = {
-        "median_paired_difference_ms": statistics.median(on - off for on, off in zip(on_s, off_s, strict=True)) * 1e3,
-        "cpu_ms_per_search_off": cpu_s[twin.pid] / rounds * 1000.0,
-        "cpu_ms_per_search_on": cpu_s[traced.pid] / rounds * 1000.0,
-    }
-    return [row("text search, uncached, tracing off", off_s), row("text search, uncached, tracing on", on_s)], figures
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds a process has used, all threads (Linux: /proc/PID/stat utime + stime)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def hybrid_vs_dense(client: ImageSearchClient, n: int) -> list[Row]:
     """Uncached text searches in dense and in hybrid mode (the default of a text-only search), alternating call by
     call, the order swapped every round: both modes see the same machine. Every call has a text of its own, so
@@ -471,43 +268,6 @@ async def bulk_import(client: ImageSearchClient, count: int) -> Row:
         gaps.append(now - last)
         last = now
     return row(f"bulk import, {count} products (IndexProducts)", gaps, None, time.perf_counter() - started)
-
-
-def print_table(rows: list[Row], floor: dict[str, float], header: str) -> None:
-    print()
-    print(header)
-    print(
-        f"floor (bare model in the benchmark process, sampled between the service's calls): one text "
-        f"{floor['text_ms']:.1f} ms on the service's path ({floor['text_padded_ms']:.1f} ms on open_clip's padded "
-        f"path, {floor['text_padded_ms'] / floor['text_ms']:.1f}x); one image {floor['image_ms']:.1f} ms (decode + "
-        f"preprocess + forward); batched images {floor['batch32_images_per_s']:.1f}/s (forward only, batch 32)"
-    )
-    print(
-        f"reference (torch fp32 image tower, sampled alongside): one image {floor['reference_image_ms']:.1f} ms; "
-        f"batched {floor['reference_batch32_images_per_s']:.1f}/s"
-    )
-    print(
-        f"text forward, one query, sampled alongside: {floor['text_ms']:.1f} ms on the served path, "
-        f"{floor['reference_text_ms']:.1f} ms on the torch path ({floor['text_ms'] / floor['reference_text_ms']:.2f}x)"
-    )
-    print("p50/floor: each path against the floor samples taken alongside it (text: one text; image: one image)")
-    print("vs torch fp32: p50 against the torch fp32 reference's one image, sampled alongside (lower is faster)")
-    header_row = f"{'path':<48} {'n':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'per s':>8} {'p50/floor':>10}"
-    print(header_row + f" {'vs torch fp32':>14}")
-    for r in rows:
-        ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
-        vs_reference = f"{r.p50_ms / r.reference_ms:.2f}" if r.reference_ms and "concurrent" not in r.path else ""
-        print(
-            f"{r.path:<48} {r.n:>5} {r.p50_ms:>9.2f} {r.p95_ms:>9.2f} {r.p99_ms:>9.2f} {r.per_s:>8.1f} {ratio:>10}"
-            f" {vs_reference:>14}"
-        )
-    batched, reference = floor["batch32_images_per_s"], floor["reference_batch32_images_per_s"]
-    for r in rows:
-        if r.path.startswith(("image search, 32", "bulk import")):
-            print(
-                f"  {r.path}: {r.per_s:.1f}/s = {r.per_s / batched:.2f} x the bare batched encoder ({batched:.1f}/s)"
-                f" = {r.per_s / reference:.2f} x torch fp32 batched ({reference:.1f}/s)"
-            )
 
 
 async def main() -> int:
@@ -541,27 +301,20 @@ async def main() -> int:
     args.n = args.n or (10 if args.quick else 30)
     args.catalogue = args.catalogue or (2000 if args.quick else 10_000)
 
+    budget = CpuBudget.detect()
+    cpu = CpuModel.read()
     print(
         f"model: {args.model} on {args.device}"
         + (" (random weights: speed only, no relevance)" * ("random" in args.model))
     )
-    torch.manual_seed(0)
-    encoder = ClipEncoder.load(
-        args.model,
-        device=args.device,
-        text_weights=args.text_weights,
-        runtime=args.runtime,
-        precision=args.precision,
-    )
+    print(f"cpu: {cpu.describe(budget)}; torch {torch.__version__}, load {os.getloadavg()[0]:.1f}")
     torch.manual_seed(0)
     reference = ClipEncoder.load(args.model, device=args.device, runtime="torch", text_weights=args.text_weights)
-    text_path = encoder.text_path
-    model_id, dimension = encoder.model_id, encoder.dimension
+    model_id, dimension = reference.model_id, reference.dimension
 
     sink = OtlpSink() if args.tracing else None
     otlp_endpoint = sink.endpoint if sink is not None else None
-    tracing_rows: list[Row] = []
-    tracing_figures: dict[str, float] = {}
+    tracing: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="imagesearch-bench-") as tmp:
         data_dir = Path(tmp)
         await fill_catalogue(data_dir, model_id, dimension, args.catalogue)
@@ -570,6 +323,19 @@ async def main() -> int:
             target = f"127.0.0.1:{args.port}"
             await wait_serving(target)
             startup_s = time.perf_counter() - started_at
+            # The floor runs the way the server does: loaded from the server's runtime cache, it reuses the runtime
+            # choice the server measured and stored at its start (and says why, as the server does).
+            encoder = ClipEncoder.load(
+                args.model,
+                device=args.device,
+                text_weights=args.text_weights,
+                runtime=args.runtime,
+                precision=args.precision,
+                runtime_cache_dir=data_dir / "runtime-cache",
+            )
+            served = await served_model(target)
+            print(f"runtime (server): {served['image_tower']} image tower, {served['text_tower']} text tower")
+            print(f"runtime choice: {served['runtime_reason'] or encoder.runtime_reason}")
             # The benchmark keeps its own copies of the model (the floor, the reference) next to the server's.
             rows, floor = await run_paths(target, Floor(encoder, reference), args.n, args.quick)
         finally:
@@ -586,17 +352,14 @@ async def main() -> int:
         if sink is not None:
             tracing_rows, tracing_figures = await tracing_overhead(args, data_dir, sink.endpoint, model_id, dimension)
 
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}"
-    )
+    machine = f"{platform.machine()}, {cpu.describe(budget)}, torch {torch.__version__}"
+    machine += f", threads {encoder.torch_threads}"
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name(0)}"
-    image_tower = f"{encoder.image_runtime} {encoder.image_precision}"
-    towers = f"image tower {image_tower}, text {text_path}"
+    image_tower, text_path = f"{encoder.image_runtime} {encoder.image_precision}", encoder.text_path
     header = (
-        f"imagesearch service benchmark: {args.model} ({towers}) on {args.device}; "
-        f"catalogue {args.catalogue}; {machine}" + ("; tracing on (sampled, exported)" if args.tracing else "")
+        f"imagesearch service benchmark: {args.model} (image tower {image_tower}, text {text_path}) on "
+        f"{args.device}; catalogue {args.catalogue}; {machine}" + ("; tracing on (sampled, exported)" * args.tracing)
     )
     print_table(rows, floor, header)
     dense, hybrid = (
@@ -607,26 +370,9 @@ async def main() -> int:
         f"server start-up, process start to SERVING: {startup_s:.1f} s with the runtime's conversion cache cold, "
         f"{cached_startup_s:.1f} s cached"
     )
-    tracing: dict[str, Any] | None = None
     if sink is not None:
         sink.stop()  # after the servers: each exported what it still held as it stopped
-        off, on = tracing_rows
-        tracing = {
-            "spans_exported": sink.spans,
-            "rows": [asdict(r) for r in tracing_rows],
-            "p50_difference_ms": on.p50_ms - off.p50_ms,
-            **tracing_figures,
-        }
-        print(f"\ntracing: {sink.spans} spans exported to the local collector; alternating calls, same run:")
-        for r in tracing_rows:
-            print(f"  {r.path:<40} n={r.n}  p50 {r.p50_ms:.2f} ms  p95 {r.p95_ms:.2f} ms  p99 {r.p99_ms:.2f} ms")
-        cpu_off, cpu_on = tracing_figures["cpu_ms_per_search_off"], tracing_figures["cpu_ms_per_search_on"]
-        paired = tracing_figures["median_paired_difference_ms"]
-        print(
-            f"  p50 difference: {on.p50_ms - off.p50_ms:+.2f} ms ({on.p50_ms / off.p50_ms:.3f}x); median of the "
-            f"per-round differences (on - off, adjacent calls): {paired:+.2f} ms"
-        )
-        print(f"  server CPU per search: {cpu_off:.2f} ms off, {cpu_on:.2f} ms on ({cpu_on - cpu_off:+.2f} ms)")
+        tracing = report_tracing(sink, tracing_rows, tracing_figures)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"service-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(
@@ -637,6 +383,9 @@ async def main() -> int:
                 "precision": args.precision,
                 "image_tower": image_tower,
                 "text_path": text_path,
+                "cpu": asdict(cpu) | asdict(budget),
+                "runtime_reason": served["runtime_reason"] or encoder.runtime_reason,
+                "served": served,
                 "startup_s": startup_s,
                 "cached_startup_s": cached_startup_s,
                 "catalogue": args.catalogue,
@@ -650,6 +399,19 @@ async def main() -> int:
     )
     print(f"\nwritten: {out}")
     return 0
+
+
+async def served_model(target: str) -> dict[str, Any]:
+    """How the server runs its towers, as its GetServiceInfo says (runtime_reason and cpu where it reports them)."""
+    async with ImageSearchClient(target) as client:
+        model = (await client.service_info()).model
+    return {
+        "image_tower": f"{model.image_tower_runtime} {model.image_tower_precision}",
+        "text_tower": f"{model.text_tower_runtime} {model.text_tower_precision}",
+        "torch_threads": model.torch_threads,
+        "runtime_reason": getattr(model, "runtime_reason", ""),
+        "cpu": getattr(model, "cpu", ""),
+    }
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ def test_service_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
     assert table["floor"]["reference_image_ms"] > 0 and table["floor"]["reference_batch32_images_per_s"] > 0
     assert table["startup_s"] > 0 and table["cached_startup_s"] > 0
     assert "x torch fp32 batched" in done.stdout
+    # The CPU and the server's runtime choice head the output and go into the JSON.
+    assert done.stdout.index("cpu: ") < done.stdout.index("runtime choice: ") < done.stdout.index("p50 ms")
+    assert table["cpu"]["name"] and table["cpu"]["logical"] >= table["cpu"]["physical"] >= 1
+    assert table["runtime_reason"] and table["served"]["image_tower"] == table["image_tower"]
 
 
 @pytest.mark.slow

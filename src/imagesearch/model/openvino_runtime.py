@@ -234,7 +234,7 @@ class OpenVinoImageTower(_CompiledTower):
         visual: nn.Module,
         *,
         cache_dir: Path,
-        precision: RequestedPrecision = "auto",
+        precision: RequestedPrecision | Precision = "auto",
         threads: int = 0,
         preprocess: Preprocess | None = None,
         calibration: Calibration | None = None,
@@ -303,7 +303,7 @@ class OpenVinoTextTower(_CompiledTower):
 
     @classmethod
     def build(
-        cls, model: Any, *, cache_dir: Path, precision: Literal["auto", "bf16", "f32"] = "auto", threads: int = 0
+        cls, model: Any, *, cache_dir: Path, precision: Literal["auto"] | FloatPrecision = "auto", threads: int = 0
     ) -> OpenVinoTextTower:
         """conversion().run() then compile() at `precision` ("auto": bf16 where native, else f32)."""
         resolved = resolve_precision(precision, int8_allowed=False)
