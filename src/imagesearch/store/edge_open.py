@@ -162,7 +162,7 @@ def _build_index_if_needed(shard: qe.EdgeShard, threshold: int, path: Path) -> N
 def indexed_clip_vectors(shard: qe.EdgeShard) -> int:
     """How many CLIP vectors the shard's HNSW index holds (deleted points may still count until optimised)."""
     # The engine's count includes every sparse vector (a sparse index is always complete); points have one
-    # exactly when they have words (base.lexical_document), so the rest are CLIP vectors.
+    # exactly when they have words (layout.lexical_document), so the rest are CLIP vectors.
     with_words = shard.count(
         qe.CountRequest(filter=qe.Filter(must=[qe.HasVectorCondition(LEXICAL_VECTOR)]), exact=True)
     )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import qdrant_edge as qe
 
@@ -11,6 +12,9 @@ from imagesearch.store.layout import ATTRIBUTE_PAIRS
 
 # attribute_pairs is only ever matched, never read back (the `attributes` map is); skip converting it per hit.
 HIT_PAYLOAD = qe.PayloadSelector.Exclude([ATTRIBUTE_PAIRS])
+T = TypeVar("T")
+U = TypeVar("U")
+
 _DECAY = {"lin": qe.DecayKind.Lin, "gauss": qe.DecayKind.Gauss, "exp": qe.DecayKind.Exp}
 
 
@@ -75,18 +79,26 @@ def edge_query(q: plan.Query) -> qe.ScoringQueryType:
     return qe.Query.Nearest(q.vector, using=using)
 
 
-def _prefetch(p: plan.Prefetch) -> qe.Prefetch:
-    nested = [_prefetch(n) for n in p.prefetches] or None
-    return qe.Prefetch(limit=p.limit, query=edge_query(p.query), prefetches=nested, filter=edge_filter(p.filter))
-
-
 def edge_request(r: plan.Request) -> qe.QueryRequest:
+    # What the plan repeats (every leaf's filter, a prefetch nested in another) is converted once per request.
+    converted: dict[int, Any] = {}
+
+    def once(item: T, convert: Callable[[T], U]) -> U:
+        if id(item) not in converted:
+            converted[id(item)] = convert(item)
+        return cast(U, converted[id(item)])
+
+    def prefetch(p: plan.Prefetch) -> qe.Prefetch:
+        nested = [once(n, prefetch) for n in p.prefetches] or None
+        flt = once(p.filter, edge_filter)
+        return qe.Prefetch(limit=p.limit, query=edge_query(p.query), prefetches=nested, filter=flt)
+
     return qe.QueryRequest(
         limit=r.limit,
         offset=r.offset,
         query=edge_query(r.query),
-        prefetches=[_prefetch(p) for p in r.prefetches] or None,
-        filter=edge_filter(r.filter),
+        prefetches=[once(p, prefetch) for p in r.prefetches] or None,
+        filter=once(r.filter, edge_filter),
         with_payload=HIT_PAYLOAD if r.with_payload else False,
         with_vector=list(r.with_vectors) if r.with_vectors else False,
         score_threshold=r.score_threshold,

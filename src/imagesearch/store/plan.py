@@ -10,7 +10,6 @@ same reason: each backend compiles them (edge_plan.py, qdrant_plan.py), neither 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Generator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
@@ -137,8 +136,7 @@ class Decay(NamedTuple):
 Expression = Constant | Variable | Sum | Mult | Max | Matches | Decay
 
 
-@dataclass(frozen=True)
-class Formula:
+class Formula(NamedTuple):
     """The score of `expression`; a variable a point lacks (a prefetch it is not in, a missing field) takes its
     value in `defaults`."""
 
@@ -149,12 +147,11 @@ class Formula:
 # --- requests -------------------------------------------------------------------------------------------------
 
 #: What a leaf matches: a dense vector, a multivector (several per point, MaxSim) or the sparse terms of a text
-#: (base.lexical_terms: the one BM25 model both backends share).
+#: (layout.lexical_terms: the one BM25 model both backends share).
 QueryVector = list[float] | list[list[float]] | qe.SparseVector
 
 
-@dataclass(frozen=True)
-class Nearest:
+class Nearest(NamedTuple):
     """The points nearest `vector` on the named vector `using`; with `mmr_diversity`, the `mmr_candidates` nearest
     re-ranked by the engine's Maximal Marginal Relevance (diversity = 1 - lambda)."""
 
@@ -164,8 +161,7 @@ class Nearest:
     mmr_candidates: int = DIVERSITY_CANDIDATES
 
 
-@dataclass(frozen=True)
-class Rrf:
+class Rrf(NamedTuple):
     """Reciprocal rank fusion of the prefetches' rankings."""
 
     k: int
@@ -174,8 +170,7 @@ class Rrf:
 Query = Nearest | Rrf | Formula
 
 
-@dataclass(frozen=True)
-class Prefetch:
+class Prefetch(NamedTuple):
     """The `limit` best points by `query` among those matching `filter` (of the nested prefetches', if any)."""
 
     query: Query
@@ -184,8 +179,7 @@ class Prefetch:
     prefetches: tuple[Prefetch, ...] = ()
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """One engine query. `with_payload`: the product payload (without ATTRIBUTE_PAIRS, which is only ever
     matched, never read back); `with_vectors`: the named vectors to return."""
 
@@ -217,8 +211,7 @@ class ScoredPoint(Protocol):
 Steps = Generator[Request, Sequence[ScoredPoint], list[Hit]]
 
 
-@dataclass(frozen=True)
-class SearchPlan:
+class SearchPlan(NamedTuple):
     """One VectorStore.search, its arguments checked (VectorStore.search builds it); see there for the hits."""
 
     dimension: int

@@ -15,7 +15,7 @@ HIT_PAYLOAD = models.PayloadSelectorExclude(exclude=[ATTRIBUTE_PAIRS])
 
 
 def sparse(vector: qe.SparseVector) -> models.SparseVector:
-    """Terms from the shared BM25 model (base.lexical_terms, base.lexical_document) as qdrant-client's vector."""
+    """Terms from the shared BM25 model (layout.lexical_terms, layout.lexical_document) as qdrant-client's vector."""
     return models.SparseVector(indices=list(vector.indices), values=list(vector.values))
 
 
