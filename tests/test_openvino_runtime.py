@@ -354,6 +354,10 @@ def test_entries_unused_for_a_month_are_removed_and_used_ones_kept(
     for entry, age_s in ((old, 31 * day), (recent, 29 * day), (first.cache.path, 62 * day)):
         entry.mkdir(exist_ok=True)
         os.utime(entry, (time.time() - age_s,) * 2)
+    # A runtime choice (runtime_choice.py) no start has read for a month goes the same way.
+    old_choice = tmp_path / "choice-0ld.json"
+    old_choice.write_text("{}")
+    os.utime(old_choice, (time.time() - 31 * day,) * 2)
     # The entry in use is kept however old its mark (and marked again); another one unused for a month goes.
     second = OpenVinoImageTower.build(synthetic[0].visual, cache_dir=tmp_path, precision="f32")
     assert second.cache.hit

@@ -86,10 +86,13 @@ def _quota_v1(directory: Path) -> float | None:
 SYS_CPU = Path("/sys/devices/system/cpu")
 PROC_CPUINFO = Path("/proc/cpuinfo")
 # The flags the runtimes' speed depends on: vector width (avx2, avx512f), int8 and bf16 dot products (vnni,
-# avx512_bf16), fp16 arithmetic (avx512_fp16) and Intel's matrix units (amx_*).
+# avx512_bf16), fp16 arithmetic (avx512_fp16), Intel's matrix units (amx_*), and the AVX2 bf16/fp16 conversions and
+# int8 dot products of recent Intel cores without AVX-512 (avx_ne_convert, avx_vnni_int8: OpenVINO's "avx2_vnni_2").
 RELEVANT_FLAGS = (
     "avx2",
     "avx_vnni",
+    "avx_vnni_int8",
+    "avx_ne_convert",
     "avx512f",
     "avx512_vnni",
     "avx512_bf16",

@@ -196,14 +196,12 @@ class _Chooser:
         started = time.perf_counter()
         load = os.getloadavg()[0]
         # Threads first on the heavier tower's winner at the preferred count, then the second count if there is one.
-        image_ms = self._time("image", self.options["image"], self.thread_options[0])
-        image = _pick(image_ms, self.options["image"])
+        image_ms, image = self._time("image", self.options["image"], self.thread_options[0])
         threads, thread_ms = self.thread_options[0], {}
         if len(self.thread_options) > 1:
             thread_ms = _measure({t: self._runner("image", image, t) for t in self.thread_options})
             threads = _pick(thread_ms, self.thread_options)
-        text_ms = self._time("text", self.options["text"], threads)
-        text = _pick(text_ms, self.options["text"])
+        text_ms, text = self._time("text", self.options["text"], threads)
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         measured = [f"image forward {_times(image_ms)}"] if image_ms else []
         if thread_ms:
@@ -230,10 +228,13 @@ class _Chooser:
         )
         return self._result(image, text, threads, reason)
 
-    def _time(self, kind: str, candidates: Sequence[Candidate], threads: int) -> dict[Candidate, float]:
-        """Median ms of each candidate that agrees with torch fp32 ({} for a lone candidate: nothing to compare)."""
+    def _time(
+        self, kind: str, candidates: Sequence[Candidate], threads: int
+    ) -> tuple[dict[Candidate, float], Candidate]:
+        """Median ms of each candidate that agrees with torch fp32 ({} when one is left: nothing to compare), and
+        the one to take: the most accurate within MARGIN of the fastest."""
         if len(candidates) == 1:
-            return {}
+            return {}, candidates[0]
         reference = _unit_rows(self._reference(kind, threads)())
         runners = {}
         for candidate in candidates:
@@ -243,7 +244,10 @@ class _Chooser:
                 log.warning("runtime_candidate_disagrees", tower=kind, candidate=candidate.label, cosine=agreement)
                 continue
             runners[candidate] = run
-        return _measure(runners)
+        if not runners:  # only OpenVINO was allowed, and no precision agreed: the settings must change
+            raise ModelLoadError(f"OpenVINO's {kind} tower disagrees with torch fp32 at every precision allowed")
+        times = _measure(runners)
+        return times, _pick(times, list(runners))
 
     def _runner(self, kind: str, candidate: Candidate, threads: int) -> Callable[[], Any]:
         """One forward of `kind` on one input, the way `candidate` runs it."""
