@@ -57,6 +57,14 @@ class NormalizedBox:
     def key_value(self) -> list[float]:
         return [float(self.x0), float(self.y0), float(self.x1), float(self.y1)]
 
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
     def pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
         """The box in pixels of an image of this size (left, top, right, bottom), at least one pixel each way: a
         valid box is never empty, however small the image."""

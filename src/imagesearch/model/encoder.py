@@ -20,6 +20,7 @@ from PIL import Image
 
 from imagesearch.domain import ModelDescription
 from imagesearch.errors import ModelLoadError
+from imagesearch.images import NormalizedBox
 from imagesearch.model.batching import MicroBatcher
 from imagesearch.model.calibration import Calibration
 from imagesearch.model.cpus import CpuBudget, available_cpus
@@ -193,15 +194,20 @@ class ClipEncoder:
             choice.cpu,
         )
 
-    def decode(self, data: bytes, *, field: str, max_pixels: int) -> Image.Image:
-        """Decode untrusted image bytes (see imaging.decode_image) at a size suited to this model."""
-        return decode_image(data, field=field, max_pixels=max_pixels, target_size=self.image_size)
+    def decode(self, data: bytes, *, field: str, max_pixels: int, region: NormalizedBox | None = None) -> Image.Image:
+        """Decode untrusted image bytes (see imaging.decode_image), or a region of them, at a size suited to this
+        model."""
+        return decode_image(data, field=field, max_pixels=max_pixels, target_size=self.image_size, region=region)
 
-    def pixels_from_bytes(self, data: bytes, *, field: str, max_pixels: int) -> torch.Tensor:
-        """Decode and preprocess untrusted image bytes into the model's input tensor (C, H, W): on the model's
-        device for JPEGs where it decodes them, else on the CPU (same limits, same errors)."""
-        if self._device_jpeg is None:
-            return self.preprocess(self.decode(data, field=field, max_pixels=max_pixels))
+    def pixels_from_bytes(
+        self, data: bytes, *, field: str, max_pixels: int, region: NormalizedBox | None = None
+    ) -> torch.Tensor:
+        """Decode and preprocess untrusted image bytes (or a region of them) into the model's input tensor
+        (C, H, W): on the model's device for whole JPEGs where it decodes them, else on the CPU (same limits,
+        same errors)."""
+        if self._device_jpeg is None or region is not None:
+            pixels = self.preprocess(self.decode(data, field=field, max_pixels=max_pixels, region=region))
+            return pixels if self._device_jpeg is None else pixels.to(self.device)
         pixels = self._device_jpeg(data, field=field, max_pixels=max_pixels)
         if pixels is None:
             # One batch stacks tensors of one device: the CPU path's join the device's.
@@ -342,11 +348,16 @@ class AsyncEncoder:
             cpu=e.cpu,
         )
 
-    async def encode_image_bytes(self, data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
-        """Decode, preprocess and embed one image -> (dim,) float32."""
+    async def encode_image_bytes(
+        self, data: bytes, *, field: str, max_pixels: int, region: NormalizedBox | None = None
+    ) -> np.ndarray:
+        """Decode, preprocess and embed one image (or the `region` of it) -> (dim,) float32."""
         loop = asyncio.get_running_loop()
+        decode = functools.partial(
+            self.encoder.pixels_from_bytes, data, field=field, max_pixels=max_pixels, region=region
+        )
         with self.images.incoming(), tracer.start_as_current_span("image.decode", attributes={IMAGE_BYTES: len(data)}):
-            pixels = await loop.run_in_executor(self._decode_pool, self._decode_and_preprocess, data, field, max_pixels)
+            pixels = await loop.run_in_executor(self._decode_pool, decode)
         return await self.images.submit(pixels)
 
     async def encode_text(self, text: str) -> np.ndarray:
@@ -356,9 +367,6 @@ class AsyncEncoder:
     def close(self) -> None:
         self._model_thread.shutdown(wait=True, cancel_futures=True)
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
-
-    def _decode_and_preprocess(self, data: bytes, field: str, max_pixels: int) -> torch.Tensor:
-        return self.encoder.pixels_from_bytes(data, field=field, max_pixels=max_pixels)
 
 
 def _precision_name(precision: str) -> str:

@@ -7,11 +7,13 @@ claims a huge canvas (a decompression bomb) is refused without allocating it.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imagesearch.errors import FieldViolation, ImageTooLarge, InvalidArgument
+from imagesearch.images import NormalizedBox
 
 # Formats a catalogue image realistically comes in. Limiting the decoders PIL may try shrinks the attack surface
 # (PIL otherwise probes dozens of exotic formats).
@@ -19,13 +21,18 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F")
 
 
-def decode_image(data: bytes, *, field: str, max_pixels: int, target_size: int) -> Image.Image:
-    """Decode `data` into an RGB image, honouring EXIF orientation.
+def decode_image(
+    data: bytes, *, field: str, max_pixels: int, target_size: int, region: NormalizedBox | None = None
+) -> Image.Image:
+    """Decode `data` into an RGB image, honouring EXIF orientation; with `region`, that box of it (cropped after
+    the orientation is applied, as the caller sees the image).
 
     `target_size` is the model's input side: JPEGs are decoded at a reduced scale (libjpeg's DCT scaling, nearly
-    free) as long as the result stays at least twice that size, so resampling quality is unaffected.
-    Raises InvalidArgument (naming `field`) for empty, undecodable or oversized images.
+    free) as long as the result (the region's part of it) stays at least twice that size, so resampling quality
+    is unaffected. Raises InvalidArgument (naming `field`) for empty, undecodable or oversized images.
     """
+    # The whole image is decoded large enough that the region's shorter side keeps twice the model's input.
+    decode_size = target_size if region is None else math.ceil(target_size / min(region.width, region.height))
     if not data:
         raise InvalidArgument(FieldViolation(field, "the image is empty: send its bytes in image_chunk messages"))
     try:
@@ -36,10 +43,13 @@ def decode_image(data: bytes, *, field: str, max_pixels: int, target_size: int) 
             check_pixel_count(image.size, max_pixels, field)
             if image.format == "JPEG":
                 # draft() picks the largest 1/2, 1/4 or 1/8 scale that is still >= the requested size.
-                image.draft("RGB", (target_size * 2, target_size * 2))
+                image.draft("RGB", (decode_size * 2, decode_size * 2))
             image.load()
             oriented = ImageOps.exif_transpose(image) or image
-            return _shrink(_to_rgb(_shrink(oriented, target_size)), target_size)
+            rgb = _to_rgb(_shrink(oriented, decode_size))
+            if region is not None:
+                rgb = rgb.crop(region.pixels(*rgb.size))
+            return _shrink(rgb, target_size)
     except InvalidArgument:
         raise
     except Image.DecompressionBombError as exc:
