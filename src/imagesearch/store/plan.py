@@ -5,6 +5,9 @@ weighted vs rank fusion, the diversity candidates, the threshold, the re-rank), 
 and is sent each request's points; a backend compiles a request to its client's types and runs it (`drive` on the
 thread that owns the engine, `drive_async` for an async client). Filters and formulas are small trees for the
 same reason: each backend compiles them (edge_plan.py, qdrant_plan.py), neither decides them.
+
+The records are NamedTuples, cheap to build on every search. Being tuples, two of different kinds can compare
+equal (Sum((x,)) == Mult((x,))): tell them apart by type, as the compilers do.
 """
 
 from __future__ import annotations
