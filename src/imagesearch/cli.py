@@ -7,13 +7,17 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
 
 from imagesearch.config import Settings, SettingsError, client_target
+
+if TYPE_CHECKING:
+    from imagesearch.v1.image_search_service_pb2 import ProductDuplicates, SearchHit
 
 EXIT_USAGE = 2
 EXIT_RPC_ERROR = 4
@@ -56,11 +60,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from imagesearch.client import ImageSearchClient
+    from imagesearch.client import ImageSearchClient, load_ranking_spec
     from imagesearch.v1 import image_search_service_pb2 as pb
 
     image = Path(args.image).read_bytes() if args.image else None
     attributes = dict(_key_value(a) for a in args.attr)
+    if args.duplicate_threshold is not None and not args.collapse_duplicates:
+        print("imagesearch: --duplicate-threshold needs --collapse-duplicates", file=sys.stderr)
+        return EXIT_USAGE
+    ranking = None
+    if args.rules:
+        try:
+            ranking = load_ranking_spec(Path(args.rules))
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"imagesearch: cannot read the rules file {args.rules}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except json_format.ParseError as exc:
+            print(f"imagesearch: {args.rules} is not a RankingSpec in proto3 JSON: {exc}", file=sys.stderr)
+            return EXIT_USAGE
 
     async def go() -> int:
         async with ImageSearchClient(args.target or client_target()) as client:
@@ -75,22 +92,104 @@ def _search(args: argparse.Namespace) -> int:
                 mode=args.mode,
                 fusion=args.fusion,
                 lexical_weight=args.lexical_weight,
+                regions=args.region,
+                collapse_duplicates=args.collapse_duplicates,
+                duplicate_threshold=args.duplicate_threshold,
+                ranking=ranking,
+                explain=args.explain,
             )
         if args.json:
             print(json_format.MessageToJson(response, indent=2))
             return 0
         mode = pb.SearchMode.Name(response.mode).removeprefix("SEARCH_MODE_").lower()
-        print(
-            f"{len(response.hits)} hits  ({mode}, {response.server_time_ms:.1f} ms on the server, "
-            f"cached: {response.cached})"
-        )
-        for rank, hit in enumerate(response.hits, 1):
-            p = hit.product
-            price = f"{p.price:.2f} {p.currency}".strip()
-            print(f"{rank:>3}. {hit.score:.4f}  {p.id:<24} {p.name[:40]:<40} {p.category:<16} {price}")
+        about = f"({mode}, {response.server_time_ms:.1f} ms on the server, cached: {response.cached})"
+        if response.region_results:
+            print(f"{len(response.region_results)} regions  {about}")
+            for result in response.region_results:
+                r = result.region
+                print(f"region {r.x0:g},{r.y0:g},{r.x1:g},{r.y1:g}: {len(result.hits)} hits")
+                _print_hits(result.hits, args.explain)
+            return 0
+        print(f"{len(response.hits)} hits  {about}")
+        _print_hits(response.hits, args.explain)
         return 0
 
     return asyncio.run(go())
+
+
+def _print_hits(hits: Iterable[SearchHit], explain: bool) -> None:
+    """One line per hit; with `explain`, a line with its matched image and how its score was formed; a line with
+    the near-duplicates collapsed into it, if any."""
+    for rank, hit in enumerate(hits, 1):
+        p = hit.product
+        price = f"{p.price:.2f} {p.currency}".strip()
+        print(f"{rank:>3}. {hit.score:.4f}  {p.id:<24} {p.name[:40]:<40} {p.category:<16} {price}")
+        if explain:
+            parts = [_matched_image(hit)]
+            if hit.HasField("explanation"):
+                e = hit.explanation
+                parts.append(f"relevance {e.relevance:.4f}")
+                if e.HasField("similarity"):
+                    parts.append(f"cosine {e.similarity:.4f}")
+                parts.extend(f"{r.name}: f={r.value:.4g} {r.weighted:+.4f}" for r in e.rules)
+            print(f"{'':7}{'  '.join(parts)}")
+        if hit.duplicate_product_ids:
+            print(f"{'':7}duplicates: {', '.join(hit.duplicate_product_ids)}")
+
+
+def _matched_image(hit: SearchHit) -> str:
+    if not hit.HasField("matched_image_index"):
+        return "image -"  # lexical mode looks at no image
+    name = f" {hit.matched_image_id!r}" if hit.matched_image_id else ""
+    return f"image {hit.matched_image_index}{name}"
+
+
+def _duplicates(args: argparse.Namespace) -> int:
+    from imagesearch.client import ImageSearchClient
+    from imagesearch.v1 import image_search_service_pb2 as pb
+
+    attributes = dict(_key_value(a) for a in args.attr)
+    where = {
+        "categories": args.category,
+        "price_min": args.price_min,
+        "price_max": args.price_max,
+        "attributes": attributes,
+        "threshold": args.threshold,
+    }
+
+    async def go() -> int:
+        found: list[pb.ProductDuplicates] = []
+        async with ImageSearchClient(args.target or client_target()) as client:
+            if args.product:
+                found.extend((await client.find_duplicates(product_id=args.product, **where)).products)
+            else:
+                async for entry in client.all_duplicates(page_size=args.page_size, **where):
+                    found.append(entry)
+                    if not args.json:
+                        _print_duplicates(entry)
+        if args.json:
+            products = [json_format.MessageToDict(entry, preserving_proto_field_name=True) for entry in found]
+            print(json.dumps({"products": products}, indent=2))
+        elif args.product:
+            for entry in found:
+                _print_duplicates(entry)
+            if not found:
+                print(f"{args.product}: no duplicates")
+        else:
+            print(f"{len(found)} products with duplicates")
+        return 0
+
+    return asyncio.run(go())
+
+
+def _print_duplicates(entry: ProductDuplicates) -> None:
+    print(f"{entry.product_id}: {len(entry.duplicates)} duplicates")
+    for d in entry.duplicates:
+        exact = "  exact" if d.exact else ""
+        print(
+            f"    {d.product_id:<24} similarity {d.similarity:.4f}  image {d.image_index} ~ its image "
+            f"{d.duplicate_image_index}{exact}"
+        )
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -114,7 +213,7 @@ def _index(args: argparse.Namespace) -> int:
         started = time.monotonic()
         async with ImageSearchClient(args.target or client_target()) as client:
             with tqdm(total=len(products), unit="product", file=sys.stderr, disable=args.quiet) as progress:
-                items = ((entry.product, entry.image_bytes()) for entry in products)
+                items = ((entry.product, entry.image_data()) for entry in products)
                 async for response in client.index_products(items):
                     if response.HasField("error"):
                         source = products[response.position].source
@@ -151,7 +250,9 @@ def _info(args: argparse.Namespace) -> int:
         async with ImageSearchClient(args.target or client_target()) as client:
             info = await client.service_info()
             health = await client.health()
-        print(json.dumps({"health": health, **json_format.MessageToDict(info)}, indent=2))
+        # Every field, even empty: a field missing from the output would read as "not supported".
+        fields = json_format.MessageToDict(info, always_print_fields_with_no_presence=True)
+        print(json.dumps({"health": health, **fields}, indent=2))
         return 0
 
     return asyncio.run(go())
@@ -223,6 +324,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _region(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 (fractions 0-1 of the image), got {text!r}") from None
+    return x0, y0, x1, y1
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -274,6 +383,35 @@ def _parser() -> argparse.ArgumentParser:
         "--fusion", choices=["weighted", "rank"], help="hybrid: weighted scores (default) or reciprocal rank fusion"
     )
     search.add_argument("--lexical-weight", type=float, help="hybrid, weighted fusion: the words' weight, 0-1 (0.5)")
+    search.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        type=_region,
+        metavar="X0,Y0,X1,Y1",
+        help="search for this box of the query image, in fractions 0-1 of its width and height (repeatable: "
+        "one result list per box)",
+    )
+    search.add_argument(
+        "--collapse-duplicates",
+        action="store_true",
+        help="fold near-duplicate listings into the best-ranked one (listed under it)",
+    )
+    search.add_argument(
+        "--duplicate-threshold",
+        type=float,
+        metavar="T",
+        help="with --collapse-duplicates: the image similarity from which listings are near copies, (0, 1] (0.94)",
+    )
+    search.add_argument(
+        "--rules",
+        metavar="FILE",
+        help="ranking rules: a RankingSpec in proto3 JSON, like IMAGESEARCH_RANKING_RULES_FILE (replaces the "
+        "server's default rules; {} for none)",
+    )
+    search.add_argument(
+        "--explain", action="store_true", help="show each hit's matched image and how its score was formed"
+    )
     search.add_argument("--json", action="store_true", help="print the raw response as JSON")
     search.set_defaults(func=_search)
 
@@ -316,7 +454,29 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON, with per-query values")
     evaluate.set_defaults(func=_evaluate)
 
-    info = client_command("info", "show the server's health, model, store, cache and limits")
+    duplicates = client_command(
+        "duplicates", "list near-duplicate listings: products whose images nearly copy another product's"
+    )
+    duplicates.add_argument("--product", metavar="ID", help="this product's duplicates (default: the whole catalogue)")
+    duplicates.add_argument(
+        "--category",
+        action="append",
+        default=[],
+        help="only products of this category, checked among themselves (repeatable)",
+    )
+    duplicates.add_argument("--price-min", type=float)
+    duplicates.add_argument("--price-max", type=float)
+    duplicates.add_argument("--attr", action="append", default=[], help="attribute filter KEY=VALUE (repeatable)")
+    duplicates.add_argument(
+        "--threshold", type=float, metavar="T", help="the image similarity from which listings are near copies (0.94)"
+    )
+    duplicates.add_argument(
+        "--page-size", type=_positive, default=0, metavar="N", help="products checked per call (default 100)"
+    )
+    duplicates.add_argument("--json", action="store_true", help="print the products and duplicates as JSON")
+    duplicates.set_defaults(func=_duplicates)
+
+    info = client_command("info", "show the server's health, model (runtime and CPU), store, cache and limits")
     info.set_defaults(func=_info)
 
     get = client_command("get", "show one product")
