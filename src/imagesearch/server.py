@@ -23,12 +23,14 @@ from imagesearch.api.auth import ApiKeyFileError, ApiKeyInterceptor, ApiKeys, lo
 from imagesearch.api.health import StoreHealth
 from imagesearch.api.http import HttpServer, TlsFiles, bind, build_app
 from imagesearch.api.interceptors import RequestLoggingInterceptor
+from imagesearch.api.rules_file import RulesFileError, load_ranking_rules
 from imagesearch.api.service import SERVICE, ImageSearchService, add_to_server
 from imagesearch.config import Settings, otel_environment
 from imagesearch.errors import ModelLoadError, StoreConfigError, StoreUnavailable
 from imagesearch.metrics import Metrics
 from imagesearch.model.calibration import Calibration
 from imagesearch.model.encoder import AsyncEncoder, ClipEncoder, load_on_model_thread
+from imagesearch.ranking import RankingSpec
 from imagesearch.search.cache import CacheBackend, LruCache, NoCache, SearchCache
 from imagesearch.search.catalog import Catalog, Limits
 from imagesearch.search.urlfetch import FetchPolicy, ImageFetcher
@@ -53,6 +55,8 @@ class Components:
     metrics: Metrics
     # From IMAGESEARCH_API_KEYS_FILE; None: no API keys, every call is open.
     api_keys: ApiKeys | None = None
+    # From IMAGESEARCH_RANKING_RULES_FILE: the rules of searches that send none; None: relevance alone.
+    default_ranking: RankingSpec | None = None
 
     async def close(self) -> None:
         # Store last: it may flush to disk, and nothing must write to it after.
@@ -121,12 +125,13 @@ def _synthetic_calibration() -> Calibration:
 async def open_components(settings: Settings, encoder: ClipEncoder | None = None) -> Components:
     """Read the API keys, load the model (unless given one: tests share one across servers), open the store and the
     cache."""
-    # First: a bad keys file is an operator's typo, reported before the minute a model can take to load.
+    # First: a bad keys or rules file is an operator's typo, reported before the minute a model can take to load.
     api_keys = (
         ApiKeys(load_api_keys(settings.api_keys_file), protect_all=settings.auth_protect_all)
         if settings.api_keys_file is not None
         else None
     )
+    default_ranking = load_ranking_rules(settings.ranking_rules_file) if settings.ranking_rules_file else None
     metrics = Metrics()
     forward_thread = None
     if encoder is None:
@@ -169,6 +174,7 @@ async def open_components(settings: Settings, encoder: ClipEncoder | None = None
         fetcher=fetcher,
         metrics=metrics,
         api_keys=api_keys,
+        default_ranking=default_ranking,
     )
 
 
@@ -279,7 +285,7 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
     try:
         components = await open_components(settings)
-    except (ApiKeyFileError, ModelLoadError, StoreConfigError, StoreUnavailable) as exc:
+    except (ApiKeyFileError, RulesFileError, ModelLoadError, StoreConfigError, StoreUnavailable) as exc:
         log.error("startup failed", error=str(exc))
         return STARTUP_FAILURE
     try:

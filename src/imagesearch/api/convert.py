@@ -282,6 +282,8 @@ def service_info_to_proto(
             torch_threads=model.torch_threads,
             image_tower_runtime=model.image_runtime,
             text_tower_runtime=model.text_runtime,
+            runtime_reason=model.runtime_reason,
+            cpu=model.cpu,
         ),
         store=Info.StoreInfo(backend=described.store_backend, product_count=described.product_count),
         cache=Info.CacheInfo(
