@@ -183,7 +183,8 @@ def _duplicates(args: argparse.Namespace) -> int:
 
 
 def _print_duplicates(entry: ProductDuplicates) -> None:
-    print(f"{entry.product_id}: {len(entry.duplicates)} duplicates")
+    count = len(entry.duplicates)
+    print(f"{entry.product_id}: {count} duplicate{'' if count == 1 else 's'}")
     for d in entry.duplicates:
         exact = "  exact" if d.exact else ""
         print(
