@@ -4,8 +4,11 @@
 # loopback port and a temporary data directory, indexes a small synthetic catalogue of distractors (no red
 # mugs), then runs the grpcurl walkthrough, the curl walkthrough of the HTTP/JSON port and the Go, Java and Python
 # examples, each with its own red-mug
-# photo (a ~480 KB PNG, so it travels in 8 chunks of 64 KiB). Each client must get its own product back first
-# for its image and for the text "red mug", and delete it again. Finally SIGTERM must stop the server with exit 0.
+# photo (a ~480 KB PNG, so it travels in 8 chunks of 64 KiB) as the packshot and a detail view cropped from it as
+# its second image. Each client must get its own product back first for its packshot, for its second image (the hit
+# naming image 1, "detail", as the one matched), for a region of the packshot, for a search with a ranking rule
+# (whose explanation gives the rule's part) and for the text "red mug"; FindDuplicates must list an exact
+# re-upload of the packshot; each client deletes what it indexed. Finally SIGTERM must stop the server with exit 0.
 #
 # Usage: clients/e2e.sh      (after tools/install.sh; root or sudo for the first run's apt installs)
 #   E2E_MODEL       model spec for the server (default synthetic-clip)
@@ -126,6 +129,39 @@ expect_first() {
   [ "$got" = "$3" ] || fail "$(basename "$1" .log): first hit for the $2 search is '$got', want '$3'"
   echo "e2e check ok: $(basename "$1" .log) $2 search -> $3 first"
 }
+# expect_matched LOG ID: in an example's output, the first hit of the search by its second image is ID, matched by
+# its image 1 ("detail").
+expect_matched() {
+  local got
+  got=$(awk '$0 ~ "^second-image search" { getline; print $2, $4; exit }' "$1")
+  [ "$got" = "$2 image=1:detail" ] ||
+    fail "$(basename "$1" .log): first hit for the second image is '$got', want '$2 image=1:detail'"
+  echo "e2e check ok: $(basename "$1" .log) second-image search -> $2 first, matched by image 1 (detail)"
+}
+# expect_example LOG ID: what every example (Go, Java, Python) must show besides the text search.
+expect_example() {
+  local log=$1 id=$2 name
+  name=$(basename "$log" .log)
+  expect_first "$log" image "$id"
+  expect_first "$log" second-image "$id"
+  expect_matched "$log" "$id"
+  expect_first "$log" region "$id"
+  expect_first "$log" ranked "$id"
+  # ln(1 + 1520) = 7.3271, times the rule's weight 0.01
+  grep -q "^     explanation: relevance=[0-9.]* popular: f=7\.3271 +0\.0733$" "$log" ||
+    fail "$name: the ranked hit's explanation does not give the rule popular: f=7.3271 +0.0733"
+  echo "e2e check ok: $name ranked search explained (popular: f=7.3271 +0.0733)"
+  grep -q "^duplicates of $id: $id-copy similarity=[01]\.[0-9]* image 0 ~ 0 exact=true$" "$log" ||
+    fail "$name: FindDuplicates did not list $id-copy as an exact duplicate"
+  echo "e2e check ok: $name FindDuplicates -> $id-copy, exact"
+  grep -q "^  field violation: query.top_k: " "$log" || fail "$name: no BadRequest violation for query.top_k"
+}
+# expect_walkthrough LOG ID: a walkthrough's line about the search by the second image.
+expect_walkthrough() {
+  grep -qx "matched image: $2 1 detail" "$1" ||
+    fail "$(basename "$1" .log) walkthrough: $(grep '^matched image:' "$1" || echo 'no matched image line')"
+  echo "e2e check ok: $(basename "$1" .log) second-image search -> $2 first, matched by image 1 (detail)"
+}
 check_text=false
 case "${E2E_CHECK_TEXT:-auto}" in
   auto) [ "$MODEL" = synthetic-clip ] && check_text=true ;;
@@ -140,6 +176,7 @@ case "$top" in
   "top hits: image=grpcurl-e2e-1 text="*) echo "e2e check ok: grpcurl image search -> grpcurl-e2e-1 first" ;;
   *) fail "grpcurl walkthrough: $top" ;;
 esac
+expect_walkthrough "$work/grpcurl.log" grpcurl-e2e-1
 if $check_text; then
   [ "$top" = "top hits: image=grpcurl-e2e-1 text=grpcurl-e2e-1" ] || fail "grpcurl walkthrough: $top"
   echo "e2e check ok: grpcurl text search -> grpcurl-e2e-1 first"
@@ -152,6 +189,7 @@ case "$top" in
   "top hits: image=curl-e2e-1 text="*) echo "e2e check ok: curl image search -> curl-e2e-1 first" ;;
   *) fail "curl walkthrough: $top" ;;
 esac
+expect_walkthrough "$work/curl.log" curl-e2e-1
 if $check_text; then
   [ "$top" = "top hits: image=curl-e2e-1 text=curl-e2e-1" ] || fail "curl walkthrough: $top"
   echo "e2e check ok: curl text search -> curl-e2e-1 first"
@@ -159,21 +197,18 @@ fi
 
 section "Go example (generate, build, run)"
 clients/go/run.sh "$target" "$work/go.png" -id go-e2e-1 -text "red mug" | tee "$work/go.log"
-expect_first "$work/go.log" image go-e2e-1
+expect_example "$work/go.log" go-e2e-1
 if $check_text; then expect_first "$work/go.log" text go-e2e-1; fi
-grep -q "^  field violation: query.top_k: " "$work/go.log" || fail "Go: no BadRequest violation for query.top_k"
 
 section "Java example (generate, compile, run)"
 clients/java/run.sh "$target" "$work/java.png" --id java-e2e-1 --text "red mug" | tee "$work/java.log"
-expect_first "$work/java.log" image java-e2e-1
+expect_example "$work/java.log" java-e2e-1
 if $check_text; then expect_first "$work/java.log" text java-e2e-1; fi
-grep -q "^  field violation: query.top_k: " "$work/java.log" || fail "Java: no BadRequest violation for query.top_k"
 
 section "Python example (imagesearch.client)"
 "$PY" clients/python/example.py "$target" "$work/python.png" --id python-e2e-1 --text "red mug" | tee "$work/python.log"
-expect_first "$work/python.log" image python-e2e-1
+expect_example "$work/python.log" python-e2e-1
 if $check_text; then expect_first "$work/python.log" text python-e2e-1; fi
-grep -q "^  field violation: query.top_k: " "$work/python.log" || fail "Python: no BadRequest violation for query.top_k"
 
 section "catalogue clean, server stops on SIGTERM"
 [ "$(product_count)" = "$distractors" ] ||

@@ -1,29 +1,51 @@
 #!/usr/bin/env bash
 # The README's grpcurl walkthrough, run and checked against a live server: list, describe, health checks,
-# GetServiceInfo, IndexProduct (image bytes base64-encoded in grpcurl's JSON, 64 KiB per chunk), search by text,
-# by a model code only the product's name carries (hybrid, the default for text), by the words alone (lexical) and
-# with rank fusion, search by image, an INVALID_ARGUMENT with its google.rpc.BadRequest, GetProduct,
-# DeleteProduct, and NOT_FOUND after the delete. Every answer is checked (python3 on grpcurl's JSON), not only exit codes; the first
-# mismatch stops the script with exit 1.
+# GetServiceInfo, IndexProduct of a product with two images (each image's bytes base64-encoded in grpcurl's JSON,
+# 64 KiB per chunk, after its image_index message) and a numeric attribute, search by text, by a model code only the
+# product's name carries (hybrid, the default for text), by the words alone (lexical) and with rank fusion, search by
+# each image (the hit names the image that matched), by a region of the image, with a ranking rule and its score
+# explanation, FindDuplicates of an exact re-upload and a search collapsing it, an INVALID_ARGUMENT with its
+# google.rpc.BadRequest, GetProduct, DeleteProduct, and NOT_FOUND after the delete. Every answer is checked (python3
+# on grpcurl's JSON), not only exit codes; the first mismatch stops the script with exit 1.
 #
-# Usage: clients/grpcurl_walkthrough.sh TARGET IMAGE      e.g. clients/grpcurl_walkthrough.sh localhost:50051 mug.jpg
-#   WALKTHROUGH_ID   product id to index and delete again (default grpcurl-mug-1; it must not exist yet)
+# Usage: clients/grpcurl_walkthrough.sh TARGET IMAGE [SECOND_IMAGE]
+#   e.g. clients/grpcurl_walkthrough.sh localhost:50051 mug.jpg
+#   IMAGE is the product's packshot; SECOND_IMAGE another view of it (default: a crop of IMAGE, the box
+#   0.25,0.15,0.85,0.80, made with Python's PIL: the repo's .venv, else python3).
+#   WALKTHROUGH_ID   product id to index and delete again (default grpcurl-mug-1; it and ID-copy must not exist yet)
 #   IMAGESEARCH_API_KEY  sent as "authorization: Bearer KEY" when set (a write key: the walkthrough indexes)
 #   GRPCURL          grpcurl binary (default: the repo's .venv/bin/grpcurl, else grpcurl on PATH)
-# The script prints the last line "top hits: image=ID text=ID" for callers that check relevance.
+# The script prints the line "matched image: ID 1 detail" (the first hit of the search by SECOND_IMAGE and the
+# image of it that matched) and the last line "top hits: image=ID text=ID" for callers that check relevance.
 set -euo pipefail
-if [ $# -ne 2 ]; then
-  echo "usage: $0 TARGET IMAGE" >&2
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+  echo "usage: $0 TARGET IMAGE [SECOND_IMAGE]" >&2
   exit 2
 fi
 target=$1
 image=$(realpath -e "$2")
+second=${3:+$(realpath -e "$3")}
 cd "$(dirname "$0")/.."
 id=${WALKTHROUGH_ID:-grpcurl-mug-1}
+copy=$id-copy
 GRPCURL=${GRPCURL:-$( [ -x .venv/bin/grpcurl ] && echo .venv/bin/grpcurl || echo grpcurl )}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 SERVICE=imagesearch.v1.ImageSearchService
+# The detail view's box of the packshot, in fractions of its width and height: the region searched for below.
+BOX='{"x0": 0.25, "y0": 0.15, "x1": 0.85, "y1": 0.80}'
+POPULARITY=1520
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+if [ -z "$second" ]; then
+  second=$work/detail.png
+  "$PYTHON" -c 'import json, sys
+from PIL import Image
+box = json.loads(sys.argv[3])
+with Image.open(sys.argv[1]) as im:
+    w, h = im.size
+    im.crop((round(box["x0"] * w), round(box["y0"] * h), round(box["x1"] * w), round(box["y1"] * h))).save(sys.argv[2])' \
+    "$image" "$second" "$BOX"
+fi
 
 # grpcurl with the options every call here uses: plaintext, a deadline, default values in the JSON output
 # (so that e.g. "created": false is printed rather than left out), and the API key if there is one.
@@ -74,7 +96,7 @@ echo "ok: health and $SERVICE listed"
 
 step "describe $SERVICE"
 g "$target" describe $SERVICE | tee "$work/describe"
-for rpc in Search IndexProduct IndexProducts GetProduct DeleteProduct GetServiceInfo; do
+for rpc in Search IndexProduct IndexProducts GetProduct DeleteProduct GetServiceInfo FindDuplicates; do
   grep -q "rpc $rpc (" "$work/describe" || { echo "MISMATCH: rpc $rpc not described" >&2; exit 1; }
 done
 echo "ok: every rpc described"
@@ -90,17 +112,29 @@ g "$target" $SERVICE/GetServiceInfo | tee "$work/info"
 check "model, store and limits reported" \
   'r["model"]["embedding_dimension"] > 0 and r["store"]["backend"] in ("embedded", "qdrant") and r["limits"]["max_top_k"] >= 5' \
   <"$work/info"
+check "the runtime's reason, the CPU and the image and region limits reported" \
+  'r["model"]["runtime_reason"] and "cpu" in r["model"] and r["limits"]["max_images_per_product"] >= 2 and r["limits"]["max_query_regions"] >= 1' \
+  <"$work/info"
 
-step "the id $id is free (GetProduct: NOT_FOUND; else pick another with WALKTHROUGH_ID)"
+step "the ids $id and $copy are free (GetProduct: NOT_FOUND; else pick another with WALKTHROUGH_ID)"
 run_expect_code 5 "$work/out" -d "{\"id\": \"$id\"}" "$target" $SERVICE/GetProduct
+run_expect_code 5 "$work/out" -d "{\"id\": \"$copy\"}" "$target" $SERVICE/GetProduct
 
-step "IndexProduct $id with $(basename "$image") ($(wc -c <"$image") bytes)"
+step "IndexProduct $id with two images: $(basename "$image") ($(wc -c <"$image") bytes) and $(basename "$second") ($(wc -c <"$second") bytes)"
+# product.images describes the images; the bytes of images[i] follow an {"image_index": i} message.
 {
   echo "{\"product\": {\"id\": \"$id\", \"name\": \"Red mug ZX-90210\", \"category\": \"mugs\", \"price\": 9.5, \"currency\": \"EUR\",
-               \"attributes\": {\"colour\": \"red\"}}}"
+               \"attributes\": {\"colour\": \"red\"}, \"numeric_attributes\": {\"popularity\": $POPULARITY},
+               \"images\": [{\"id\": \"packshot\", \"role\": \"packshot\"}, {\"id\": \"detail\", \"role\": \"detail\"}]}}"
+  echo '{"image_index": 0}'
   image_chunks "$image"
+  echo '{"image_index": 1}'
+  image_chunks "$second"
 } | g -d @ "$target" $SERVICE/IndexProduct | tee "$work/out"
 check "created $id" 'r["created"] is True and r["product"]["id"] == a[0]' "$id" <"$work/out"
+check "both images stored, each with the SHA-256 of its bytes" \
+  '[i["id"] for i in r["product"]["images"]] == ["packshot", "detail"] and all(len(i["sha256"]) == 64 for i in r["product"]["images"])' \
+  <"$work/out"
 
 step "Search by text"
 g -d '{"query": {"text": "red mug", "top_k": 5}}' "$target" $SERVICE/Search | tee "$work/text"
@@ -136,6 +170,55 @@ check "image query, $id first with score ~1" \
   "$id" <"$work/image"
 check "every hit passes the filter" \
   'all(h["product"]["category"] == "mugs" and h["product"]["price"] <= 20 for h in r["hits"])' <"$work/image"
+check "the packshot matched: image 0" 'r["hits"][0]["matched_image_index"] == 0' <"$work/image"
+
+step "Search by the second image: the hit names the image that matched"
+{
+  echo '{"query": {"top_k": 5}}'
+  image_chunks "$second"
+} | g -d @ "$target" $SERVICE/Search | tee "$work/second"
+check "$id first, matched by its image 1 (detail)" \
+  'r["hits"][0]["product"]["id"] == a[0] and r["hits"][0]["matched_image_index"] == 1 and r["hits"][0]["matched_image_id"] == "detail"' \
+  "$id" <"$work/second"
+
+step "Search for a region of the packshot (the server crops the box before encoding it)"
+{
+  echo "{\"query\": {\"top_k\": 5, \"regions\": [$BOX]}}"
+  image_chunks "$image"
+} | g -d @ "$target" $SERVICE/Search | tee "$work/out"
+check "$id first" 'r["hits"][0]["product"]["id"] == a[0] and r["region_results"] == []' "$id" <"$work/out"
+
+step "Search with a ranking rule (popular first: 0.01 * ln(1 + popularity) added), scores explained"
+{
+  echo '{"query": {"top_k": 3, "explain_scores": true, "ranking": {"rules": [
+    {"name": "popular", "field": "popularity", "transform": "TRANSFORM_LOG1P", "weight": 0.01}]}}}'
+  image_chunks "$image"
+} | g -d @ "$target" $SERVICE/Search | tee "$work/out"
+check "$id first; its explanation: popular f = ln(1 + $POPULARITY), score = relevance + 0.01 f" \
+  'r["hits"][0]["product"]["id"] == a[0] and [x["name"] for x in r["hits"][0]["explanation"]["rules"]] == ["popular"] and abs(r["hits"][0]["explanation"]["rules"][0]["value"] - __import__("math").log1p(float(a[1]))) < 1e-3 and abs(r["hits"][0]["score"] - r["hits"][0]["explanation"]["relevance"] - r["hits"][0]["explanation"]["rules"][0]["weighted"]) < 1e-4' \
+  "$id" "$POPULARITY" <"$work/out"
+
+step "FindDuplicates: index $copy, an exact re-upload of the packshot, then ask for $id's duplicates"
+{
+  echo "{\"product\": {\"id\": \"$copy\", \"name\": \"Red mug (a re-upload)\", \"category\": \"mugs\", \"price\": 9.5}}"
+  image_chunks "$image"
+} | g -d @ "$target" $SERVICE/IndexProduct | tee "$work/out"
+check "created $copy" 'r["created"] is True' <"$work/out"
+g -d "{\"product_id\": \"$id\"}" "$target" $SERVICE/FindDuplicates | tee "$work/out"
+check "$copy listed under $id: exact, similarity ~1, packshot to packshot" \
+  '[p["product_id"] for p in r["products"]] == [a[0]] and [(d["product_id"], d["exact"], d["image_index"], d["duplicate_image_index"]) for d in r["products"][0]["duplicates"]] == [(a[1], True, 0, 0)] and r["products"][0]["duplicates"][0]["similarity"] > 0.99' \
+  "$id" "$copy" <"$work/out"
+
+step "Search by the packshot collapsing near-duplicate listings: $id and $copy show once"
+{
+  echo '{"query": {"top_k": 5, "collapse_duplicates": true}}'
+  image_chunks "$image"
+} | g -d @ "$target" $SERVICE/Search | tee "$work/out"
+check "one of them first, the other collapsed into it and not listed" \
+  '{r["hits"][0]["product"]["id"], *r["hits"][0]["duplicate_product_ids"]} == set(a) and len({h["product"]["id"] for h in r["hits"]} & set(a)) == 1' \
+  "$id" "$copy" <"$work/out"
+g -d "{\"id\": \"$copy\"}" "$target" $SERVICE/DeleteProduct >/dev/null
+echo "deleted $copy"
 
 step "INVALID_ARGUMENT: top_k 1000 (the limit is $(python3 -c 'import json,sys; print(json.load(sys.stdin)["limits"]["max_top_k"])' <"$work/info"))"
 run_expect_code 3 "$work/out" -d '{"query": {"text": "red mug", "top_k": 1000}}' "$target" $SERVICE/Search
@@ -146,7 +229,7 @@ check "google.rpc.BadRequest names query.top_k" \
 step "GetProduct $id"
 g -d "{\"id\": \"$id\"}" "$target" $SERVICE/GetProduct | tee "$work/out"
 check "stored as sent" \
-  'r["product"]["id"] == a[0] and r["product"]["name"] == "Red mug ZX-90210" and r["product"]["category"] == "mugs" and r["product"]["price"] == 9.5 and r["product"]["attributes"] == {"colour": "red"}' \
+  'r["product"]["id"] == a[0] and r["product"]["name"] == "Red mug ZX-90210" and r["product"]["category"] == "mugs" and r["product"]["price"] == 9.5 and r["product"]["attributes"] == {"colour": "red"} and r["product"]["numeric_attributes"] == {"popularity": 1520} and [i["role"] for i in r["product"]["images"]] == ["packshot", "detail"]' \
   "$id" <"$work/out"
 
 step "DeleteProduct $id, then GetProduct: NOT_FOUND"
@@ -156,5 +239,7 @@ run_expect_code 5 "$work/out" -d "{\"id\": \"$id\"}" "$target" $SERVICE/GetProdu
 
 echo
 echo "grpcurl walkthrough: all checks passed"
+python3 -c 'import json, sys; h = json.load(open(sys.argv[1]))["hits"][0]; print("matched image: %s %s %s" % (h["product"]["id"], h["matched_image_index"], h["matched_image_id"]))' \
+  "$work/second"
 python3 -c 'import json, sys; print("top hits: image=%s text=%s" % tuple(json.load(open(p))["hits"][0]["product"]["id"] for p in sys.argv[1:]))' \
   "$work/image" "$work/text"
