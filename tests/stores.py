@@ -3,10 +3,13 @@ its own (no server, no model)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
+from imagesearch.domain import Product
+from imagesearch.images import ProductImage
 from imagesearch.store import VectorStore
 from imagesearch.store.base import Vector
 from imagesearch.store.edge import EdgeStore
@@ -21,6 +24,11 @@ def unit(*values: float) -> Vector:
     v = np.zeros(DIM, dtype=np.float32)
     v[: len(values)] = values
     return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def stored(product: Product) -> Product:
+    """`product` as a store reads it back: a product written without `images` has one, its image_url."""
+    return product if product.images else dataclasses.replace(product, images=(ProductImage(url=product.image_url),))
 
 
 async def open_store(backend: str, tmp_path: Path, dimension: int = DIM, model_id: str = MODEL) -> VectorStore:

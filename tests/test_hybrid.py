@@ -19,7 +19,7 @@ import random
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -33,9 +33,11 @@ from stores import DIM, MODEL, open_store, unit
 
 from imagesearch.config import Settings
 from imagesearch.domain import LexicalQuery, Product, SearchFilter, point_id_for
+from imagesearch.images import ProductImage
 from imagesearch.model.encoder import ClipEncoder
 from imagesearch.store import EdgeStore, QdrantServerStore, VectorStore
-from imagesearch.store.base import LEXICAL_MODEL, LEXICAL_VECTOR, Vector, product_to_payload
+from imagesearch.store.base import LEXICAL_MODEL, LEXICAL_VECTOR, Vector
+from imagesearch.store.record import IMAGES_LAYOUT
 from imagesearch.synthetic import CatalogueItem, make_catalogue, render
 from imagesearch.synthetic.renderer import COLOURS, KINDS
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -527,8 +529,15 @@ def unpack_fixture(data_dir: Path) -> Path:
     return data_dir / "qdrant-edge"
 
 
-def raw_points(store_dir: Path) -> dict[str, tuple[list[float], dict[str, Any], bool]]:
-    """Each product's stored CLIP vector, payload and whether it has the lexical vector, read with the engine."""
+class RawPoint(NamedTuple):
+    vector: list[float]  # the unnamed CLIP vector
+    payload: dict[str, Any]
+    has_words: bool  # has the lexical vector
+    images: list[list[float]] | None  # the `images` multivector
+
+
+def raw_points(store_dir: Path) -> dict[str, RawPoint]:
+    """Each product's stored vectors and payload, read with the engine."""
     shard = qe.EdgeShard.load(str(store_dir / "shard"))
     try:
         records, _ = shard.scroll(qe.ScrollRequest(limit=100, with_payload=True, with_vector=True))
@@ -538,17 +547,19 @@ def raw_points(store_dir: Path) -> dict[str, tuple[list[float], dict[str, Any], 
     for record in records:
         vector: Any = record.vector
         named = vector if isinstance(vector, dict) else {"": vector}
-        points[str(record.id)] = (list(named[""]), dict(record.payload or {}), LEXICAL_VECTOR in named)
+        payload = dict(record.payload or {})
+        points[str(record.id)] = RawPoint(list(named[""]), payload, LEXICAL_VECTOR in named, named.get("images"))
     return points
 
 
-async def test_embedded_store_written_before_hybrid_search_gets_its_lexical_side_at_open(
+async def test_embedded_store_written_before_hybrid_search_gets_its_lexical_side_and_images_at_open(
     tmp_path: Path, encoder: ClipEncoder
 ) -> None:
     store_dir = unpack_fixture(tmp_path / "data")
     before = raw_points(store_dir)
-    assert len(before) == 24 and not any(has_words for _, _, has_words in before.values())
-    assert "lexical" not in json.loads((store_dir / "imagesearch-store.json").read_text())
+    assert len(before) == 24 and not any(p.has_words or p.images or "images" in p.payload for p in before.values())
+    record = json.loads((store_dir / "imagesearch-store.json").read_text())
+    assert "lexical" not in record and "images" not in record
 
     settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", model="synthetic-clip")
     running = await start_server(settings, encoder)
@@ -569,10 +580,25 @@ async def test_embedded_store_written_before_hybrid_search_gets_its_lexical_side
 
     after = raw_points(store_dir)
     assert after.keys() == before.keys()
-    for point_id, (vector, payload, has_words) in after.items():
-        assert vector == before[point_id][0] and payload == before[point_id][1]  # no image encoded again
-        assert has_words
-    assert json.loads((store_dir / "imagesearch-store.json").read_text())["lexical"] == LEXICAL_MODEL
+    for point_id, point in after.items():
+        old = before[point_id]
+        assert point.vector == old.vector  # no image encoded again
+        assert point.images == [old.vector]  # one image: the one it had
+        # The payload gains the description of that image (changed on purpose: the point now has `images`).
+        assert point.payload == {**old.payload, "images": [{"id": "", "role": "", "url": "", "sha256": ""}]}
+        assert point.has_words
+    record = json.loads((store_dir / "imagesearch-store.json").read_text())
+    assert record["lexical"] == LEXICAL_MODEL and record["images"] == IMAGES_LAYOUT
+
+    store = await EdgeStore.open(store_dir, 128, "synthetic-clip")
+    try:
+        for point in after.values():
+            query = np.asarray(point.vector, dtype=np.float32)
+            hits = await store.search(query, SearchFilter(), 1)
+            assert hits[0].product.id == point.payload["product_id"] and hits[0].matched_image == 0
+            assert hits[0].product.images == (ProductImage(url=point.payload["image_url"]),)
+    finally:
+        await store.close()
 
 
 async def test_interrupted_lexical_update_resumes_at_the_next_open(tmp_path: Path) -> None:
@@ -599,7 +625,7 @@ async def test_interrupted_lexical_update_resumes_at_the_next_open(tmp_path: Pat
             assert hits and hits[0].product.name == product.name
     finally:
         await store.close()
-    assert all(has_words for _, _, has_words in raw_points(store_dir).values())
+    assert all(point.has_words for point in raw_points(store_dir).values())
 
 
 async def test_embedded_store_rederives_its_lexical_side_when_the_recorded_model_differs(tmp_path: Path) -> None:
@@ -625,7 +651,22 @@ async def test_embedded_store_rederives_its_lexical_side_when_the_recorded_model
     assert json.loads(record_path.read_text())["lexical"] == LEXICAL_MODEL
 
 
-async def test_qdrant_collection_created_before_hybrid_search_gets_its_lexical_side() -> None:
+def previous_payload(product: Product) -> dict[str, Any]:
+    """A product's payload as the release before several images per product wrote it."""
+    return {
+        "product_id": product.id,
+        "name": product.name,
+        "description": "",
+        "category": "",
+        "price": 0.0,
+        "currency": "",
+        "image_url": product.image_url,
+        "attributes": {},
+        "attribute_pairs": [],
+    }
+
+
+async def test_qdrant_collection_created_before_hybrid_search_gets_its_lexical_side_and_images() -> None:
     client = AsyncQdrantClient(location=":memory:")
     # The collection as the previous release created and filled it: one unnamed vector, no sparse vector.
     await client.create_collection(
@@ -634,26 +675,37 @@ async def test_qdrant_collection_created_before_hybrid_search_gets_its_lexical_s
         metadata={"imagesearch": {"model_id": MODEL, "dimension": DIM}},
     )
     old = [
-        (Product(id="code", name="Red mug RM-4471"), unit(1)),
+        (Product(id="code", name="Red mug RM-4471", image_url="https://example.com/mug.jpg"), unit(1)),
         (Product(id="chair", name="Striped red chair"), unit(0, 1)),
         (Product(id="wordless"), unit(1, 1)),
     ]
     await client.upsert(
         "products",
-        [models.PointStruct(id=point_id_for(p.id), vector=v.tolist(), payload=product_to_payload(p)) for p, v in old],
+        [models.PointStruct(id=point_id_for(p.id), vector=v.tolist(), payload=previous_payload(p)) for p, v in old],
     )
 
     store = await QdrantServerStore.from_client(client, DIM, MODEL)
     info = await client.get_collection("products")
     assert LEXICAL_VECTOR in (info.config.params.sparse_vectors or {})
-    assert (info.config.metadata or {})["imagesearch"]["lexical"] == LEXICAL_MODEL
+    assert isinstance(info.config.params.vectors, dict) and "images" in info.config.params.vectors
+    record = (info.config.metadata or {})["imagesearch"]
+    assert record["lexical"] == LEXICAL_MODEL and record["images"] == IMAGES_LAYOUT
     hits = await store.search(None, SearchFilter(), 5, lexical=LexicalQuery("RM-4471"))
     assert [h.product.id for h in hits] == ["code"]
+    assert hits[0].product.images == (ProductImage(url="https://example.com/mug.jpg"),)
     stored = await store.vectors([p.id for p, _ in old])
+    images = await store.image_vectors([p.id for p, _ in old])
     for product, vector in old:
         np.testing.assert_allclose(stored[product.id], vector, atol=1e-6)  # untouched
+        np.testing.assert_allclose(images[product.id], [vector], atol=1e-6)  # its one image
+        dense = await store.search(vector, SearchFilter(), 1)
+        assert dense[0].product.id == product.id and dense[0].matched_image == 0
     fused = await store.search(unit(1), SearchFilter(), 5, lexical=LexicalQuery("striped chair"))
     assert {h.product.id for h in fused} == {"code", "chair", "wordless"}
+    assert all(h.matched_image == 0 for h in fused)
+    # Opened again (another replica): up to date, it accepts the collection as it now is.
+    again = await QdrantServerStore.from_client(client, DIM, MODEL)
+    assert await again.count() == 3
     await store.close()
 
 

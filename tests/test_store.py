@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from qdrant_client import AsyncQdrantClient
-from stores import DIM, MODEL, open_store, unit
+from stores import DIM, MODEL, open_store, stored, unit
 
 import imagesearch
 from imagesearch.domain import FacetCount, FacetSpec, Product, SearchFilter
@@ -64,13 +64,13 @@ async def ids_for(store: VectorStore, flt: SearchFilter, limit: int = 10) -> lis
 async def test_upsert_reports_created_then_replaced(store: VectorStore) -> None:
     assert await store.upsert([(Product(id="a"), unit(1)), (Product(id="b"), unit(0, 1))]) == [True, True]
     assert await store.upsert([(Product(id="a", name="new"), unit(1)), (Product(id="c"), unit(1))]) == [False, True]
-    assert (await store.get("a")) == Product(id="a", name="new")
+    assert (await store.get("a")) == stored(Product(id="a", name="new"))
 
 
 async def test_upsert_keeps_last_when_batch_repeats_an_id(store: VectorStore) -> None:
     flags = await store.upsert([(Product(id="a", name="first"), unit(1)), (Product(id="a", name="last"), unit(1))])
     assert flags == [True, False]
-    assert (await store.get("a")) == Product(id="a", name="last")
+    assert (await store.get("a")) == stored(Product(id="a", name="last"))
     assert await store.count() == 1
 
 
@@ -95,7 +95,7 @@ async def test_get_round_trips_every_field(store: VectorStore) -> None:
         image_url="https://example.com/shoe.jpg",
     )
     await store.upsert([(product, unit(1))])
-    assert (await store.get("sku-1/ü")) == product
+    assert (await store.get("sku-1/ü")) == stored(product)
 
 
 async def test_get_returns_none_when_product_is_unknown(store: VectorStore) -> None:
@@ -128,7 +128,7 @@ async def test_search_ranks_by_cosine_best_first(store: VectorStore) -> None:
 async def test_search_returns_products_without_internal_fields(store: VectorStore) -> None:
     await seed(store)
     hits = await store.search(unit(1), SearchFilter(), 1)
-    assert hits[0].product == CATALOGUE[0]
+    assert hits[0].product == stored(CATALOGUE[0])
 
 
 async def test_search_filters_by_any_of_categories(store: VectorStore) -> None:
@@ -254,7 +254,7 @@ async def test_edge_reopen_keeps_data(tmp_path: Path) -> None:
     reopened = await open_store("embedded", tmp_path)
     try:
         assert await reopened.count() == len(CATALOGUE) - 1
-        assert (await reopened.get("red-shoe")) == CATALOGUE[0]
+        assert (await reopened.get("red-shoe")) == stored(CATALOGUE[0])
         assert await ids_for(reopened, SearchFilter(categories=("bags",))) == ["red-bag", "blue-bag"]
     finally:
         await reopened.close()
@@ -287,7 +287,7 @@ async def test_edge_upsert_survives_kill_9_after_it_returns(tmp_path: Path) -> N
 
     store = await open_store("embedded", tmp_path)
     try:
-        assert (await store.get("survivor")) == Product(id="survivor", name="written just before kill -9")
+        assert (await store.get("survivor")) == stored(Product(id="survivor", name="written just before kill -9"))
     finally:
         await store.close()
 
@@ -329,7 +329,7 @@ async def test_edge_writes_flushed_each_time_are_readable_after_reopen(tmp_path:
     await store.close()
     reopened = await open_store("embedded", tmp_path)
     try:
-        assert await reopened.get("a") == Product(id="a")
+        assert await reopened.get("a") == stored(Product(id="a"))
     finally:
         await reopened.close()
 
@@ -501,7 +501,7 @@ async def test_scroll_lists_every_matching_product_once_in_a_stable_order(store:
     even = [pid for page in await listing(SearchFilter(categories=("even",)), 4) for pid in page]
     assert even == [pid for pid in flat if int(pid[1:]) % 2 == 0]
     first, _ = await store.scroll(SearchFilter(), 1)
-    assert first == [next(p for p in products if p.id == flat[0])]  # whole products come back
+    assert first == [stored(next(p for p in products if p.id == flat[0]))]  # whole products come back
 
 
 async def test_scroll_stays_consistent_when_products_change_between_pages(store: VectorStore) -> None:

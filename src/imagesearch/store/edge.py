@@ -33,7 +33,8 @@ from imagesearch.store.base import VectorStore
 from imagesearch.store.edge_open import ShardWorker, open_shard
 from imagesearch.store.edge_open import indexed_clip_vectors as indexed_clip_vectors  # for the tests
 from imagesearch.store.edge_plan import HIT_PAYLOAD, edge_filter, edge_request
-from imagesearch.store.plan import SearchPlan, drive, search_filter
+from imagesearch.store.plan import search_filter
+from imagesearch.store.search_plan import SearchPlan, drive
 
 log = structlog.get_logger(__name__)
 
@@ -99,12 +100,8 @@ class EdgeStore(VectorStore):
             # loop run at every GIL switch interval during a large batch.
             latest = {point_id_for(pid): item for pid, item in layout.last_per_id(items).items()}
             points = [
-                qe.Point(
-                    point_id,
-                    layout.point_vectors(layout.vector_values(vector, self.dimension), product),
-                    layout.product_to_payload(product),
-                )
-                for point_id, (product, vector) in latest.items()
+                qe.Point(point_id, *layout.point_parts(product, vectors, self.dimension))
+                for point_id, (product, vectors) in latest.items()
             ]
             # Checking and writing in one job on the single worker makes the created flags race-free.
             found = shard.retrieve(list(latest), False, False)
@@ -154,6 +151,23 @@ class EdgeStore(VectorStore):
             lambda: shard.retrieve(list(by_point), False, [layout.DENSE_VECTOR]), "vectors"
         )
         return {by_point[str(r.id)]: layout.stored_vector(r.vector, self.dimension) for r in records}
+
+    async def image_vectors(self, product_ids: Sequence[str]) -> dict[str, layout.Vector]:
+        """See VectorStore.image_vectors."""
+        by_point = layout.point_ids_by_product(product_ids)
+        shard = self._open_shard()
+        records = await self._worker.run(
+            lambda: shard.retrieve(list(by_point), False, [layout.IMAGES_VECTOR]), "image_vectors"
+        )
+        found = ((by_point[str(r.id)], layout.stored_rows(r.vector, self.dimension)) for r in records)
+        return {product_id: rows for product_id, rows in found if rows is not None}
+
+    async def numeric_keys(self) -> list[str]:
+        """See VectorStore.numeric_keys."""
+        request = qe.FacetRequest(layout.NUMERIC_KEYS, limit=layout.FACET_SCAN_VALUES, exact=False)
+        shard = self._open_shard()
+        response = await self._worker.run(lambda: shard.facet(request), "numeric_keys")
+        return sorted(str(hit.value) for hit in response.hits)
 
     async def facets(self, flt: SearchFilter, spec: FacetSpec, *, exclude_ids: Collection[str] = ()) -> Facets:
         """See VectorStore.facets."""

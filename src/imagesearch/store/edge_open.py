@@ -2,7 +2,9 @@
 
 A shard written before hybrid search gets its lexical side in place: `UpdateOperation.create_sparse_vector` adds
 the sparse vector to the existing shard (idempotent and non-destructive, through the WAL) and `update_vectors`
-fills it point by point; a point given an empty sparse vector counts as having it (`HasVectorCondition`).
+fills it point by point; a point given an empty sparse vector counts as having it (`HasVectorCondition`). A shard
+written before several images per product gets its `images` multivector the same way
+(`UpdateOperation.create_dense_vector`), each point one image: its unnamed vector.
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ import structlog
 
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store.edge_plan import edge_filter
-from imagesearch.store.layout import INDEXED_FIELDS, LEXICAL_VECTOR
+from imagesearch.store.layout import DENSE_VECTOR, IMAGES, IMAGES_VECTOR, INDEXED_FIELDS, LEXICAL_VECTOR
 from imagesearch.store.plan import Filter
-from imagesearch.store.record import LexicalUpdate, PayloadRecord, StoreRecord, derive_lexical_side, lexical_update
+from imagesearch.store.record import (
+    LexicalUpdate,
+    PayloadRecord,
+    StoreRecord,
+    derive_images,
+    derive_lexical_side,
+    images_update,
+    lexical_update,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -33,8 +43,9 @@ _SHARD_DIR = "shard"
 # Our own record of what the shard was created for: the shard itself has no place for application metadata.
 _RECORD_FILE = "imagesearch-store.json"
 _SCHEMA_TYPES = {"keyword": qe.PayloadSchemaType.Keyword, "float": qe.PayloadSchemaType.Float}
-# Points whose lexical side is filled in per update while an older store is brought up to date.
+# Points whose lexical side or images are filled in per update while an older store is brought up to date.
 _BACKFILL_BATCH = 1000
+_MAXSIM = qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim)
 
 
 class ShardWorker:
@@ -67,13 +78,17 @@ class ShardWorker:
 async def open_shard(worker: ShardWorker, dimension: int, model_id: str, index_threshold: int) -> qe.EdgeShard:
     """Create the shard under `worker.path`, or reopen it and bring it up to date: see EdgeStore.open."""
     path = worker.path
-    shard, record = await worker.run(lambda: _load(path, dimension, model_id), "open")
+    shard, record, had_images = await worker.run(lambda: _load(path, dimension, model_id), "open")
     try:
         which = lexical_update(record)
         if which is not None:
             await _derive_lexical_side(worker, shard, which)
-            # Recorded only once the engine has accepted the dimension and every point has its lexical side, so a
-            # wrong record is never written and an interrupted update resumes at the next open.
+        images = images_update(record) or not had_images
+        if images:
+            await _derive_images(worker, shard, dimension)
+        if which is not None or images:
+            # Recorded only once the engine has accepted the dimension and every point has its lexical side and
+            # images, so a wrong record is never written and an interrupted update resumes at the next open.
             current = StoreRecord(model_id, dimension)
             await worker.run(lambda: _write_record(path / _RECORD_FILE, current), "open")
         await worker.run(lambda: _build_index_if_needed(shard, index_threshold, path), "open (indexing)")
@@ -84,22 +99,31 @@ async def open_shard(worker: ShardWorker, dimension: int, model_id: str, index_t
     return shard
 
 
-def _load(path: Path, dimension: int, model_id: str) -> tuple[qe.EdgeShard, StoreRecord | None]:
+def _load(path: Path, dimension: int, model_id: str) -> tuple[qe.EdgeShard, StoreRecord | None, bool]:
+    """The shard, its record, and whether it has the `images` multivector."""
     record = _read_record(path / _RECORD_FILE)
     if record is not None:
         record.check(model_id, dimension, f"the embedded store at {path}", _advice(path))
     shard_path = path / _SHARD_DIR
     dense = qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine)
+    images = qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine, multivector_config=_MAXSIM)
+    config_path = shard_path / "edge_config.json"
     try:
-        if (shard_path / "edge_config.json").exists():
-            # Passing the dense config makes the engine check it against the stored segments; the sparse vectors
-            # are left out so that they are inherited: a store written before hybrid search has none yet.
-            shard = qe.EdgeShard.load(str(shard_path), qe.EdgeConfig(vectors=dense))
+        if config_path.exists():
+            # Passing the dense configs makes the engine check them against the stored segments. The engine wants
+            # every dense vector the shard has, so the `images` multivector goes in only where the shard has it (a
+            # store written before several images per product has none yet); the sparse vectors are left out, so
+            # that they are inherited (a store written before hybrid search has none yet).
+            had_images = IMAGES_VECTOR in _stored_dense_vectors(config_path)
+            vectors = {DENSE_VECTOR: dense, IMAGES_VECTOR: images} if had_images else {DENSE_VECTOR: dense}
+            shard = qe.EdgeShard.load(str(shard_path), qe.EdgeConfig(vectors=vectors))
         else:
+            had_images = True
             lexical = qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)
-            shard = qe.EdgeShard.create(
-                str(shard_path), qe.EdgeConfig(vectors=dense, sparse_vectors={LEXICAL_VECTOR: lexical})
+            config = qe.EdgeConfig(
+                vectors={DENSE_VECTOR: dense, IMAGES_VECTOR: images}, sparse_vectors={LEXICAL_VECTOR: lexical}
             )
+            shard = qe.EdgeShard.create(str(shard_path), config)
     except Exception as exc:
         if type(exc) is not Exception:
             raise
@@ -112,17 +136,56 @@ def _load(path: Path, dimension: int, model_id: str) -> tuple[qe.EdgeShard, Stor
     except BaseException:
         shard.close()
         raise
-    return shard, record
+    return shard, record, had_images
+
+
+def _stored_dense_vectors(config_path: Path) -> set[str]:
+    # The engine's own record of the shard's configuration: EdgeShard has no call that reads it before loading.
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreUnavailable(f"cannot read {config_path}: {exc}") from exc
+    return set(config.get("vectors") or {}) if isinstance(config, dict) else set()
+
+
+def _scroller(worker: ShardWorker, shard: qe.EdgeShard, what: str) -> Any:
+    async def scroll(missing: Filter | None, cursor: Any, with_vector: bool) -> tuple[Sequence[PayloadRecord], Any]:
+        request = qe.ScrollRequest(
+            offset=cursor,
+            limit=_BACKFILL_BATCH,
+            filter=edge_filter(missing),
+            with_payload=True,
+            with_vector=[DENSE_VECTOR] if with_vector else False,
+        )
+        return await worker.run(lambda: shard.scroll(request), what)
+
+    return scroll
+
+
+async def _derive_images(worker: ShardWorker, shard: qe.EdgeShard, dimension: int) -> None:
+    what = "open (laying out the image vectors)"
+
+    async def update(items: list[tuple[Any, list[list[float]], list[dict[str, str]]]]) -> None:
+        def write() -> None:
+            # The payload first: a point counts as done once it has the vector (the backfill's filter).
+            for point_id, _, images in items:
+                shard.update(qe.UpdateOperation.set_payload([point_id], {IMAGES: images}))
+            points = [qe.PointVectors(point_id, {IMAGES_VECTOR: rows}) for point_id, rows, _ in items]
+            shard.update(qe.UpdateOperation.update_vectors(points))
+
+        await worker.run(write, what)
+
+    # Idempotent: a no-op (that keeps the stored vectors) when the shard already has it.
+    add = qe.UpdateOperation.create_dense_vector(
+        IMAGES_VECTOR, dimension, qe.Distance.Cosine, multivector_config=_MAXSIM
+    )
+    await worker.run(lambda: shard.update(add), what)
+    if await derive_images(_scroller(worker, shard, what), update, dimension, str(worker.path)):
+        await worker.run(shard.flush, what)
 
 
 async def _derive_lexical_side(worker: ShardWorker, shard: qe.EdgeShard, which: LexicalUpdate) -> None:
     what = "open (deriving the lexical side)"
-
-    async def scroll(missing: Filter | None, cursor: Any) -> tuple[Sequence[PayloadRecord], Any]:
-        request = qe.ScrollRequest(
-            offset=cursor, limit=_BACKFILL_BATCH, filter=edge_filter(missing), with_payload=True, with_vector=False
-        )
-        return await worker.run(lambda: shard.scroll(request), what)
 
     async def update(vectors: list[tuple[Any, qe.SparseVector]]) -> None:
         points = [qe.PointVectors(point_id, {LEXICAL_VECTOR: terms}) for point_id, terms in vectors]
@@ -131,7 +194,7 @@ async def _derive_lexical_side(worker: ShardWorker, shard: qe.EdgeShard, which: 
     # Idempotent: a no-op (that keeps the stored vectors) when the shard already has it.
     add = qe.UpdateOperation.create_sparse_vector(LEXICAL_VECTOR, modifier=qe.Modifier.Idf)
     await worker.run(lambda: shard.update(add), what)
-    if await derive_lexical_side(which, scroll, update, str(worker.path)):
+    if await derive_lexical_side(which, _scroller(worker, shard, what), update, str(worker.path)):
         await worker.run(shard.flush, what)
 
 
@@ -160,13 +223,15 @@ def _build_index_if_needed(shard: qe.EdgeShard, threshold: int, path: Path) -> N
 
 
 def indexed_clip_vectors(shard: qe.EdgeShard) -> int:
-    """How many CLIP vectors the shard's HNSW index holds (deleted points may still count until optimised)."""
+    """How many products' CLIP vectors the shard's HNSW index holds (deleted points may still count until
+    optimised)."""
     # The engine's count includes every sparse vector (a sparse index is always complete); points have one
-    # exactly when they have words (layout.lexical_document), so the rest are CLIP vectors.
+    # exactly when they have words (layout.lexical_document). The rest are CLIP vectors, two per product: the
+    # unnamed one and the `images` multivector (counted once, however many images it holds).
     with_words = shard.count(
         qe.CountRequest(filter=qe.Filter(must=[qe.HasVectorCondition(LEXICAL_VECTOR)]), exact=True)
     )
-    return int(shard.info().indexed_vectors_count) - with_words
+    return (int(shard.info().indexed_vectors_count) - with_words) // 2
 
 
 def _advice(path: Path) -> str:

@@ -40,6 +40,8 @@ def _condition(c: plan.Condition) -> qe.ConditionType:
             return qe.HasIdCondition(set(point_ids))
         case plan.HasVector(name):
             return qe.HasVectorCondition(name)
+        case plan.IsEmpty(key):
+            return qe.IsEmptyCondition(key)
         case plan.Filter():
             return _filter(c)
     raise TypeError(f"not a filter condition: {c!r}")
@@ -58,6 +60,8 @@ def edge_expression(x: plan.Expression) -> qe.Expression:
             return e.Mult([edge_expression(f) for f in factors])
         case plan.Max(operands):
             return e.Max([edge_expression(o) for o in operands])
+        case plan.Ln(x_):
+            return e.Ln(edge_expression(x_))
         case plan.Matches(flt):
             return e.Condition(_condition(flt))
         case plan.Decay(kind, x_, target, scale, midpoint):
@@ -72,11 +76,7 @@ def edge_query(q: plan.Query) -> qe.ScoringQueryType:
         return cast("qe.ScoringQueryType", qe.Fusion.Rrf(q.k))
     if isinstance(q, plan.Formula):
         return qe.Formula(edge_expression(q.expression), defaults=dict(q.defaults))
-    using = q.using or None  # the unnamed vector is the default one
-    if q.mmr_diversity:
-        # Edge's Mmr takes MMR's lambda (1 = relevance only); the plan, like qdrant-client, takes 1 - lambda.
-        return qe.Mmr(q.vector, 1.0 - q.mmr_diversity, q.mmr_candidates, using=using)
-    return qe.Query.Nearest(q.vector, using=using)
+    return qe.Query.Nearest(q.vector, using=q.using or None)  # the unnamed vector is the default one
 
 
 def edge_request(r: plan.Request) -> qe.QueryRequest:
@@ -91,7 +91,8 @@ def edge_request(r: plan.Request) -> qe.QueryRequest:
     def prefetch(p: plan.Prefetch) -> qe.Prefetch:
         nested = [once(n, prefetch) for n in p.prefetches] or None
         flt = once(p.filter, edge_filter)
-        return qe.Prefetch(limit=p.limit, query=edge_query(p.query), prefetches=nested, filter=flt)
+        query = edge_query(p.query)
+        return qe.Prefetch(limit=p.limit, query=query, prefetches=nested, filter=flt, score_threshold=p.score_threshold)
 
     return qe.QueryRequest(
         limit=r.limit,

@@ -1,8 +1,8 @@
 """The point layout every backend shares, and the helpers both backends use to read and write it.
 
-Both backends store a product under the same point id, payload and vectors (the unnamed dense CLIP vector and the
-sparse `bm25` vector of its words), so a catalogue can move between the embedded store and a Qdrant server
-(snapshot or re-import) without any translation.
+Both backends store a product under the same point id, payload and vectors (the unnamed dense CLIP vector of its
+primary image, the `images` multivector of all its images, and the sparse `bm25` vector of its words), so a
+catalogue can move between the embedded store and a Qdrant server (snapshot or re-import) without any translation.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import numpy.typing as npt
 import qdrant_edge as qe
 
 from imagesearch.domain import FacetCount, Facets, FacetSpec, Product, point_id_for
+from imagesearch.images import IMAGE_FIELDS, ProductImage
+from imagesearch.ranking import NUMBERS as NUMBERS
 
-#: An embedding: float32, L2-normalised, shape (dimension,).
+#: An embedding: float32, L2-normalised, shape (dimension,); or, for a product's images, shape (images, dimension).
 Vector = npt.NDArray[np.float32]
 
 # Payload field names. `attributes` is the map (read back into Product); `attribute_pairs` holds the same data as
@@ -31,9 +33,19 @@ CURRENCY = "currency"
 IMAGE_URL = "image_url"
 ATTRIBUTES = "attributes"
 ATTRIBUTE_PAIRS = "attribute_pairs"
+# `images`: the product's images in order ({id, role, url, sha256} each), one per row of IMAGES_VECTOR. `numbers`
+# (ranking.NUMBERS): the numeric attributes, which ranking formulas read as "numbers.<key>". `numeric_keys`: their
+# keys as keywords, so that one facet says which numeric attributes the catalogue has.
+IMAGES = "images"
+NUMERIC_KEYS = "numeric_keys"
 
 # The filterable fields and the index each needs; each backend maps the kind to its own schema type.
-INDEXED_FIELDS: Mapping[str, str] = {CATEGORY: "keyword", PRICE: "float", ATTRIBUTE_PAIRS: "keyword"}
+INDEXED_FIELDS: Mapping[str, str] = {
+    CATEGORY: "keyword",
+    PRICE: "float",
+    ATTRIBUTE_PAIRS: "keyword",
+    NUMERIC_KEYS: "keyword",
+}
 
 #: Facets are counted from the store's this-many most frequent values of a field. Attribute facets are counted
 #: on `attribute_pairs` (every key's values in one indexed field, including high-cardinality keys such as a
@@ -41,8 +53,12 @@ INDEXED_FIELDS: Mapping[str, str] = {CATEGORY: "keyword", PRICE: "float", ATTRIB
 #: attribute pairs than this can lose a rare value (its cost: benchmarks/features.py).
 FACET_SCAN_VALUES = 100_000
 
-#: The CLIP vector's name: the unnamed (default) vector, as in stores written before hybrid search.
+#: The CLIP vector of the product's primary image (its first): the unnamed (default) vector, as in stores written
+#: before several images per product. Read back by `vectors` (searches by example products); no search ranks by it.
 DENSE_VECTOR = ""
+#: Every image's CLIP vector, in the product's order: a multivector (cosine, MaxSim). Every search by vector goes
+#: through it with a one-row query, so that a product scores the cosine of its best image.
+IMAGES_VECTOR = "images"
 #: The sparse vector that holds a product's words as BM25 term weights, next to its unnamed CLIP vector. Terms
 #: come from Qdrant's own BM25 (`qdrant_edge.Bm25`: its tokenizer, English stop words and stemmer), in both
 #: backends, so both tokenise alike; the engine applies the IDF modifier at query time, over the whole collection.
@@ -66,6 +82,16 @@ def vector_values(vector: Vector, dimension: int) -> list[float]:
     return values
 
 
+def image_rows(vectors: Vector, dimension: int) -> list[list[float]]:
+    """A product's image vectors as rows: shape (dimension,) is one image, (k, dimension) k >= 1 images."""
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 2 and vectors.shape[0] >= 1:
+        return [vector_values(row, dimension) for row in vectors]
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 1:
+        return [vector_values(vectors, dimension)]
+    shape = getattr(vectors, "shape", type(vectors).__name__)
+    raise ValueError(f"expected vectors of shape ({dimension},) or (images, {dimension}), got {shape}")
+
+
 def stored_vector(raw: Any, dimension: int) -> Vector:
     # The unnamed vector comes back as a plain list, or by name ({"": [...]}) with the point's other vectors.
     if isinstance(raw, Mapping):
@@ -74,6 +100,18 @@ def stored_vector(raw: Any, dimension: int) -> Vector:
     if vector.shape != (dimension,):
         raise ValueError(f"stored vector has shape {vector.shape}, expected ({dimension},)")
     return vector
+
+
+def stored_rows(raw: Any, dimension: int) -> Vector | None:
+    """A point's IMAGES_VECTOR rows as (k, dimension), from the named vectors a query or retrieve returned; None
+    when the point has none."""
+    rows = raw.get(IMAGES_VECTOR) if isinstance(raw, Mapping) else None
+    if not rows:
+        return None
+    matrix = np.asarray(rows, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[1] != dimension:
+        raise ValueError(f"stored images have shape {matrix.shape}, expected (images, {dimension})")
+    return matrix
 
 
 def lexical_text(product: Product) -> str:
@@ -89,10 +127,37 @@ def lexical_document(product: Product) -> qe.SparseVector | None:
     return terms if terms.indices else None
 
 
-def point_vectors(vector: list[float], product: Product) -> dict[str, Any]:
-    """A point's named vectors: the unnamed CLIP vector and, when the product has words, LEXICAL_VECTOR."""
+def point_vectors(rows: list[list[float]], product: Product) -> dict[str, Any]:
+    """A point's named vectors: the primary image's CLIP vector (unnamed), every image's (IMAGES_VECTOR) and, when
+    the product has words, LEXICAL_VECTOR."""
+    vectors: dict[str, Any] = {DENSE_VECTOR: rows[0], IMAGES_VECTOR: rows}
     terms = lexical_document(product)
-    return {DENSE_VECTOR: vector} if terms is None else {DENSE_VECTOR: vector, LEXICAL_VECTOR: terms}
+    if terms is not None:
+        vectors[LEXICAL_VECTOR] = terms
+    return vectors
+
+
+def stored_images(product: Product, count: int) -> tuple[ProductImage, ...]:
+    """The images stored for `product` with `count` image vectors: its own, one per vector; a product without any
+    has one, its `image_url` (as a product written before several images per product reads back)."""
+    if product.images:
+        if len(product.images) != count:
+            raise ValueError(f"product {product.id!r} has {len(product.images)} images but {count} image vectors")
+        return product.images
+    if count != 1:
+        raise ValueError(f"product {product.id!r} has no images but {count} image vectors")
+    return (ProductImage(url=product.image_url),)
+
+
+def point_parts(product: Product, vectors: Vector, dimension: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A product's point: its named vectors and its payload (its images checked against its image vectors)."""
+    rows = image_rows(vectors, dimension)
+    stored_images(product, len(rows))
+    return point_vectors(rows, product), product_to_payload(product)
+
+
+def image_payload(images: Sequence[ProductImage]) -> list[dict[str, str]]:
+    return [{name: getattr(image, name) for name in IMAGE_FIELDS} for image in images]
 
 
 def lexical_terms(text: str) -> qe.SparseVector:
@@ -153,7 +218,9 @@ def attribute_pair(key: str, value: str) -> str:
 
 
 def product_to_payload(product: Product) -> dict[str, Any]:
+    """The point payload of `product` (checked against its image vectors by `stored_images`)."""
     attributes = dict(product.attributes)
+    numbers = {str(key): float(value) for key, value in product.numeric_attributes.items()}
     return {
         PRODUCT_ID: product.id,
         NAME: product.name,
@@ -164,11 +231,25 @@ def product_to_payload(product: Product) -> dict[str, Any]:
         IMAGE_URL: product.image_url,
         ATTRIBUTES: attributes,
         ATTRIBUTE_PAIRS: sorted(attribute_pair(k, v) for k, v in attributes.items()),
+        IMAGES: image_payload(product.images or (ProductImage(url=product.image_url),)),
+        NUMBERS: numbers,
+        NUMERIC_KEYS: sorted(numbers),
     }
 
 
+def with_attribute_pairs(payload: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A hit's payload (read without ATTRIBUTE_PAIRS) with them again, for filters evaluated in Python."""
+    if ATTRIBUTE_PAIRS in payload:
+        return payload
+    attributes = payload.get(ATTRIBUTES) or {}
+    return {**payload, ATTRIBUTE_PAIRS: sorted(attribute_pair(str(k), str(v)) for k, v in attributes.items())}
+
+
 def product_from_payload(payload: Mapping[str, Any]) -> Product:
-    # Tolerates missing fields so points written by other tools (or older layouts) still read back.
+    # Tolerates missing fields so points written by other tools (or older layouts) still read back: a point written
+    # before several images per product has one image, its image_url.
+    image_url = str(payload.get(IMAGE_URL, ""))
+    images = tuple(ProductImage.from_row(row) for row in payload.get(IMAGES) or ()) or (ProductImage(url=image_url),)
     return Product(
         id=str(payload.get(PRODUCT_ID, "")),
         name=str(payload.get(NAME, "")),
@@ -177,7 +258,9 @@ def product_from_payload(payload: Mapping[str, Any]) -> Product:
         price=float(payload.get(PRICE, 0.0)),
         currency=str(payload.get(CURRENCY, "")),
         attributes={str(k): str(v) for k, v in (payload.get(ATTRIBUTES) or {}).items()},
-        image_url=str(payload.get(IMAGE_URL, "")),
+        image_url=image_url,
+        images=images,
+        numeric_attributes={str(k): float(v) for k, v in (payload.get(NUMBERS) or {}).items()},
     )
 
 

@@ -1,10 +1,9 @@
-"""The search plan: what one search asks of the engine, in terms neither client library owns.
+"""The search plan's vocabulary: what one search asks of the engine, in terms neither client library owns.
 
-`SearchPlan.steps` is the whole search algorithm (the best lexical score, the scale, dense vs lexical vs hybrid,
-weighted vs rank fusion, the diversity candidates, the threshold, the re-rank), written once. It yields `Request`s
-and is sent each request's points; a backend compiles a request to its client's types and runs it (`drive` on the
-thread that owns the engine, `drive_async` for an async client). Filters and formulas are small trees for the
-same reason: each backend compiles them (edge_plan.py, qdrant_plan.py), neither decides them.
+Filters, formulas and requests are small trees: each backend compiles them to its client's types (edge_plan.py,
+qdrant_plan.py), neither decides them. The algorithm that yields the requests is store/search_plan.py. `evaluate`
+computes a formula in Python by the engine's own definitions, so that a score explanation comes from the same tree
+the engine ranks by.
 
 The records are NamedTuples, cheap to build on every search. Being tuples, two of different kinds can compare
 equal (Sum((x,)) == Mult((x,))): tell them apart by type, as the compilers do.
@@ -12,44 +11,14 @@ equal (Sum((x,)) == Mult((x,))): tell them apart by type, as the compilers do.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Generator, Mapping, Sequence
+import math
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, NamedTuple, Protocol
 
-import numpy as np
-import numpy.typing as npt
 import qdrant_edge as qe
 
-from imagesearch.domain import Hit, LexicalQuery, SearchFilter, point_id_for
-from imagesearch.store.layout import (
-    ATTRIBUTE_PAIRS,
-    CATEGORY,
-    DENSE_VECTOR,
-    LEXICAL_VECTOR,
-    PRICE,
-    attribute_pair,
-    lexical_terms,
-    product_from_payload,
-    stored_vector,
-)
-
-#: A diversified search (Maximal Marginal Relevance) re-ranks this many best matches, and returns no others.
-#: Fixed, not derived from the page, so that every page of one query is a slice of the same re-ranked list.
-DIVERSITY_CANDIDATES = 200
-#: A hybrid search fuses the HYBRID_CANDIDATES best matches of each side (the CLIP vector and the words); the
-#: fused ranking holds at most twice as many products. Fixed, not derived from the page, so that every page of
-#: one query is a slice of the same fused ranking.
-HYBRID_CANDIDATES = 200
-#: Reciprocal rank fusion adds 1 / (RRF_K + rank) per ranking (rank counting from 0, Qdrant's convention); the
-#: usual constant. A product first in both rankings gets 2 / RRF_K, which RRF_SCALE maps to a score of 1.
-RRF_K = 60
-RRF_SCALE = RRF_K / 2
-#: A weighted hybrid query combines three prefetches, named by position: the dense candidates' cosine, the
-#: lexical candidates' BM25, and the lexical candidates rescored by the CLIP vector (so that every candidate gets
-#: its true cosine, not only those among the best dense matches). A product missing from one list scores these:
-#: -1 loses the max of the two cosines, 0 adds no lexical score.
-DENSE_COSINE, BM25_SCORE, RESCORED_COSINE = "$score[0]", "$score[1]", "$score[2]"
-MISSING_SCORES = {DENSE_COSINE: -1.0, BM25_SCORE: 0.0, RESCORED_COSINE: -1.0}
-
+from imagesearch.domain import SearchFilter, point_id_for
+from imagesearch.store.layout import ATTRIBUTE_PAIRS, CATEGORY, DENSE_VECTOR, PRICE, attribute_pair
 
 # --- filters: every condition of `must` holds and none of `must_not` --------------------------------------------
 
@@ -78,12 +47,16 @@ class HasVector(NamedTuple):  # the point has this named vector
     name: str
 
 
+class IsEmpty(NamedTuple):  # the field is missing, null or an empty list
+    key: str
+
+
 class Filter(NamedTuple):
     must: tuple[Condition, ...] = ()
     must_not: tuple[Condition, ...] = ()
 
 
-Condition = MatchAny | MatchValue | Range | HasId | HasVector | Filter
+Condition = MatchAny | MatchValue | Range | HasId | HasVector | IsEmpty | Filter
 
 
 def search_filter(flt: SearchFilter, exclude_ids: Collection[str] = ()) -> Filter | None:
@@ -121,6 +94,10 @@ class Max(NamedTuple):
     operands: tuple[Expression, ...]
 
 
+class Ln(NamedTuple):  # the natural logarithm
+    x: Expression
+
+
 class Matches(NamedTuple):  # 1 where the point matches the filter, else 0: a boost or a bury by filter
     filter: Filter
 
@@ -136,7 +113,7 @@ class Decay(NamedTuple):
     midpoint: float | None = None
 
 
-Expression = Constant | Variable | Sum | Mult | Max | Matches | Decay
+Expression = Constant | Variable | Sum | Mult | Max | Ln | Matches | Decay
 
 
 class Formula(NamedTuple):
@@ -155,13 +132,11 @@ QueryVector = list[float] | list[list[float]] | qe.SparseVector
 
 
 class Nearest(NamedTuple):
-    """The points nearest `vector` on the named vector `using`; with `mmr_diversity`, the `mmr_candidates` nearest
-    re-ranked by the engine's Maximal Marginal Relevance (diversity = 1 - lambda)."""
+    """The points nearest `vector` on the named vector `using` (a multivector: by MaxSim, the sum over the query's
+    rows of each row's best cosine)."""
 
     vector: QueryVector
     using: str = DENSE_VECTOR
-    mmr_diversity: float | None = None
-    mmr_candidates: int = DIVERSITY_CANDIDATES
 
 
 class Rrf(NamedTuple):
@@ -174,12 +149,14 @@ Query = Nearest | Rrf | Formula
 
 
 class Prefetch(NamedTuple):
-    """The `limit` best points by `query` among those matching `filter` (of the nested prefetches', if any)."""
+    """The `limit` best points by `query` among those matching `filter` (of the nested prefetches', if any) that
+    score above `score_threshold`."""
 
     query: Query
     limit: int
     filter: Filter | None = None
     prefetches: tuple[Prefetch, ...] = ()
+    score_threshold: float | None = None
 
 
 class Request(NamedTuple):
@@ -200,6 +177,9 @@ class ScoredPoint(Protocol):
     """A point as either client returns it."""
 
     @property
+    def id(self) -> Any: ...
+
+    @property
     def score(self) -> float: ...
 
     @property
@@ -209,127 +189,110 @@ class ScoredPoint(Protocol):
     def vector(self) -> Any: ...
 
 
-# --- the algorithm --------------------------------------------------------------------------------------------
+# --- formulas evaluated in Python -----------------------------------------------------------------------------
 
-Steps = Generator[Request, Sequence[ScoredPoint], list[Hit]]
-
-
-class SearchPlan(NamedTuple):
-    """One VectorStore.search, its arguments checked (VectorStore.search builds it); see there for the hits."""
-
-    dimension: int
-    values: list[float] | None
-    lexical: LexicalQuery | None
-    filter: Filter | None
-    limit: int
-    offset: int
-    score_threshold: float | None
-    diversity: float | None
-
-    def steps(self) -> Steps:
-        """The search: yields each engine request, is sent its points, returns the hits."""
-        if self.lexical is None:
-            assert self.values is not None
-            # A dense search is one engine query, diversified by the engine itself.
-            nearest = Nearest(self.values, mmr_diversity=self.diversity)
-            points = yield Request(nearest, self.limit, self.offset, (), self.filter, self.score_threshold)
-            return [Hit(product_from_payload(p.payload or {}), p.score) for p in points]
-        terms = lexical_terms(self.lexical.text)
-        # Unfiltered: lexical scores are relative to the best match in the whole collection.
-        best = None
-        if terms.indices:
-            top = yield Request(Nearest(terms, using=LEXICAL_VECTOR), limit=1, with_payload=False)
-            best = top[0].score if top and top[0].score > 0 else None
-        if self.values is None and best is None:
-            return []  # no product has any of the words
-        scale = score_scale(self.values is not None, self.lexical, best)
-        query, prefetches = self._ranking(terms, best)
-        start, count = (0, DIVERSITY_CANDIDATES) if self.diversity else (self.offset, self.limit)
-        threshold = None if self.score_threshold is None else self.score_threshold / scale
-        vectors = (DENSE_VECTOR,) if self.diversity else ()
-        points = yield Request(query, count, start, prefetches, self.filter, threshold, with_vectors=vectors)
-        hits = [Hit(product_from_payload(p.payload or {}), p.score * scale) for p in points]
-        if not self.diversity or not hits:
-            return hits
-        rows = np.asarray([stored_vector(p.vector, self.dimension) for p in points], dtype=np.float32)
-        order = mmr_order([h.score for h in hits], rows, self.diversity, self.offset + self.limit)
-        return [hits[i] for i in order[self.offset :]]
-
-    def _ranking(self, terms: qe.SparseVector, best: float | None) -> tuple[Query, tuple[Prefetch, ...]]:
-        """The query and prefetches of a lexical or hybrid search; see VectorStore.search for the scores."""
-        assert self.lexical is not None
-        words = Nearest(terms, using=LEXICAL_VECTOR)
-        if self.values is None:
-            return words, ()
-        # The filter goes on every leaf: prefetch limits then count matching products only.
-        dense = Prefetch(Nearest(self.values), HYBRID_CANDIDATES, self.filter)
-        lexical_side = Prefetch(words, HYBRID_CANDIDATES, self.filter)
-        if self.lexical.fusion == "rank":
-            return Rrf(RRF_K), (dense, lexical_side)
-        rescored = Prefetch(Nearest(self.values), HYBRID_CANDIDATES, self.filter, (lexical_side,))
-        cosine_factor, lexical_factor = weighted_factors(self.lexical, best)
-        cosine = Max((Variable(DENSE_COSINE), Variable(RESCORED_COSINE)))
-        mapped_cosine = Mult((Constant(cosine_factor), Sum((cosine, Constant(1.0)))))
-        formula = Sum((mapped_cosine, Mult((Constant(lexical_factor), Variable(BM25_SCORE)))))
-        return Formula(formula, MISSING_SCORES), (dense, lexical_side, rescored)
+#: Qdrant's decay defaults: target 0, scale 1, midpoint 0.5.
+_DECAY_DEFAULTS = (0.0, 1.0, 0.5)
 
 
-def drive(plan: SearchPlan, query: Callable[[Request], Sequence[ScoredPoint]]) -> list[Hit]:
-    """Run `plan` on a synchronous engine: every request within this call, so all see one state of the engine."""
-    steps = plan.steps()
-    try:
-        request = next(steps)
-        while True:
-            request = steps.send(query(request))
-    except StopIteration as done:
-        return done.value
+def evaluate(
+    x: Expression,
+    variables: Mapping[str, float],
+    payload: Mapping[str, Any],
+    point_id: str | None = None,
+    vectors: Collection[str] = (),
+) -> float:
+    """`x` for one point, by the engine's definitions: `variables` holds the prefetch scores ("$score[i]") and the
+    formula's defaults, `payload` the point's payload (a numeric field read by a Variable wins over its default),
+    `point_id` and `vectors` (its named vectors) answer HasId and HasVector."""
+
+    def value(e: Expression) -> float:
+        match e:
+            case Constant(constant):
+                return float(constant)
+            case Variable(name):
+                return _variable(name, variables, payload)
+            case Sum(terms):
+                return math.fsum(value(t) for t in terms)
+            case Mult(factors):
+                return math.prod(value(f) for f in factors)
+            case Max(operands):
+                return max(value(o) for o in operands)
+            case Ln(arg):
+                return math.log(value(arg))
+            case Matches(flt):
+                return 1.0 if matches(flt, payload, point_id, vectors) else 0.0
+            case Decay(kind, arg, target, scale, midpoint):
+                t = _DECAY_DEFAULTS[0] if target is None else value(target)
+                s = _DECAY_DEFAULTS[1] if scale is None else scale
+                m = _DECAY_DEFAULTS[2] if midpoint is None else midpoint
+                return _decay(kind, value(arg) - t, s, m)
+        raise TypeError(f"not a formula expression: {e!r}")
+
+    return value(x)
 
 
-async def drive_async(plan: SearchPlan, query: Callable[[Request], Awaitable[Sequence[ScoredPoint]]]) -> list[Hit]:
-    """Run `plan` on an asynchronous engine."""
-    steps = plan.steps()
-    try:
-        request = next(steps)
-        while True:
-            request = steps.send(await query(request))
-    except StopIteration as done:
-        return done.value
+def _decay(kind: str, distance: float, scale: float, midpoint: float) -> float:
+    # The definitions of Qdrant's lin_decay, exp_decay and gauss_decay.
+    if kind == "lin":
+        return max(0.0, 1.0 - (1.0 - midpoint) / scale * abs(distance))
+    if kind == "exp":
+        return math.exp(math.log(midpoint) / scale * abs(distance))
+    return math.exp(math.log(midpoint) / scale**2 * distance**2)
 
 
-def score_scale(has_vector: bool, lexical: LexicalQuery, best: float | None) -> float:
-    """The factor from the engine's score of a lexical or hybrid query to the score VectorStore.search documents
-    (`best`: the best BM25 in the collection for the text, None when nothing matches)."""
-    if not has_vector:
-        return 1.0 / best if best else 1.0  # BM25 relative to the best match
-    return RRF_SCALE if lexical.fusion == "rank" else 1.0  # the weighted formula computes the score itself
+def _variable(name: str, variables: Mapping[str, float], payload: Mapping[str, Any]) -> float:
+    if name.startswith("$score"):
+        return float(variables[name if name != "$score" else "$score[0]"])
+    found = _field(payload, name)
+    if isinstance(found, list):  # the engine reads an array's first value
+        found = found[0] if found else None
+    if isinstance(found, (int, float)) and not isinstance(found, bool):
+        return float(found)
+    if name in variables:
+        return float(variables[name])
+    raise ValueError(f"no number at {name!r} in the payload and no default for it")
 
 
-def weighted_factors(lexical: LexicalQuery, best: float | None) -> tuple[float, float]:
-    """(cosine_factor, lexical_factor) of the weighted hybrid score, which the engine computes as
-    cosine_factor * (1 + max(DENSE_COSINE, RESCORED_COSINE)) + lexical_factor * BM25_SCORE, that is
-    (1 - w) * (1 + cosine) / 2 + w * BM25 / best: the cosine mapped onto 0..1 as the lexical score is."""
-    return (1.0 - lexical.weight) / 2, lexical.weight / (best or 1.0)
+def _field(payload: Mapping[str, Any], key: str) -> Any:
+    found: Any = payload
+    for part in key.split("."):
+        if not isinstance(found, Mapping) or part not in found:
+            return None
+        found = found[part]
+    return found
 
 
-def mmr_order(relevance: Sequence[float], vectors: npt.NDArray[np.float32], diversity: float, count: int) -> list[int]:
-    """The first `count` of the candidates (rows of `vectors`, L2-normalised; `relevance` per row, best first) in
-    Maximal Marginal Relevance order with lambda = 1 - diversity, as indices: each next one maximises
-    lambda * relevance - (1 - lambda) * its largest cosine similarity to those already picked. Ties keep the
-    candidates' order, so the result is deterministic."""
-    wanted = min(count, len(relevance))
-    if wanted <= 0:
-        return []
-    lam = 1.0 - diversity
-    gains = np.asarray(relevance, dtype=np.float64)
-    similarity = np.asarray(vectors, dtype=np.float64) @ np.asarray(vectors, dtype=np.float64).T
-    picked = [int(np.argmax(gains))]
-    nearest = similarity[picked[0]].copy()
-    taken = np.zeros(len(gains), dtype=bool)
-    taken[picked[0]] = True
-    while len(picked) < wanted:
-        marginal = np.where(taken, -np.inf, lam * gains - (1.0 - lam) * nearest)
-        best = int(np.argmax(marginal))
-        picked.append(best)
-        taken[best] = True
-        nearest = np.maximum(nearest, similarity[best])
-    return picked
+def matches(
+    flt: Filter, payload: Mapping[str, Any], point_id: str | None = None, vectors: Collection[str] = ()
+) -> bool:
+    """Whether a point passes `flt`, by the engine's rules (a condition on a list holds when any element does)."""
+
+    def holds(c: Condition) -> bool:
+        match c:
+            case Filter(must, must_not):
+                return all(holds(m) for m in must) and not any(holds(n) for n in must_not)
+            case HasId(point_ids):
+                return point_id in point_ids
+            case HasVector(name):
+                return name in vectors
+            case IsEmpty(key):
+                return _field(payload, key) in (None, [])
+        found = _field(payload, c.key)
+        items = found if isinstance(found, list) else [found]
+        match c:
+            case MatchAny(_, values):
+                return any(item in values for item in items)
+            case MatchValue(_, wanted):
+                return wanted in items
+            case Range(_, gte, lte):
+                return any(_in_range(item, gte, lte) for item in items)
+        raise TypeError(f"not a filter condition: {c!r}")
+
+    return holds(flt)
+
+
+def _in_range(item: Any, gte: float | None, lte: float | None) -> bool:
+    if not isinstance(item, (int, float)) or isinstance(item, bool):
+        return False
+    return (gte is None or item >= gte) and (lte is None or item <= lte)

@@ -40,6 +40,8 @@ def _condition(c: plan.Condition) -> models.Condition:
             return models.HasIdCondition(has_id=sorted(point_ids))
         case plan.HasVector(name):
             return models.HasVectorCondition(has_vector=name)
+        case plan.IsEmpty(key):
+            return models.IsEmptyCondition(is_empty=models.PayloadField(key=key))
         case plan.Filter():
             return _filter(c)
     raise TypeError(f"not a filter condition: {c!r}")
@@ -58,6 +60,8 @@ def qdrant_expression(x: plan.Expression) -> models.Expression:
             return models.MultExpression(mult=[qdrant_expression(f) for f in factors])
         case plan.Max(operands):
             return models.MaxExpression(max=[qdrant_expression(o) for o in operands])
+        case plan.Ln(x_):
+            return models.LnExpression(ln=qdrant_expression(x_))
         case plan.Matches(flt):
             return _condition(flt)
         case plan.Decay(kind, x_, target, scale, midpoint):
@@ -82,14 +86,20 @@ def qdrant_query(q: plan.Query) -> tuple[models.Query, str | None]:
     if isinstance(q, plan.Formula):
         return models.FormulaQuery(formula=qdrant_expression(q.expression), defaults=dict(q.defaults)), None
     vector: Any = sparse(q.vector) if isinstance(q.vector, qe.SparseVector) else q.vector
-    mmr = None if not q.mmr_diversity else models.Mmr(diversity=q.mmr_diversity, candidates_limit=q.mmr_candidates)
-    return models.NearestQuery(nearest=vector, mmr=mmr), q.using or None
+    return models.NearestQuery(nearest=vector), q.using or None
 
 
 def _prefetch(p: plan.Prefetch) -> models.Prefetch:
     query, using = qdrant_query(p.query)
     nested = [_prefetch(n) for n in p.prefetches] or None
-    return models.Prefetch(prefetch=nested, query=query, using=using, limit=p.limit, filter=qdrant_filter(p.filter))
+    return models.Prefetch(
+        prefetch=nested,
+        query=query,
+        using=using,
+        limit=p.limit,
+        filter=qdrant_filter(p.filter),
+        score_threshold=p.score_threshold,
+    )
 
 
 async def query_points(client: AsyncQdrantClient, collection: str, r: plan.Request) -> list[models.ScoredPoint]:

@@ -2,8 +2,10 @@
 
 A collection created before hybrid search gets its sparse lexical vector when the store opens: the vector name is
 added to the collection (`create_vector_name`, Qdrant's API for an existing collection) and every point's BM25
-terms are derived from its stored payload (`update_vectors`; the CLIP vectors are untouched). Points that have the
-vector are skipped, so an interrupted update, or two replicas starting at once, resume and repeat harmlessly.
+terms are derived from its stored payload (`update_vectors`; the CLIP vectors are untouched). A collection created
+before several images per product (or just now, with its unnamed vector) gets its `images` multivector the same
+way, each point one image: its unnamed vector. Points that have the vector are skipped, so an interrupted update,
+or two replicas starting at once, resume and repeat harmlessly.
 """
 
 from __future__ import annotations
@@ -23,15 +25,24 @@ from imagesearch.domain import Facets, FacetSpec, Hit, Product, SearchFilter, po
 from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store import layout
 from imagesearch.store.base import VectorStore
-from imagesearch.store.plan import Filter, SearchPlan, drive_async, search_filter
+from imagesearch.store.plan import Filter, search_filter
 from imagesearch.store.qdrant_plan import HIT_PAYLOAD, qdrant_filter, query_points, sparse
-from imagesearch.store.record import PayloadRecord, StoreRecord, derive_lexical_side, lexical_update
+from imagesearch.store.record import (
+    PayloadRecord,
+    StoreRecord,
+    derive_images,
+    derive_lexical_side,
+    images_update,
+    lexical_update,
+)
+from imagesearch.store.search_plan import SearchPlan, drive_async
 
 # Collection metadata key under which the store keeps its record (store/record.py).
 _META_KEY = "imagesearch"
 _SCHEMA_TYPES = {"keyword": models.PayloadSchemaType.KEYWORD, "float": models.PayloadSchemaType.FLOAT}
 _LEXICAL_PARAMS = models.SparseVectorParams(modifier=models.Modifier.IDF)
-# Points whose lexical side is filled in per request while an older collection is brought up to date.
+_MAXSIM = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
+# Points whose lexical side or images are filled in per request while an older collection is brought up to date.
 _BACKFILL_BATCH = 500
 _ADVICE = "Use another collection name, or re-index the catalogue into a new collection."
 
@@ -113,14 +124,10 @@ class QdrantServerStore(VectorStore):
         if not items:
             return []
         latest = {point_id_for(pid): item for pid, item in layout.last_per_id(items).items()}
-        points = [
-            models.PointStruct(
-                id=point_id,
-                vector=_point_vectors(layout.vector_values(vector, self.dimension), product),
-                payload=layout.product_to_payload(product),
-            )
-            for point_id, (product, vector) in latest.items()
-        ]
+        points = []
+        for point_id, (product, vectors) in latest.items():
+            named, payload = layout.point_parts(product, vectors, self.dimension)
+            points.append(models.PointStruct(id=point_id, vector=_client_vectors(named), payload=payload))
         async with self._write_lock, self._guard("upsert"):
             found = await self._client.retrieve(self._collection, list(latest), with_payload=False, with_vectors=False)
             await self._client.upsert(self._collection, points, wait=True)
@@ -157,6 +164,24 @@ class QdrantServerStore(VectorStore):
                 self._collection, list(by_point), with_payload=False, with_vectors=[layout.DENSE_VECTOR]
             )
         return {by_point[str(r.id)]: layout.stored_vector(r.vector, self.dimension) for r in records}
+
+    async def image_vectors(self, product_ids: Sequence[str]) -> dict[str, layout.Vector]:
+        """See VectorStore.image_vectors."""
+        by_point = layout.point_ids_by_product(product_ids)
+        async with self._guard("image_vectors"):
+            records = await self._client.retrieve(
+                self._collection, list(by_point), with_payload=False, with_vectors=[layout.IMAGES_VECTOR]
+            )
+        found = ((by_point[str(r.id)], layout.stored_rows(r.vector, self.dimension)) for r in records)
+        return {product_id: rows for product_id, rows in found if rows is not None}
+
+    async def numeric_keys(self) -> list[str]:
+        """See VectorStore.numeric_keys."""
+        async with self._guard("numeric_keys"):
+            response = await self._client.facet(
+                self._collection, layout.NUMERIC_KEYS, limit=layout.FACET_SCAN_VALUES, exact=False
+            )
+        return sorted(str(hit.value) for hit in response.hits)
 
     async def facets(self, flt: SearchFilter, spec: FacetSpec, *, exclude_ids: Collection[str] = ()) -> Facets:
         """See VectorStore.facets."""
@@ -229,18 +254,38 @@ class QdrantServerStore(VectorStore):
                     models.SparseVectorNameConfig(sparse=models.SparseVectorConfig(modifier=models.Modifier.IDF)),
                     wait=True,
                 )
+            had_images = (
+                isinstance(info.config.params.vectors, dict) and layout.IMAGES_VECTOR in info.config.params.vectors
+            )
+            if not had_images:
+                images = models.DenseVectorConfig(
+                    size=self.dimension, distance=models.Distance.COSINE, multivector_config=_MAXSIM
+                )
+                await self._client.create_vector_name(
+                    self._collection, layout.IMAGES_VECTOR, models.DenseVectorNameConfig(dense=images), wait=True
+                )
         which = lexical_update(record)
         if which is not None:
             await derive_lexical_side(which, self._scroll_payloads, self._set_lexical, self._guard.where)
+        images_missing = images_update(record) or not had_images
+        if images_missing:
+            await derive_images(self._scroll_payloads, self._set_images, self.dimension, self._guard.where)
+        if which is not None or images_missing:
             async with self._guard("open"):
                 metadata = {_META_KEY: StoreRecord(model_id, self.dimension).as_mapping()}
                 await self._client.update_collection(self._collection, metadata=metadata)
 
-    async def _scroll_payloads(self, missing: Filter | None, cursor: Any) -> tuple[Sequence[PayloadRecord], Any]:
+    async def _scroll_payloads(
+        self, missing: Filter | None, cursor: Any, with_vector: bool
+    ) -> tuple[Sequence[PayloadRecord], Any]:
         # Each page and each update under its own deadline: a large collection takes longer than one call may.
-        async with self._guard("open (deriving the lexical side)"):
+        async with self._guard("open (bringing the collection up to date)"):
             return await self._client.scroll(
-                self._collection, scroll_filter=qdrant_filter(missing), limit=_BACKFILL_BATCH, offset=cursor
+                self._collection,
+                scroll_filter=qdrant_filter(missing),
+                limit=_BACKFILL_BATCH,
+                offset=cursor,
+                with_vectors=[layout.DENSE_VECTOR] if with_vector else False,
             )
 
     async def _set_lexical(self, vectors: list[tuple[Any, qe.SparseVector]]) -> None:
@@ -250,6 +295,17 @@ class QdrantServerStore(VectorStore):
         ]
         async with self._guard("open (deriving the lexical side)"):
             await self._client.update_vectors(self._collection, points, wait=True)
+
+    async def _set_images(self, items: list[tuple[Any, list[list[float]], list[dict[str, str]]]]) -> None:
+        # The payloads first: a point counts as done once it has the vector (the backfill's filter).
+        operations: list[models.UpdateOperation] = [
+            models.SetPayloadOperation(set_payload=models.SetPayload(payload={layout.IMAGES: images}, points=[point]))
+            for point, _, images in items
+        ]
+        vectors = [models.PointVectors(id=point, vector={layout.IMAGES_VECTOR: rows}) for point, rows, _ in items]
+        operations.append(models.UpdateVectorsOperation(update_vectors=models.UpdateVectors(points=vectors)))
+        async with self._guard("open (laying out the image vectors)"):
+            await self._client.batch_update_points(self._collection, operations, wait=True)
 
     async def _create_collection(self, model_id: str) -> None:
         try:
@@ -266,17 +322,26 @@ class QdrantServerStore(VectorStore):
 
     def _check_compatible(self, info: models.CollectionInfo, model_id: str) -> StoreRecord | None:
         """The collection's record, once its vectors and record are checked against this server's model."""
-        vectors = info.config.params.vectors
         wanted = f"model {model_id!r} with {self.dimension}-d cosine vectors"
         place = f"collection {self._collection!r} at {self._guard.where}"
-        if not isinstance(vectors, models.VectorParams):
+        configs = info.config.params.vectors
+        # The unnamed vector alone (a collection from before several images per product), or it and `images`.
+        named = configs if isinstance(configs, dict) else {layout.DENSE_VECTOR: configs}
+        dense, images = named.get(layout.DENSE_VECTOR), named.get(layout.IMAGES_VECTOR)
+        if dense is None or set(named) - {layout.DENSE_VECTOR, layout.IMAGES_VECTOR}:
             raise StoreConfigError(
-                f"{place} uses named vectors; this server needs one unnamed vector ({wanted}). {_ADVICE}"
+                f"{place} has the vectors {sorted(named)}; this server needs an unnamed vector and "
+                f"{layout.IMAGES_VECTOR!r} ({wanted}). {_ADVICE}"
             )
-        if vectors.size != self.dimension or vectors.distance != models.Distance.COSINE:
+        for vectors in (dense, images):
+            if vectors is not None and (vectors.size != self.dimension or vectors.distance != models.Distance.COSINE):
+                raise StoreConfigError(
+                    f"{place} holds {vectors.size}-d {vectors.distance.value} vectors, but this server uses "
+                    f"{wanted}. {_ADVICE}"
+                )
+        if images is not None and images.multivector_config != _MAXSIM:
             raise StoreConfigError(
-                f"{place} holds {vectors.size}-d {vectors.distance.value} vectors, but this server uses {wanted}. "
-                f"{_ADVICE}"
+                f"{place} has {layout.IMAGES_VECTOR!r} vectors that are not MaxSim multivectors. {_ADVICE}"
             )
         meta: Any = (info.config.metadata or {}).get(_META_KEY)
         # A collection created by another tool has no record; only its vector size and distance can be checked.
@@ -313,8 +378,5 @@ class _Guard:
             raise StoreUnavailable(f"Qdrant at {self.where}: {what} failed: {exc}") from exc
 
 
-def _point_vectors(values: list[float], product: Product) -> dict[str, Any]:
-    return {
-        name: sparse(v) if name == layout.LEXICAL_VECTOR else v
-        for name, v in layout.point_vectors(values, product).items()
-    }
+def _client_vectors(named: dict[str, Any]) -> dict[str, Any]:
+    return {name: sparse(v) if name == layout.LEXICAL_VECTOR else v for name, v in named.items()}
