@@ -1,5 +1,5 @@
 """The search plan's trees (store/plan.py) compiled by both backends: one formula of every node kind scores the same
-on the embedded engine and on qdrant-client, and as written out by hand."""
+on the embedded engine and on qdrant-client, as written out by hand, and as plan.evaluate computes it in Python."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from imagesearch.store.edge_plan import edge_request
 from imagesearch.store.qdrant_plan import query_points
 
 POINTS = [
-    ("a", [1.0, 0.0], {"product_id": "a", "price": 20.0, "category": "shoes", "rating": 0.9}),
+    ("a", [1.0, 0.0], {"product_id": "a", "price": 20.0, "category": "shoes", "rating": 0.9, "numbers": {"sold": 9}}),
     ("b", [0.6, 0.8], {"product_id": "b", "price": 150.0, "category": "bags"}),
-    ("c", [0.0, 1.0], {"product_id": "c", "price": 80.0, "category": "shoes", "rating": 0.1}),
+    ("c", [0.0, 1.0], {"product_id": "c", "price": 80.0, "category": "shoes", "rating": 0.1, "numbers": {}}),
 ]
 COSINES = {"a": 1.0, "b": 0.6, "c": 0.0}  # to the query [1, 0]
 
@@ -45,11 +45,16 @@ BUSINESS_RULES = plan.Sum(
         ),
         plan.Matches(plan.Filter(must=(plan.MatchValue("category", "bags"), plan.HasVector("")))),
         plan.Max((plan.Variable("rating"), plan.Constant(0.0))),
+        plan.Ln(plan.Sum((plan.Variable("numbers.sold"), plan.Constant(1.0)))),
+        plan.Mult((plan.Constant(2.0), plan.Matches(plan.Filter(must=(plan.IsEmpty("numbers.sold"),))))),
     )
 )
-DEFAULTS = {"rating": 0.3}
+DEFAULTS = {"rating": 0.3, "numbers.sold": 4.0}
+# The prefetch's threshold leaves "c" (cosine 0) out.
 REQUEST = plan.Request(
-    plan.Formula(BUSINESS_RULES, DEFAULTS), limit=10, prefetches=(plan.Prefetch(plan.Nearest([1.0, 0.0]), 10),)
+    plan.Formula(BUSINESS_RULES, DEFAULTS),
+    limit=10,
+    prefetches=(plan.Prefetch(plan.Nearest([1.0, 0.0]), 10, score_threshold=0.1),),
 )
 
 
@@ -63,7 +68,10 @@ def by_hand(product_id: str) -> float:
     cheap_shoe = payload["category"] == "shoes" and price <= 100.0 and product_id != "c"
     bag = payload["category"] == "bags"
     rating = payload.get("rating", DEFAULTS["rating"])
-    return 0.5 * COSINES[product_id] + exp + gauss + lin + 0.25 * cheap_shoe + bag + max(rating, 0.0)
+    sold = payload.get("numbers", {}).get("sold")
+    ln = math.log((DEFAULTS["numbers.sold"] if sold is None else sold) + 1.0)
+    no_sales = 2.0 * (sold is None)
+    return 0.5 * COSINES[product_id] + exp + gauss + lin + 0.25 * cheap_shoe + bag + max(rating, 0.0) + ln + no_sales
 
 
 async def scores_embedded(tmp_path: Path) -> dict[str, float]:
@@ -90,5 +98,35 @@ async def scores_qdrant(tmp_path: Path) -> dict[str, float]:
 
 @pytest.mark.parametrize("scores", [scores_embedded, scores_qdrant], ids=["embedded", "qdrant"])
 async def test_formula_of_every_node_kind_scores_as_written_on_both_backends(scores: Any, tmp_path: Path) -> None:
-    expected = {i: by_hand(i) for i, _, _ in POINTS}
+    expected = {i: by_hand(i) for i, _, _ in POINTS if COSINES[i] > 0.1}
     assert await scores(tmp_path) == pytest.approx(expected, abs=1e-5)
+
+
+def test_formula_of_every_node_kind_evaluates_in_python_as_written() -> None:
+    for product_id, _, payload in POINTS:
+        variables = {**DEFAULTS, "$score[0]": COSINES[product_id]}
+        score = plan.evaluate(BUSINESS_RULES, variables, payload, point_id_for(product_id), vectors=("",))
+        assert score == pytest.approx(by_hand(product_id), abs=1e-9)
+
+
+def test_python_filters_follow_the_engine_rules_for_lists_and_missing_fields() -> None:
+    payload = {"tags": ["a", "b"], "sizes": [38, 42], "n": {"x": 1.0}, "empty": []}
+    holds = [
+        plan.MatchAny("tags", ("b", "z")),
+        plan.MatchValue("tags", "a"),
+        plan.Range("sizes", 40.0, None),
+        plan.Range("n.x", None, 1.0),
+        plan.IsEmpty("missing"),
+        plan.IsEmpty("empty"),
+        plan.Filter(must_not=(plan.MatchValue("tags", "z"),)),
+    ]
+    fails = [
+        plan.MatchAny("tags", ("z",)),
+        plan.Range("sizes", 43.0, None),
+        plan.IsEmpty("tags"),
+        plan.Range("nope", 0, 1),
+    ]
+    for condition in holds:
+        assert plan.matches(plan.Filter(must=(condition,)), payload), condition
+    for condition in fails:
+        assert not plan.matches(plan.Filter(must=(condition,)), payload), condition
