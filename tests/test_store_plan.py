@@ -111,7 +111,7 @@ def test_formula_of_every_node_kind_evaluates_in_python_as_written() -> None:
 
 def test_python_filters_follow_the_engine_rules_for_lists_and_missing_fields() -> None:
     payload = {"tags": ["a", "b"], "sizes": [38, 42], "n": {"x": 1.0}, "empty": []}
-    holds = [
+    holds: list[plan.Condition] = [
         plan.MatchAny("tags", ("b", "z")),
         plan.MatchValue("tags", "a"),
         plan.Range("sizes", 40.0, None),
@@ -120,7 +120,7 @@ def test_python_filters_follow_the_engine_rules_for_lists_and_missing_fields() -
         plan.IsEmpty("empty"),
         plan.Filter(must_not=(plan.MatchValue("tags", "z"),)),
     ]
-    fails = [
+    fails: list[plan.Condition] = [
         plan.MatchAny("tags", ("z",)),
         plan.Range("sizes", 43.0, None),
         plan.IsEmpty("tags"),

@@ -190,7 +190,9 @@ async def test_explanations_add_up_to_the_score(store: VectorStore) -> None:
 
 async def test_explanation_without_rules_is_the_score_and_the_similarity(store: VectorStore) -> None:
     hits = await store.search(unit(1), SearchFilter(), 3, explain=True)
-    assert [h.explanation for h in hits] == [ScoreExplanation(h.score, pytest.approx(h.score, abs=1e-6)) for h in hits]
+    for hit in hits:  # dense: the relevance is the similarity of the matched image
+        assert hit.explanation is not None and (hit.explanation.relevance, hit.explanation.rules) == (hit.score, ())
+        assert hit.explanation.similarity == pytest.approx(hit.score, abs=1e-6)
     hybrid = await store.search(unit(1), SearchFilter(), 3, lexical=LexicalQuery("red mug"), explain=True)
     for hit in hybrid:
         assert hit.explanation is not None and hit.explanation.relevance == hit.score
