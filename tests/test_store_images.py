@@ -1,25 +1,22 @@
 """Several images per product at the store, on both backends: the layout (the primary image unnamed, every image in
 the `images` multivector), a product matched by its best image, the matched image, atomic replacement, the image
-vectors and numeric attributes read back, and near-duplicate collapsing."""
+vectors and numeric attributes read back, and near-duplicate collapsing. (Stores written before several images per
+product: tests/test_store_migration.py.)"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytest_asyncio
-import qdrant_edge as qe
-from stores import DIM, MODEL, open_store, unit
+from stores import DIM, open_store, unit
 
-from imagesearch.domain import LexicalQuery, Product, SearchFilter, point_id_for
+from imagesearch.domain import LexicalQuery, Product, SearchFilter
 from imagesearch.images import ProductImage
-from imagesearch.store import EdgeStore, VectorStore
-from imagesearch.store.base import DIVERSITY_CANDIDATES, LEXICAL_MODEL, Vector, product_to_payload
-from imagesearch.store.layout import lexical_document
-from imagesearch.store.record import IMAGES_LAYOUT
+from imagesearch.store import VectorStore
+from imagesearch.store.base import DIVERSITY_CANDIDATES, Vector
 
 # qdrant-client's local mode warns that it ignores payload indexes; the store creates them for real servers.
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
@@ -222,90 +219,3 @@ async def test_collapse_rejects_a_threshold_outside_zero_to_one(store: VectorSto
     for threshold in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="collapse"):
             await store.search(unit(1), SearchFilter(), 10, collapse=threshold)
-
-
-# --- stores written before several images per product ------------------------------------------------------------
-
-
-def old_edge_store(path: Path, points: list[tuple[Product, Vector]]) -> None:
-    """An embedded store as the release before several images per product wrote it: the unnamed vector and the
-    lexical one, payloads without images, a record without `images`."""
-    dense = qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Cosine)
-    lexical = qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)
-    shard = qe.EdgeShard.create(str(path / "shard"), qe.EdgeConfig(vectors=dense, sparse_vectors={"bm25": lexical}))
-    old_payload = {"images", "numbers", "numeric_keys"}
-    shard.update(
-        qe.UpdateOperation.upsert_points(
-            [
-                qe.Point(
-                    point_id_for(p.id),
-                    {"": v.tolist(), "bm25": lexical_document(p) or qe.SparseVector([], [])},
-                    {k: v for k, v in product_to_payload(p).items() if k not in old_payload},
-                )
-                for p, v in points
-            ]
-        )
-    )
-    shard.flush()
-    shard.close()
-    record = {"model_id": MODEL, "dimension": DIM, "lexical": LEXICAL_MODEL}
-    (path / "imagesearch-store.json").write_text(json.dumps(record))
-
-
-OLD = [
-    (Product(id=f"p{i}", name=f"old product {i}", image_url=f"https://x/{i}.jpg"), unit(1, i / 10)) for i in range(6)
-]
-
-
-async def test_embedded_store_written_before_several_images_gets_them_at_open(tmp_path: Path) -> None:
-    old_edge_store(tmp_path / "edge", OLD)
-    store = await EdgeStore.open(tmp_path / "edge", DIM, MODEL)
-    try:
-        for product, vector in OLD:
-            hits = await store.search(vector, SearchFilter(), 1)
-            assert hits[0].product.id == product.id and hits[0].matched_image == 0
-            assert hits[0].score == pytest.approx(1.0, abs=1e-5)
-            assert hits[0].product.images == (ProductImage(url=product.image_url),)
-        found = await store.image_vectors([p.id for p, _ in OLD])
-        for product, vector in OLD:
-            np.testing.assert_allclose(found[product.id], [vector], atol=1e-6)
-        words = await store.search(None, SearchFilter(), 10, lexical=LexicalQuery("old product"))
-        assert len(words) == len(OLD)
-    finally:
-        await store.close()
-    record = json.loads((tmp_path / "edge" / "imagesearch-store.json").read_text())
-    assert record["images"] == IMAGES_LAYOUT
-    reopened = await EdgeStore.open(tmp_path / "edge", DIM, MODEL)  # now with the multivector in its config
-    try:
-        assert (await reopened.search(OLD[3][1], SearchFilter(), 1))[0].product.id == "p3"
-    finally:
-        await reopened.close()
-
-
-async def test_interrupted_images_update_resumes_at_the_next_open(tmp_path: Path) -> None:
-    old_edge_store(tmp_path / "edge", OLD)
-    # An update stopped halfway: the vector name added and p0..p2 done (with flush, as a crash after the WAL would
-    # leave them; p0 written since with two images), the store record not yet written.
-    shard = qe.EdgeShard.load(str(tmp_path / "edge" / "shard"))
-    maxsim = qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim)
-    shard.update(qe.UpdateOperation.create_dense_vector("images", DIM, qe.Distance.Cosine, multivector_config=maxsim))
-    done = {"p0": [unit(0, 0, 1), unit(0, 0, 0, 1)], "p1": [OLD[1][1]], "p2": [OLD[2][1]]}
-    shard.update(
-        qe.UpdateOperation.update_vectors(
-            [qe.PointVectors(point_id_for(pid), {"images": [v.tolist() for v in vs]}) for pid, vs in done.items()]
-        )
-    )
-    shard.update(qe.UpdateOperation.set_payload([point_id_for("p0")], {"images": [{"id": "x"}, {"id": "y"}]}))
-    shard.flush()
-    shard.close()
-
-    store = await EdgeStore.open(tmp_path / "edge", DIM, MODEL)
-    try:
-        found = await store.image_vectors([p.id for p, _ in OLD])
-        np.testing.assert_allclose(found["p0"], done["p0"], atol=1e-6)  # left as it was
-        p0 = await store.get("p0")
-        assert p0 is not None and [image.id for image in p0.images] == ["x", "y"]
-        for product, vector in OLD[1:]:
-            np.testing.assert_allclose(found[product.id], [vector], atol=1e-6)
-    finally:
-        await store.close()
