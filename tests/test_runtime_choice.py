@@ -8,6 +8,7 @@ times into a choice, and that the towers served are the ones chosen. One test me
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,19 @@ def test_measured_choice_on_this_cpu_serves_vectors_that_agree_with_torch_fp32(
     texts = ["a red mug", "a striped blue shirt"]
     assert np.sum(encoder.encode_texts(texts) * reference.encode_texts(texts), axis=1).min() >= 0.999
     assert "measured on this CPU" in encoder.runtime_reason
+
+
+def test_measuring_stops_running_a_hopeless_candidate() -> None:
+    calls = {"fast": 0, "slow": 0}
+
+    def runner(name: str, seconds: float) -> Callable[[], object]:
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return run
+
+    times = runtime_choice._measure({"fast": runner("fast", 0.001), "slow": runner("slow", 0.02)})
+    assert times["slow"] > 5 * times["fast"]
+    # One warm-up and three rounds for the one ten times slower; then nothing is left to compare.
+    assert calls["slow"] == 4 and calls["fast"] == 4

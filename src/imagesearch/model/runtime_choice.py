@@ -17,8 +17,9 @@ tower, the lean text path for the text tower). Each runs a forward on one input,
 spell hits all alike), and the median counts. The most accurate, simplest candidate within 10% of the fastest
 wins: f32 before f16 before bf16, OpenVINO before torch (under contention torch's OpenMP team degrades far more),
 fewer threads before more. An OpenVINO candidate whose output disagrees with torch fp32 (cosine < 0.99 on that
-input: an overflow, a broken kernel) is dropped. Measuring costs seconds at the first start (ViT-B-32 on 2 cores:
-two more compilations and ~2 s of forwards); later starts compile only what was chosen.
+input: an overflow, a broken kernel) is dropped, and one 1.5x slower than the fastest after 3 rounds is not run
+further. Measuring costs seconds at the first start (ViT-B-32 on 2 cores: two more compilations and ~2 s of
+forwards); later starts compile only what was chosen.
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ Tower = OpenVinoImageTower | OpenVinoTextTower
 # A candidate within this fraction of the fastest counts as fast: the preference order decides among those.
 MARGIN = 0.10
 _MIN_AGREEMENT = 0.99
-# Rounds of forwards: at least 5, more while 1.5 s last (ViT-B-32 on 2 cores: ~8 rounds of its three candidates; a
-# small model: up to 50).
+# Rounds of forwards: at least 5, more while 1.5 s last (a small model: up to 50); after 3 rounds, a candidate 1.5x
+# slower than the fastest is left out of the rest.
 _MIN_ROUNDS, _MAX_ROUNDS, _BUDGET_S = 5, 50, 1.5
+_SETTLE, _HOPELESS = 3, 1.5
 # Bump when what a stored choice means, or how it is measured, changes: stored choices then stop matching.
 _CHOICE_VERSION = 1
 _QUERY = "a photo of a red leather bag"
@@ -239,10 +241,11 @@ class _Chooser:
         runners = {}
         for candidate in candidates:
             run = self._runner(kind, candidate, threads)
-            agreement = float(np.min(np.sum(_unit_rows(run()) * reference, axis=1)))
-            if candidate.runtime == "openvino" and not agreement >= _MIN_AGREEMENT:
-                log.warning("runtime_candidate_disagrees", tower=kind, candidate=candidate.label, cosine=agreement)
-                continue
+            if candidate.runtime == "openvino":
+                agreement = float(np.min(np.sum(_unit_rows(run()) * reference, axis=1)))
+                if not agreement >= _MIN_AGREEMENT:
+                    log.warning("runtime_candidate_disagrees", tower=kind, candidate=candidate.label, cosine=agreement)
+                    continue
             runners[candidate] = run
         if not runners:  # only OpenVINO was allowed, and no precision agreed: the settings must change
             raise ModelLoadError(f"OpenVINO's {kind} tower disagrees with torch fp32 at every precision allowed")
@@ -321,23 +324,27 @@ class _Chooser:
 
 
 def _measure(runners: dict[T, Callable[[], object]]) -> dict[T, float]:
-    """Median ms per runner over alternating rounds, after two warm-up calls each (kernels are set up on first
-    use). A lone runner is not timed ({}: nothing to compare)."""
+    """Median ms per runner over alternating rounds, after a warm-up call each (kernels are set up on first use).
+    A runner more than _HOPELESS times slower than the fastest after _SETTLE rounds stops running (it cannot come
+    within MARGIN; under contention torch's forward can take ten times OpenVINO's). A lone runner is not timed ({}:
+    nothing to compare)."""
     if len(runners) <= 1:
         return {}
     for run in runners.values():
         run()
-        run()
     samples: dict[T, list[float]] = {key: [] for key in runners}
-    keys = list(runners)
+    active = list(runners)
     started = time.perf_counter()
-    for round_ in range(_MAX_ROUNDS):
+    for round_ in range(1, _MAX_ROUNDS + 1):
         # Rotate the order each round: no candidate always runs right after the same other one.
-        for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
+        for key in active[round_ % len(active) :] + active[: round_ % len(active)]:
             begun = time.perf_counter()
             runners[key]()
             samples[key].append(time.perf_counter() - begun)
-        if round_ + 1 >= _MIN_ROUNDS and time.perf_counter() - started > _BUDGET_S:
+        if round_ >= _SETTLE:
+            fastest = min(statistics.median(samples[key]) for key in active)
+            active = [key for key in active if statistics.median(samples[key]) <= _HOPELESS * fastest]
+        if len(active) == 1 or (round_ >= _MIN_ROUNDS and time.perf_counter() - started > _BUDGET_S):
             break
     return {key: statistics.median(values) * 1000.0 for key, values in samples.items()}
 
