@@ -36,6 +36,7 @@ KEYS_FILE = f"# scopes\nread {READ_KEY}\nwrite {WRITE_KEY}  # the indexer\n"
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageSearchService"]
 EXPECTED_SCOPES = {
     "Search": "read",
+    "FindDuplicates": "read",
     "SearchInline": "read",
     "GetProduct": "read",
     "ListProducts": "read",
@@ -142,6 +143,11 @@ async def _get_service_info(client: Client, metadata: Metadata) -> None:
     assert response.server_version
 
 
+async def _find_duplicates(client: Client, metadata: Metadata) -> None:
+    response = await client.stub.FindDuplicates(pb.FindDuplicatesRequest(product_id=SEEDED), metadata=metadata)
+    assert list(response.products) == []  # the one product has no duplicate
+
+
 async def _index_product(client: Client, metadata: Metadata) -> None:
     messages = [pb.IndexProductRequest(product=product("one"))]
     messages += [pb.IndexProductRequest(image_chunk=c) for c in chunks(jpeg_bytes((0, 90, 200)))]
@@ -179,6 +185,7 @@ CALLS: dict[str, Call] = {
     "GetProduct": _get_product,
     "ListProducts": _list_products,
     "GetServiceInfo": _get_service_info,
+    "FindDuplicates": _find_duplicates,
     "IndexProduct": _index_product,
     "IndexProductInline": _index_product_inline,
     "IndexProducts": _index_products,

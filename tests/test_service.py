@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import math
 
@@ -19,6 +20,7 @@ from imagesearch.model.encoder import ClipEncoder
 from imagesearch.model.openvino_runtime import cpu_has_native_bf16
 from imagesearch.server import SERVICE_NAME
 from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import products_pb2
 
 RED = jpeg_bytes((220, 20, 20))
 BLUE = jpeg_bytes((20, 40, 220))
@@ -45,6 +47,9 @@ async def test_get_product_round_trips_every_field(running: RunningServer) -> No
     )
     response = await index(running.stub, item, BLUE)
     stored = (await running.stub.GetProduct(pb.GetProductRequest(id=item.id))).product
+    # As stored, a product sent with one image describes it: its URL (image_url) and the hash of its bytes.
+    image = products_pb2.ProductImage(url=item.image_url, sha256=hashlib.sha256(BLUE).hexdigest())
+    item.images.append(image)
     assert stored == item == response.product
 
 

@@ -4,6 +4,7 @@ real server in tests/test_images.py and tests/test_ranking.py."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def test_duplicates_request_applies_its_defaults_and_rules() -> None:
         (DuplicatesRequest(flt=SearchFilter(price_min=-1.0)), "filter.price_min"),
         (DuplicatesRequest(page_token="!"), "page_token"),
     ]:
-        assert refused(lambda r=request: validation.duplicates_request(r)) == [field], request
+        assert refused(functools.partial(validation.duplicates_request, request)) == [field], request
 
 
 # --- ranking rules ---------------------------------------------------------------------------------------------------

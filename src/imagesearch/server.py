@@ -232,7 +232,7 @@ def build_servers(settings: Settings, components: Components) -> Servers:
     health_servicer = health.aio.HealthServicer()
     # "" is the whole server; clients may also ask for the service by name.
     store_health = StoreHealth(health_servicer, components.store, ("", SERVICE_NAME))
-    service = ImageSearchService(catalog, settings, store_health)
+    service = ImageSearchService(catalog, settings, store_health, components.default_ranking)
     add_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

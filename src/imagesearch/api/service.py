@@ -13,21 +13,31 @@ from google.protobuf import message_factory
 
 from imagesearch.api.admission import Admission
 from imagesearch.api.convert import (
+    duplicates_request_from_proto,
+    duplicates_to_proto,
     list_request_from_proto,
     outcome_to_proto,
-    product_from_proto,
     product_to_proto,
     query_from_proto,
     service_info_to_proto,
 )
 from imagesearch.api.health import StoreHealth
 from imagesearch.api.status import rpc_behaviour, status_for
-from imagesearch.api.streams import StreamedRequest, as_stream, inline_image_errors, read_bulk_stream, read_stream
+from imagesearch.api.streams import (
+    StreamedRequest,
+    as_stream,
+    inline_image_errors,
+    product_request,
+    read_bulk_stream,
+    read_stream,
+)
 from imagesearch.config import Settings
-from imagesearch.errors import ImageSearchError, StoreUnavailable
+from imagesearch.errors import ImageSearchError, InvalidArgument, StoreUnavailable
+from imagesearch.ranking import RankingSpec
 from imagesearch.search import validation
 from imagesearch.search.bulk import index_many
 from imagesearch.search.catalog import Catalog
+from imagesearch.search.duplicates import find_duplicates
 from imagesearch.tracing import IMAGE_BYTES, tracer
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -43,11 +53,19 @@ def server_version() -> str:
 
 
 class ImageSearchService:
-    def __init__(self, catalog: Catalog, settings: Settings, store_health: StoreHealth | None = None) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        settings: Settings,
+        store_health: StoreHealth | None = None,
+        default_ranking: RankingSpec | None = None,
+    ) -> None:
         self.catalog = catalog
         self.settings = settings
         self.store_health = store_health
         self.admission = Admission(settings.max_concurrent_requests)
+        # The server's rules (IMAGESEARCH_RANKING_RULES_FILE) for searches that send none.
+        self.default_ranking = default_ranking
 
     async def on_error(self, exc: ImageSearchError) -> None:
         if isinstance(exc, StoreUnavailable) and self.store_health is not None:
@@ -56,7 +74,12 @@ class ImageSearchService:
     async def Search(self, requests: AsyncIterable[pb.SearchRequest], context: Context) -> pb.SearchResponse:
         with self.admission.slot():
             streamed = await self._read_upload(requests, "query")
-            query = validation.search_query(query_from_proto(streamed.head, streamed.image), self.settings)
+            sent = query_from_proto(streamed.head, streamed.image)
+            query = validation.search_query(sent, self.settings, self.default_ranking)
+            if sent.ranking is not None and query.ranking is not None:
+                # The caller's own rules name attributes of this catalogue (the server's default may name
+                # attributes that products gain later).
+                await self.catalog.check_rule_fields(query.ranking, "query.ranking")
             return outcome_to_proto(await self.catalog.search(query))
 
     async def IndexProduct(
@@ -64,13 +87,13 @@ class ImageSearchService:
     ) -> pb.IndexProductResponse:
         with self.admission.slot():
             streamed = await self._read_upload(requests, "product")
-            product = product_from_proto(streamed.head)
-            v = validation.Violations()
-            validation.check_product(product, v)
-            validation.check_image_source(streamed.image, product, self.catalog.fetches_urls, v)
-            v.raise_if_any()
-            created = await self.catalog.index(product, streamed.image)
-        return pb.IndexProductResponse(product=product_to_proto(product), created=created)
+            product, uploads, violations = product_request(
+                streamed.head, streamed.images, self.settings, self.catalog.fetches_urls
+            )
+            if violations:
+                raise InvalidArgument(violations)
+            stored, created = await self.catalog.index(product, uploads)
+        return pb.IndexProductResponse(product=product_to_proto(stored), created=created)
 
     async def IndexProducts(
         self, requests: AsyncIterable[pb.IndexProductsRequest], context: Context
@@ -90,8 +113,8 @@ class ImageSearchService:
     async def _read_upload(self, requests: AsyncIterable[Any], head_field: str) -> StreamedRequest:
         with tracer.start_as_current_span("upload.read") as span:
             streamed = await read_stream(requests, head_field, self.settings)
-            if streamed.image is not None:
-                span.set_attribute(IMAGE_BYTES, len(streamed.image))
+            if streamed.images:
+                span.set_attribute(IMAGE_BYTES, sum(len(image) for image in streamed.images.values()))
         return streamed
 
     async def GetProduct(self, request: pb.GetProductRequest, context: Context) -> pb.GetProductResponse:
@@ -113,12 +136,9 @@ class ImageSearchService:
     async def GetServiceInfo(self, request: pb.GetServiceInfoRequest, context: Context) -> pb.GetServiceInfoResponse:
         return service_info_to_proto(await self.catalog.describe(), self.settings, server_version())
 
-    async def FindDuplicates(
-        self, request: pb.FindDuplicatesRequest, context: Context
-    ) -> pb.FindDuplicatesResponse:
-        # In progress (issue #24): answered UNIMPLEMENTED until the catalogue side lands.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "FindDuplicates is not implemented yet")
-        raise AssertionError("unreachable")
+    async def FindDuplicates(self, request: pb.FindDuplicatesRequest, context: Context) -> pb.FindDuplicatesResponse:
+        checked, page = validation.duplicates_request(duplicates_request_from_proto(request))
+        return duplicates_to_proto(await find_duplicates(self.catalog, checked, page))
 
     # The unary forms run the streaming handlers on their request split into the stream those take, so both forms
     # share admission, limits, rules and errors.

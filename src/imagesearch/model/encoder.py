@@ -205,14 +205,14 @@ class ClipEncoder:
         """Decode and preprocess untrusted image bytes (or a region of them) into the model's input tensor
         (C, H, W): on the model's device for whole JPEGs where it decodes them, else on the CPU (same limits,
         same errors)."""
-        if self._device_jpeg is None or region is not None:
-            pixels = self.preprocess(self.decode(data, field=field, max_pixels=max_pixels, region=region))
-            return pixels if self._device_jpeg is None else pixels.to(self.device)
-        pixels = self._device_jpeg(data, field=field, max_pixels=max_pixels)
-        if pixels is None:
-            # One batch stacks tensors of one device: the CPU path's join the device's.
-            pixels = self.preprocess(self.decode(data, field=field, max_pixels=max_pixels)).to(self.device)
-        return pixels
+        on_device = None
+        if self._device_jpeg is not None and region is None:
+            on_device = self._device_jpeg(data, field=field, max_pixels=max_pixels)
+        if on_device is not None:
+            return on_device
+        pixels = self.preprocess(self.decode(data, field=field, max_pixels=max_pixels, region=region))
+        # One batch stacks tensors of one device: the CPU path's join the device's.
+        return pixels if self._device_jpeg is None else pixels.to(self.device)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """Resize, crop and normalise one image into the model's input tensor (C, H, W)."""

@@ -12,11 +12,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from imagesearch.domain import Product
 from imagesearch.errors import ImageSearchError
-from imagesearch.search.catalog import Catalog
+from imagesearch.images import ImageUpload
+from imagesearch.search.catalog import Catalog, EmbeddedProduct
 
 DEFAULT_READ_AHEAD = 32
 DEFAULT_WRITE_BATCH = 64
@@ -24,11 +23,12 @@ DEFAULT_WRITE_BATCH = 64
 
 @dataclass(frozen=True)
 class BulkItem:
-    """One product from the stream. `error` is set when it was already found invalid while reading."""
+    """One product from the stream with its images. `error` is set when it was already found invalid while
+    reading."""
 
     position: int
     product: Product
-    image: bytes | None
+    uploads: list[ImageUpload]
     error: ImageSearchError | None = None
 
 
@@ -45,7 +45,7 @@ class _EndOfStream:
     error: BaseException | None = None
 
 
-_Entry = tuple[BulkItem, "asyncio.Task[np.ndarray] | None"]
+_Entry = tuple[BulkItem, "asyncio.Task[EmbeddedProduct] | None"]
 
 
 async def index_many(
@@ -94,7 +94,7 @@ async def _read(catalog: Catalog, items: AsyncIterator[BulkItem], queue: asyncio
         async for item in items:
             task = None
             if item.error is None:
-                task = asyncio.create_task(catalog.embed_product_image(item.image, item.product))
+                task = asyncio.create_task(catalog.embed_product(item.product, item.uploads))
             await queue.put((item, task))
     except Exception as exc:
         await queue.put(_EndOfStream(exc))
@@ -104,7 +104,7 @@ async def _read(catalog: Catalog, items: AsyncIterator[BulkItem], queue: asyncio
 
 async def _write(catalog: Catalog, batch: list[_Entry]) -> AsyncIterator[BulkResult]:
     errors: dict[int, ImageSearchError] = {}
-    ready: list[tuple[BulkItem, np.ndarray]] = []
+    ready: list[tuple[BulkItem, EmbeddedProduct]] = []
     for item, task in batch:
         if item.error is not None or task is None:
             errors[item.position] = item.error or ImageSearchError("no image")
@@ -116,7 +116,7 @@ async def _write(catalog: Catalog, batch: list[_Entry]) -> AsyncIterator[BulkRes
     created: dict[int, bool] = {}
     if ready:
         try:
-            flags = await catalog.store_many([(item.product, vector) for item, vector in ready])
+            flags = await catalog.store_many([embedded for _, embedded in ready])
             created = {item.position: flag for (item, _), flag in zip(ready, flags, strict=True)}
         except ImageSearchError as exc:  # e.g. the store is unavailable: none of this batch was written
             errors.update({item.position: exc for item, _ in ready})

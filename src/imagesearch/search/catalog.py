@@ -6,10 +6,13 @@ the errors raised here are mapped onto gRPC status codes in api/status.py.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -19,6 +22,7 @@ from imagesearch.domain import (
     CacheOutcome,
     CacheTier,
     CatalogDescription,
+    FacetSpec,
     Hit,
     ListPage,
     Modality,
@@ -32,7 +36,9 @@ from imagesearch.domain import (
     digest,
 )
 from imagesearch.errors import FieldViolation, InvalidArgument, UnknownProducts
+from imagesearch.images import ImageUpload, NormalizedBox
 from imagesearch.model.encoder import AsyncEncoder
+from imagesearch.ranking import RankingSpec
 from imagesearch.search.cache import ResultKey, SearchCache
 from imagesearch.search.paging import (
     LIST_PAGE_TOKEN_FIELD,
@@ -50,6 +56,10 @@ from imagesearch.tracing import CACHE_HIT, IMAGE_BYTES, tracer
 
 #: With group_by, families are collected from at most this many best matches.
 MAX_GROUP_SCAN = 5000
+
+#: A product ready to store: as stored (its images with their SHA-256), and one embedding per image, in order.
+EmbeddedProduct = tuple[Product, np.ndarray]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,9 @@ class Catalog:
         self.limits = limits
         self.fetcher = fetcher
         self.version = CatalogueVersion(shared=cache.shared)
+        # The numeric attribute keys some product has (ranking rules may name only those), read from the store
+        # when a rule names a key not seen yet: keys only appear through writes, which may come via other replicas.
+        self._numeric_keys: frozenset[str] = frozenset()
         # Told each search's cache outcome per tier (metrics), so the cache itself stays free of metrics.
         self._on_cache_outcome = on_cache_outcome
 
@@ -104,17 +117,35 @@ class Catalog:
             span.set_attribute(IMAGE_BYTES, len(image))
         return image
 
-    async def embed_product_image(self, image: bytes | None, product: Product) -> np.ndarray:
-        """Embed the image sent with a product, or else the one at its image_url (when fetching is enabled)."""
-        if image is None:
-            image = await self.fetch_image(product.image_url, field="product.image_url")
-        return await self.embed_image(image)
+    async def embed_product(self, product: Product, uploads: Sequence[ImageUpload]) -> EmbeddedProduct:
+        """Embed every image of a product (the bytes sent, or else those at its URL, when fetching is enabled),
+        concurrently, so that the micro-batcher forwards them together. Returns the product as it will be stored:
+        `images` describes each image with the SHA-256 of its bytes."""
+        single = not product.images  # one image, described by the product's own fields
+
+        async def embed(i: int, upload: ImageUpload) -> tuple[str, np.ndarray]:
+            data = upload.data
+            if data is None:
+                url_field = "product.image_url" if single else f"product.images[{i}].url"
+                data = await self.fetch_image(upload.image.url, field=url_field)
+            field = "image_chunk" if single else f"product.images[{i}]"
+            vector = await self.encoder.encode_image_bytes(data, field=field, max_pixels=self.limits.max_image_pixels)
+            return hashlib.sha256(data).hexdigest(), vector
+
+        embedded = await _all_or_none([embed(i, upload) for i, upload in enumerate(uploads)])
+        images = tuple(
+            dataclasses.replace(upload.image, sha256=sha) for upload, (sha, _) in zip(uploads, embedded, strict=True)
+        )
+        vectors = np.stack([vector for _, vector in embedded]).astype(np.float32, copy=False)
+        return dataclasses.replace(product, images=images), vectors
 
     async def search(self, query: Query) -> SearchOutcome:
         started = time.perf_counter()
         if query.image_url:
             image = await self.fetch_image(query.image_url, field="query.image_url")
             query = dataclasses.replace(query, image=image, image_url="")
+        if len(query.regions) > 1:
+            return await self._search_regions(query, started)
         # Read once, before searching: it versions both the page token and the result-cache key. A write racing
         # with this search bumps it after it was read, so the next page's token is refused and the result is
         # cached under the old generation: never a page or a result from another catalogue.
@@ -149,6 +180,48 @@ class Catalog:
             mode=query.mode,
         )
 
+    async def _search_regions(self, query: Query, started: float) -> SearchOutcome:
+        """One search per region of the query image ("shop the look"), run together (their encodes share the
+        micro-batcher's forwards); facets, which do not depend on the image, are counted once."""
+        single = dataclasses.replace(query, facets=FacetSpec())
+
+        async def one(box: NormalizedBox) -> SearchOutcome:
+            return await self.search(dataclasses.replace(single, regions=(box,)))
+
+        outcomes = await _all_or_none([one(box) for box in query.regions])
+        facets = None
+        if not query.facets.is_empty:
+            facets = await self.store.facets(query.flt, query.facets, exclude_ids=query.exclude_ids)
+        return SearchOutcome(
+            [],
+            query.kind,
+            _combined([o.embedding_cache for o in outcomes]),
+            _combined([o.result_cache for o in outcomes]),
+            _ms_since(started),
+            facets=facets,
+            mode=query.mode,
+            region_results=tuple((box, o.hits) for box, o in zip(query.regions, outcomes, strict=True)),
+        )
+
+    async def check_rule_fields(self, ranking: RankingSpec, field: str) -> None:
+        """Raise InvalidArgument for a rule naming a numeric attribute that no product of the catalogue has (a
+        misspelt key would otherwise rank every product as if it lacked the value)."""
+        wanted = {rule.field for rule in ranking.rules if rule.field is not None}
+        if wanted <= self._numeric_keys:
+            return
+        self._numeric_keys = frozenset(await self.store.numeric_keys())
+        known = ", ".join(sorted(self._numeric_keys)) or "none yet"
+        violations = [
+            FieldViolation(
+                f"{field}.rules[{i}].field",
+                f"no product has the numeric attribute {rule.field!r}; the catalogue's numeric attributes: {known}",
+            )
+            for i, rule in enumerate(ranking.rules)
+            if rule.field is not None and rule.field not in self._numeric_keys
+        ]
+        if violations:
+            raise InvalidArgument(violations)
+
     async def list_products(self, flt: SearchFilter, page_size: int, page: ListPage | None) -> ProductPage:
         filter_digest = digest(canonical_bytes(flt.key_value()))[:32]
         if page is not None:
@@ -157,17 +230,19 @@ class Catalog:
         token = "" if cursor is None else encode_list_page(ListPage(filter_digest, cursor))
         return ProductPage(products, token)
 
-    async def index(self, product: Product, image: bytes | None) -> bool:
-        """Embed the image (or the one at product.image_url) and upsert the product. True if it was created."""
-        [created] = await self.store_many([(product, await self.embed_product_image(image, product))])
-        return created
+    async def index(self, product: Product, uploads: Sequence[ImageUpload]) -> tuple[Product, bool]:
+        """Embed the product's images and upsert it with all of them in one write. Returns the product as stored
+        and whether it was created."""
+        embedded = await self.embed_product(product, uploads)
+        [created] = await self.store_many([embedded])
+        return embedded[0], created
 
-    async def embed_image(self, image: bytes) -> np.ndarray:
+    async def embed_image(self, image: bytes, region: NormalizedBox | None = None) -> np.ndarray:
         return await self.encoder.encode_image_bytes(
-            image, field="image_chunk", max_pixels=self.limits.max_image_pixels
+            image, field="image_chunk", max_pixels=self.limits.max_image_pixels, region=region
         )
 
-    async def store_many(self, items: list[tuple[Product, np.ndarray]]) -> list[bool]:
+    async def store_many(self, items: list[EmbeddedProduct]) -> list[bool]:
         """Upsert embedded products, then invalidate cached results (after the write, so a search racing with
         it can at worst cache the old catalogue under the old generation, never the reverse)."""
         created = await self.store.upsert(items)
@@ -223,6 +298,9 @@ class Catalog:
                 exclude_ids=query.exclude_ids,
                 diversity=query.diversity,
                 lexical=query.lexical,
+                collapse=query.collapse,
+                ranking=query.ranking,
+                explain=query.explain,
             )
 
         if not query.group_by:
@@ -252,7 +330,8 @@ class Catalog:
             text_vector, outcome = await self._cached_embedding("text", query.text.encode("utf-8"))
             outcomes.append(outcome)
         if query.image is not None:
-            image_vector, outcome = await self._cached_embedding("image", query.image)
+            region = query.regions[0] if query.regions else None
+            image_vector, outcome = await self._cached_embedding("image", query.image, region)
             outcomes.append(outcome)
         vector: np.ndarray | None
         if text_vector is not None and image_vector is not None:
@@ -260,13 +339,14 @@ class Catalog:
         else:
             vector = text_vector if text_vector is not None else image_vector
         assert vector is not None  # query.encodes: text or an image
-        combined: CacheOutcome = (
-            "bypass" if "bypass" in outcomes else "hit" if all(o == "hit" for o in outcomes) else "miss"
-        )
-        return vector, combined
+        return vector, _combined(outcomes)
 
-    async def _cached_embedding(self, kind: Modality, content: bytes) -> tuple[np.ndarray, CacheOutcome]:
-        key = self.cache.embedding_key(kind, content) if self.cache.enabled else None
+    async def _cached_embedding(
+        self, kind: Modality, content: bytes, region: NormalizedBox | None = None
+    ) -> tuple[np.ndarray, CacheOutcome]:
+        # A region is part of what is encoded: its box joins the content in the key.
+        keyed = content if region is None else content + canonical_bytes(region.key_value())
+        key = self.cache.embedding_key(kind, keyed) if self.cache.enabled else None
         if key is not None:
             with tracer.start_as_current_span("cache.embedding.get") as span:
                 cached = await self.cache.get_embedding(key, self.encoder.dimension)
@@ -276,7 +356,7 @@ class Catalog:
         if kind == "text":
             vector = await self.encoder.encode_text(content.decode("utf-8"))
         else:
-            vector = await self.embed_image(content)
+            vector = await self.embed_image(content, region)
         if key is not None:
             await self.cache.put_embedding(key, vector)
         return vector, "miss" if key is not None else "bypass"
@@ -331,6 +411,25 @@ def _combine(text_vector: np.ndarray, image_vector: np.ndarray, text_weight: flo
     norm = float(np.linalg.norm(mixed))
     # Opposite unit vectors at equal weight cancel out; fall back to the image, the more specific query.
     return (mixed / norm).astype(np.float32) if norm > 1e-6 else image_vector
+
+
+def _combined(outcomes: list[CacheOutcome]) -> CacheOutcome:
+    """One outcome for several lookups: a hit only when all hit."""
+    return "bypass" if "bypass" in outcomes else "hit" if all(o == "hit" for o in outcomes) else "miss"
+
+
+async def _all_or_none(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run the calls together; when one fails, cancel the others and raise its error (not an ExceptionGroup:
+    the caller maps one domain error onto one status)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        # Waited for, so that none runs on after the call and no other error goes unretrieved.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _host(url: str) -> str:
