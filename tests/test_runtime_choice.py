@@ -191,7 +191,7 @@ def test_measured_choice_on_this_cpu_serves_vectors_that_agree_with_torch_fp32(
 
 
 def test_measuring_stops_running_a_hopeless_candidate() -> None:
-    calls = {"fast": 0, "slow": 0}
+    calls = {"fast": 0, "slower": 0, "slowest": 0}
 
     def runner(name: str, seconds: float) -> Callable[[], object]:
         def run() -> None:
@@ -200,7 +200,10 @@ def test_measuring_stops_running_a_hopeless_candidate() -> None:
 
         return run
 
-    times = runtime_choice._measure({"fast": runner("fast", 0.001), "slow": runner("slow", 0.02)})
-    assert times["slow"] > 5 * times["fast"]
-    # One warm-up and three rounds for the one ten times slower; then nothing is left to compare.
-    assert calls["slow"] == 4 and calls["fast"] == 4
+    times = runtime_choice._measure(
+        {"fast": runner("fast", 0.002), "slower": runner("slower", 0.004), "slowest": runner("slowest", 0.03)}
+    )
+    assert times["slowest"] > 5 * times["slower"] > 5 * times["fast"] / 2
+    # A warm-up and one round for the one 15x slower; the two within 3x of each other keep alternating.
+    assert calls["slowest"] == 2
+    assert calls["slower"] == calls["fast"] >= 4

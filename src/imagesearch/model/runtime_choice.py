@@ -17,8 +17,8 @@ tower, the lean text path for the text tower). Each runs a forward on one input,
 spell hits all alike), and the median counts. The most accurate, simplest candidate within 10% of the fastest
 wins: f32 before f16 before bf16, OpenVINO before torch (under contention torch's OpenMP team degrades far more),
 fewer threads before more. An OpenVINO candidate whose output disagrees with torch fp32 (cosine < 0.99 on that
-input: an overflow, a broken kernel) is dropped, and one 1.5x slower than the fastest after 3 rounds is not run
-further. Measuring costs seconds at the first start (ViT-B-32 on 2 cores: two more compilations and ~2 s of
+input: an overflow, a broken kernel) is dropped, and one 3x slower than the fastest after a round (1.5x after 3) is
+not run further. Measuring costs seconds at the first start (ViT-B-32 on 2 cores: two more compilations and ~2 s of
 forwards); later starts compile only what was chosen.
 """
 
@@ -62,10 +62,10 @@ Tower = OpenVinoImageTower | OpenVinoTextTower
 # A candidate within this fraction of the fastest counts as fast: the preference order decides among those.
 MARGIN = 0.10
 _MIN_AGREEMENT = 0.99
-# Rounds of forwards: at least 5, more while 1.5 s last (a small model: up to 50); after 3 rounds, a candidate 1.5x
-# slower than the fastest is left out of the rest.
+# Rounds of forwards: at least 5, more while 1.5 s last (a small model: up to 50). A candidate 3x slower than the
+# fastest after a round, or 1.5x after 3 rounds, is left out of the rest (torch under contention: 10-20x).
 _MIN_ROUNDS, _MAX_ROUNDS, _BUDGET_S = 5, 50, 1.5
-_SETTLE, _HOPELESS = 3, 1.5
+_SETTLE, _HOPELESS, _FAR_SLOWER = 3, 1.5, 3.0
 # Bump when what a stored choice means, or how it is measured, changes: stored choices then stop matching.
 _CHOICE_VERSION = 1
 _QUERY = "a photo of a red leather bag"
@@ -325,9 +325,8 @@ class _Chooser:
 
 def _measure(runners: dict[T, Callable[[], object]]) -> dict[T, float]:
     """Median ms per runner over alternating rounds, after a warm-up call each (kernels are set up on first use).
-    A runner more than _HOPELESS times slower than the fastest after _SETTLE rounds stops running (it cannot come
-    within MARGIN; under contention torch's forward can take ten times OpenVINO's). A lone runner is not timed ({}:
-    nothing to compare)."""
+    A runner far slower than the fastest stops running (it cannot come within MARGIN; under contention torch's
+    forward can take ten times OpenVINO's). A lone runner is not timed ({}: nothing to compare)."""
     if len(runners) <= 1:
         return {}
     for run in runners.values():
@@ -341,9 +340,10 @@ def _measure(runners: dict[T, Callable[[], object]]) -> dict[T, float]:
             begun = time.perf_counter()
             runners[key]()
             samples[key].append(time.perf_counter() - begun)
-        if round_ >= _SETTLE:
-            fastest = min(statistics.median(samples[key]) for key in active)
-            active = [key for key in active if statistics.median(samples[key]) <= _HOPELESS * fastest]
+        # Far slower after one round, or clearly slower once the medians settle: it cannot come within MARGIN.
+        hopeless = _HOPELESS if round_ >= _SETTLE else _FAR_SLOWER
+        fastest = min(statistics.median(samples[key]) for key in active)
+        active = [key for key in active if statistics.median(samples[key]) <= hopeless * fastest]
         if len(active) == 1 or (round_ >= _MIN_ROUNDS and time.perf_counter() - started > _BUDGET_S):
             break
     return {key: statistics.median(values) * 1000.0 for key, values in samples.items()}
