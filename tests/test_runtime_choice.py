@@ -58,7 +58,7 @@ def measured(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[list[Any]]]:
         remaining: Iterator[dict[Any, float]] = iter(tables)
         asked: list[list[Any]] = []
 
-        def fake(runners: dict[Any, Callable[[], object]]) -> dict[Any, float]:
+        def fake(runners: dict[Any, Callable[[], object]], warm: Any = ()) -> dict[Any, float]:
             for run in runners.values():
                 run()  # the candidate really runs once: a broken one fails the test
             table = next(remaining)
@@ -71,7 +71,7 @@ def measured(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[list[Any]]]:
     return install
 
 
-def never_measured(runners: dict[Any, Callable[[], object]]) -> dict[Any, float]:
+def never_measured(runners: dict[Any, Callable[[], object]], warm: Any = ()) -> dict[Any, float]:
     raise AssertionError("measured, though nothing was left to choose")
 
 

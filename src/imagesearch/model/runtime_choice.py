@@ -249,7 +249,7 @@ class _Chooser:
             runners[candidate] = run
         if not runners:  # only OpenVINO was allowed, and no precision agreed: the settings must change
             raise ModelLoadError(f"OpenVINO's {kind} tower disagrees with torch fp32 at every precision allowed")
-        times = _measure(runners)
+        times = _measure(runners, warm=[Candidate("torch", "fp32")] if kind == "image" else [])
         return times, _pick(times, list(runners))
 
     def _runner(self, kind: str, candidate: Candidate, threads: int) -> Callable[[], Any]:
@@ -323,14 +323,15 @@ class _Chooser:
             return False
 
 
-def _measure(runners: dict[T, Callable[[], object]]) -> dict[T, float]:
+def _measure(runners: dict[T, Callable[[], object]], warm: Sequence[T] = ()) -> dict[T, float]:
     """Median ms per runner over alternating rounds, after a warm-up call each (kernels are set up on first use).
     A runner far slower than the fastest stops running (it cannot come within MARGIN; under contention torch's
     forward can take ten times OpenVINO's). A lone runner is not timed ({}: nothing to compare)."""
     if len(runners) <= 1:
         return {}
-    for run in runners.values():
-        run()
+    for key, run in runners.items():
+        if key not in warm:  # `warm`: run once already (the reference run is torch's first image forward)
+            run()
     samples: dict[T, list[float]] = {key: [] for key in runners}
     active = list(runners)
     started = time.perf_counter()
