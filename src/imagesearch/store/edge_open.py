@@ -25,15 +25,7 @@ from imagesearch.errors import StoreConfigError, StoreUnavailable
 from imagesearch.store.edge_plan import edge_filter
 from imagesearch.store.layout import DENSE_VECTOR, IMAGES, IMAGES_VECTOR, INDEXED_FIELDS, LEXICAL_VECTOR
 from imagesearch.store.plan import Filter
-from imagesearch.store.record import (
-    LexicalUpdate,
-    PayloadRecord,
-    StoreRecord,
-    derive_images,
-    derive_lexical_side,
-    images_update,
-    lexical_update,
-)
+from imagesearch.store.record import ImagesItem, PayloadRecord, StoreRecord, bring_up_to_date
 
 log = structlog.get_logger(__name__)
 
@@ -78,15 +70,9 @@ class ShardWorker:
 async def open_shard(worker: ShardWorker, dimension: int, model_id: str, index_threshold: int) -> qe.EdgeShard:
     """Create the shard under `worker.path`, or reopen it and bring it up to date: see EdgeStore.open."""
     path = worker.path
-    shard, record, had_images = await worker.run(lambda: _load(path, dimension, model_id), "open")
+    shard, record, images_added = await worker.run(lambda: _load(path, dimension, model_id), "open")
     try:
-        which = lexical_update(record)
-        if which is not None:
-            await _derive_lexical_side(worker, shard, which)
-        images = images_update(record) or not had_images
-        if images:
-            await _derive_images(worker, shard, dimension)
-        if which is not None or images:
+        if await _bring_up_to_date(worker, shard, record, images_added, dimension):
             # Recorded only once the engine has accepted the dimension and every point has its lexical side and
             # images, so a wrong record is never written and an interrupted update resumes at the next open.
             current = StoreRecord(model_id, dimension)
@@ -100,7 +86,8 @@ async def open_shard(worker: ShardWorker, dimension: int, model_id: str, index_t
 
 
 def _load(path: Path, dimension: int, model_id: str) -> tuple[qe.EdgeShard, StoreRecord | None, bool]:
-    """The shard, its record, and whether it has the `images` multivector."""
+    """The shard, with every vector name (an older shard is given those it lacks), its record, and whether the
+    `images` multivector was just added."""
     record = _read_record(path / _RECORD_FILE)
     if record is not None:
         record.check(model_id, dimension, f"the embedded store at {path}", _advice(path))
@@ -114,11 +101,12 @@ def _load(path: Path, dimension: int, model_id: str) -> tuple[qe.EdgeShard, Stor
             # every dense vector the shard has, so the `images` multivector goes in only where the shard has it (a
             # store written before several images per product has none yet); the sparse vectors are left out, so
             # that they are inherited (a store written before hybrid search has none yet).
-            had_images = IMAGES_VECTOR in _stored_dense_vectors(config_path)
+            stored = _stored_vector_names(config_path)
+            had_images, had_words = IMAGES_VECTOR in stored, LEXICAL_VECTOR in stored
             vectors = {DENSE_VECTOR: dense, IMAGES_VECTOR: images} if had_images else {DENSE_VECTOR: dense}
             shard = qe.EdgeShard.load(str(shard_path), qe.EdgeConfig(vectors=vectors))
         else:
-            had_images = True
+            had_images = had_words = True
             lexical = qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)
             config = qe.EdgeConfig(
                 vectors={DENSE_VECTOR: dense, IMAGES_VECTOR: images}, sparse_vectors={LEXICAL_VECTOR: lexical}
@@ -129,6 +117,14 @@ def _load(path: Path, dimension: int, model_id: str) -> tuple[qe.EdgeShard, Stor
             raise
         raise _open_error(exc, path, dimension, model_id) from exc
     try:
+        # Adding a vector name is non-destructive, through the WAL: the points get their vectors by the backfills.
+        if not had_words:
+            shard.update(qe.UpdateOperation.create_sparse_vector(LEXICAL_VECTOR, modifier=qe.Modifier.Idf))
+        if not had_images:
+            add = qe.UpdateOperation.create_dense_vector(
+                IMAGES_VECTOR, dimension, qe.Distance.Cosine, multivector_config=_MAXSIM
+            )
+            shard.update(add)
         existing = shard.info().payload_schema
         for field, kind in INDEXED_FIELDS.items():
             if field not in existing:
@@ -136,19 +132,26 @@ def _load(path: Path, dimension: int, model_id: str) -> tuple[qe.EdgeShard, Stor
     except BaseException:
         shard.close()
         raise
-    return shard, record, had_images
+    return shard, record, not had_images
 
 
-def _stored_dense_vectors(config_path: Path) -> set[str]:
-    # The engine's own record of the shard's configuration: EdgeShard has no call that reads it before loading.
+def _stored_vector_names(config_path: Path) -> set[str]:
+    """The dense and sparse vector names of a stored shard, from the engine's own record of its configuration
+    (EdgeShard has no call that reads it before loading)."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise StoreUnavailable(f"cannot read {config_path}: {exc}") from exc
-    return set(config.get("vectors") or {}) if isinstance(config, dict) else set()
+    if not isinstance(config, dict):
+        return set()
+    return {*(config.get("vectors") or {}), *(config.get("sparse_vectors") or {})}
 
 
-def _scroller(worker: ShardWorker, shard: qe.EdgeShard, what: str) -> Any:
+async def _bring_up_to_date(
+    worker: ShardWorker, shard: qe.EdgeShard, record: StoreRecord | None, images_added: bool, dimension: int
+) -> bool:
+    what = "open (bringing the store up to date)"
+
     async def scroll(missing: Filter | None, cursor: Any, with_vector: bool) -> tuple[Sequence[PayloadRecord], Any]:
         request = qe.ScrollRequest(
             offset=cursor,
@@ -159,13 +162,11 @@ def _scroller(worker: ShardWorker, shard: qe.EdgeShard, what: str) -> Any:
         )
         return await worker.run(lambda: shard.scroll(request), what)
 
-    return scroll
+    async def set_lexical(vectors: list[tuple[Any, qe.SparseVector]]) -> None:
+        points = [qe.PointVectors(point_id, {LEXICAL_VECTOR: terms}) for point_id, terms in vectors]
+        await worker.run(lambda: shard.update(qe.UpdateOperation.update_vectors(points)), what)
 
-
-async def _derive_images(worker: ShardWorker, shard: qe.EdgeShard, dimension: int) -> None:
-    what = "open (laying out the image vectors)"
-
-    async def update(items: list[tuple[Any, list[list[float]], list[dict[str, str]]]]) -> None:
+    async def set_images(items: list[ImagesItem]) -> None:
         def write() -> None:
             # The payload first: a point counts as done once it has the vector (the backfill's filter).
             for point_id, _, images in items:
@@ -175,27 +176,11 @@ async def _derive_images(worker: ShardWorker, shard: qe.EdgeShard, dimension: in
 
         await worker.run(write, what)
 
-    # Idempotent: a no-op (that keeps the stored vectors) when the shard already has it.
-    add = qe.UpdateOperation.create_dense_vector(
-        IMAGES_VECTOR, dimension, qe.Distance.Cosine, multivector_config=_MAXSIM
-    )
-    await worker.run(lambda: shard.update(add), what)
-    if await derive_images(_scroller(worker, shard, what), update, dimension, str(worker.path)):
-        await worker.run(shard.flush, what)
-
-
-async def _derive_lexical_side(worker: ShardWorker, shard: qe.EdgeShard, which: LexicalUpdate) -> None:
-    what = "open (deriving the lexical side)"
-
-    async def update(vectors: list[tuple[Any, qe.SparseVector]]) -> None:
-        points = [qe.PointVectors(point_id, {LEXICAL_VECTOR: terms}) for point_id, terms in vectors]
-        await worker.run(lambda: shard.update(qe.UpdateOperation.update_vectors(points)), what)
-
-    # Idempotent: a no-op (that keeps the stored vectors) when the shard already has it.
-    add = qe.UpdateOperation.create_sparse_vector(LEXICAL_VECTOR, modifier=qe.Modifier.Idf)
-    await worker.run(lambda: shard.update(add), what)
-    if await derive_lexical_side(which, _scroller(worker, shard, what), update, str(worker.path)):
-        await worker.run(shard.flush, what)
+    where = str(worker.path)
+    if not await bring_up_to_date(record, images_added, scroll, set_lexical, set_images, dimension, where):
+        return False
+    await worker.run(shard.flush, what)
+    return True
 
 
 def _build_index_if_needed(shard: qe.EdgeShard, threshold: int, path: Path) -> None:

@@ -173,20 +173,24 @@ class Request(NamedTuple):
     with_vectors: tuple[str, ...] = ()
 
 
-class ScoredPoint(Protocol):
-    """A point as either client returns it."""
+class PointRecord(Protocol):
+    """A point as either client's scroll or retrieve returns it (`vector`: those asked for)."""
 
     @property
     def id(self) -> Any: ...
-
-    @property
-    def score(self) -> float: ...
 
     @property
     def payload(self) -> dict[str, Any] | None: ...
 
     @property
     def vector(self) -> Any: ...
+
+
+class ScoredPoint(PointRecord, Protocol):
+    """A point as either client's query returns it."""
+
+    @property
+    def score(self) -> float: ...
 
 
 # --- formulas evaluated in Python -----------------------------------------------------------------------------

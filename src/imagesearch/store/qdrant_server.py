@@ -27,14 +27,7 @@ from imagesearch.store import layout
 from imagesearch.store.base import VectorStore
 from imagesearch.store.plan import Filter, search_filter
 from imagesearch.store.qdrant_plan import HIT_PAYLOAD, qdrant_filter, query_points, sparse
-from imagesearch.store.record import (
-    PayloadRecord,
-    StoreRecord,
-    derive_images,
-    derive_lexical_side,
-    images_update,
-    lexical_update,
-)
+from imagesearch.store.record import ImagesItem, PayloadRecord, StoreRecord, bring_up_to_date
 from imagesearch.store.search_plan import SearchPlan, drive_async
 
 # Collection metadata key under which the store keeps its record (store/record.py).
@@ -264,13 +257,10 @@ class QdrantServerStore(VectorStore):
                 await self._client.create_vector_name(
                     self._collection, layout.IMAGES_VECTOR, models.DenseVectorNameConfig(dense=images), wait=True
                 )
-        which = lexical_update(record)
-        if which is not None:
-            await derive_lexical_side(which, self._scroll_payloads, self._set_lexical, self._guard.where)
-        images_missing = images_update(record) or not had_images
-        if images_missing:
-            await derive_images(self._scroll_payloads, self._set_images, self.dimension, self._guard.where)
-        if which is not None or images_missing:
+        where = self._guard.where
+        if await bring_up_to_date(
+            record, not had_images, self._scroll_payloads, self._set_lexical, self._set_images, self.dimension, where
+        ):
             async with self._guard("open"):
                 metadata = {_META_KEY: StoreRecord(model_id, self.dimension).as_mapping()}
                 await self._client.update_collection(self._collection, metadata=metadata)
@@ -296,7 +286,7 @@ class QdrantServerStore(VectorStore):
         async with self._guard("open (deriving the lexical side)"):
             await self._client.update_vectors(self._collection, points, wait=True)
 
-    async def _set_images(self, items: list[tuple[Any, list[list[float]], list[dict[str, str]]]]) -> None:
+    async def _set_images(self, items: list[ImagesItem]) -> None:
         # The payloads first: a point counts as done once it has the vector (the backfill's filter).
         operations: list[models.UpdateOperation] = [
             models.SetPayloadOperation(set_payload=models.SetPayload(payload={layout.IMAGES: images}, points=[point]))

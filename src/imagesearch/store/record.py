@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 import qdrant_edge as qe
 import structlog
@@ -32,7 +32,7 @@ from imagesearch.store.layout import (
     product_from_payload,
     stored_vector,
 )
-from imagesearch.store.plan import Filter, HasVector
+from imagesearch.store.plan import Filter, HasVector, PointRecord
 
 log = structlog.get_logger(__name__)
 
@@ -87,17 +87,8 @@ def images_update(record: StoreRecord | None) -> bool:
     return record is None or record.images != IMAGES_LAYOUT
 
 
-class PayloadRecord(Protocol):
-    """A point as either client's scroll returns it (with its unnamed vector when the scroll asked for it)."""
-
-    @property
-    def id(self) -> Any: ...
-
-    @property
-    def payload(self) -> dict[str, Any] | None: ...
-
-    @property
-    def vector(self) -> Any: ...
+#: A point as a scroll returns it (with its unnamed vector when the scroll asked for it).
+PayloadRecord = PointRecord
 
 
 #: One page of a scroll: (filter, cursor: None for the first page, with the unnamed vector) -> (points with
@@ -105,8 +96,33 @@ class PayloadRecord(Protocol):
 Scroll = Callable[[Filter | None, Any, bool], Awaitable[tuple[Sequence[PayloadRecord], Any]]]
 #: Sets the lexical vector of each (point id, terms).
 SetLexical = Callable[[list[tuple[Any, qe.SparseVector]]], Awaitable[None]]
-#: Sets the `images` multivector and the `images` payload of each (point id, rows, payload images).
-SetImages = Callable[[list[tuple[Any, list[list[float]], list[dict[str, str]]]]], Awaitable[None]]
+#: Sets the `images` multivector and the `images` payload of each ImagesItem.
+SetImages = Callable[[list["ImagesItem"]], Awaitable[None]]
+
+
+#: One image update: (point id, rows of the `images` multivector, the `images` payload).
+ImagesItem = tuple[Any, list[list[float]], list[dict[str, str]]]
+
+
+async def bring_up_to_date(
+    record: StoreRecord | None,
+    images_added: bool,
+    scroll: Scroll,
+    set_lexical: SetLexical,
+    set_images: SetImages,
+    dimension: int,
+    where: str,
+) -> bool:
+    """Run the backfills that a store with `record` needs (`images_added`: the store has just been given the
+    `images` multivector). Returns whether any ran: then the caller records the store as up to date (only then,
+    so that an interrupted update resumes at the next open)."""
+    which = lexical_update(record)
+    if which is not None:
+        await derive_lexical_side(which, scroll, set_lexical, where)
+    images = images_added or images_update(record)
+    if images:
+        await derive_images(scroll, set_images, dimension, where)
+    return which is not None or images
 
 
 async def derive_lexical_side(which: LexicalUpdate, scroll: Scroll, update: SetLexical, where: str) -> int:
@@ -127,7 +143,7 @@ async def derive_images(scroll: Scroll, update: SetImages, dimension: int, where
     """Give the points without the `images` multivector one image: their unnamed vector, described by their
     `image_url` (as such a point reads back). Returns how many points it updated."""
 
-    def derive(record: PayloadRecord) -> tuple[Any, list[list[float]], list[dict[str, str]]]:
+    def derive(record: PayloadRecord) -> ImagesItem:
         vector: list[float] = stored_vector(record.vector, dimension).tolist()
         image = ProductImage(url=str((record.payload or {}).get(IMAGE_URL, "")))
         return record.id, [vector], image_payload([image])
