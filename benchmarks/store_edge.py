@@ -7,13 +7,22 @@ page size 20), first as filled (every search scans every vector), then after bui
 (what a server start does past IMAGESEARCH_STORE_INDEX_THRESHOLD). Prints medians and p95; asserts nothing
 about time.
 
+With --images K, compares catalogues of one image per product and of K images per product instead (each in a
+process of its own, so that their memory compares): fill time, size on disk, the process's resident memory, and
+searches (plain; with ranking rules, with and without explanations; collapsing near duplicates; diversified; hybrid)
+by a full scan and with the HNSW index, whose build time it also prints.
+
     python benchmarks/store_edge.py [--n 100000] [--dim 512] [--queries 200]
+    python benchmarks/store_edge.py --images 5 --n 10000
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import os
+import platform
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesearch.domain import Product, SearchFilter
+from imagesearch.domain import LexicalQuery, Product, SearchFilter
+from imagesearch.images import ProductImage
+from imagesearch.ranking import RankingRule, RankingSpec
 from imagesearch.store import EdgeStore
 
 CATEGORIES = [f"cat-{i:02d}" for i in range(20)]
@@ -170,17 +181,125 @@ async def main(n: int, dim: int, queries: int, batch: int) -> None:
         await synchronous.close()
 
 
-def run(main: Callable[[int, int, int, int], Awaitable[None]], description: str | None) -> None:
-    """Parse the store benchmarks' common options (catalogue size, dimension, queries, fill batch) and run
-    `main(n, dim, queries, batch)`."""
+# --- several images per product -----------------------------------------------------------------------------
+
+#: Ranking rules of the multi-image case: a popularity boost (ADD) and a category buried (MULTIPLY).
+BENCH_RULES = RankingSpec(
+    (
+        RankingRule("popular", 0.05, field="popularity", transform="log1p"),
+        RankingRule("bury", -0.5, matches=SearchFilter(categories=(CATEGORIES[0],)), combine="multiply"),
+    ),
+    candidates=200,
+)
+
+
+def compare_images(n: int, dim: int, queries: int, batch: int, images: int) -> None:
+    """The multi-image comparison: one process per catalogue (1 and `images` images per product)."""
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        rows = [pool.apply(_images_case, (n, dim, queries, batch, k)) for k in (1, images)]
+    print(f"load after: {os.getloadavg()}")
+    print(f"{'':<44}" + "".join(f"{f'{k} image(s)':>16}" for k in (1, images)))
+    for name in rows[0]:
+        cells = "".join(f"{row[name]:>16}" for row in rows)
+        print(f"{name:<44}{cells}")
+
+
+def _images_case(n: int, dim: int, queries: int, batch: int, images: int) -> dict[str, str]:
+    return asyncio.run(_measure_images(n, dim, queries, batch, images))
+
+
+async def _measure_images(n: int, dim: int, queries: int, batch: int, images: int) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    row: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="store-images-bench-") as tmp:
+        path = Path(tmp)
+        store = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None)
+        started = time.perf_counter()
+        for start in range(0, n, batch):
+            size = min(batch, n - start)
+            await store.upsert([_product(rng, start + i, dim, images) for i in range(size)])
+        row["fill (s)"] = f"{time.perf_counter() - started:.1f}"
+        await store.close()
+        row["size on disk, scanned (MB)"] = f"{_megabytes(path):.0f}"
+        vector, _ = query_makers(rng, dim)
+
+        async def searches(store: EdgeStore, label: str) -> None:
+            hybrid = LexicalQuery("product 12")
+            cases: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                ("plain", lambda: store.search(vector(), SearchFilter(), 20)),
+                ("rules", lambda: store.search(vector(), SearchFilter(), 20, ranking=BENCH_RULES)),
+                (
+                    "rules + explain",
+                    lambda: store.search(vector(), SearchFilter(), 20, ranking=BENCH_RULES, explain=True),
+                ),
+                ("collapse 0.94", lambda: store.search(vector(), SearchFilter(), 20, collapse=0.94)),
+                ("diversity 0.5", lambda: store.search(vector(), SearchFilter(), 20, diversity=0.5)),
+                ("hybrid weighted", lambda: store.search(vector(), SearchFilter(), 20, lexical=hybrid)),
+            ]
+            for name, call in cases:
+                row[f"{label}: {name}, top 20, p50 (ms)"] = f"{np.median(await timed(call, queries)):.2f}"
+
+        store = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None)
+        await searches(store, "scan")
+        row["RSS after scanned searches (MB)"] = f"{_rss_mb():.0f}"
+        await store.close()
+        started = time.perf_counter()
+        store = await EdgeStore.open(path, dim, "bench-random", flush_interval_s=None, index_threshold=1)
+        row["HNSW index build at open (s)"] = f"{time.perf_counter() - started:.1f}"
+        await searches(store, "index")
+        row["RSS after indexed searches (MB)"] = f"{_rss_mb():.0f}"
+        await store.close()
+        row["size on disk, indexed (MB)"] = f"{_megabytes(path):.0f}"
+    return row
+
+
+def _product(rng: np.random.Generator, index: int, dim: int, images: int) -> tuple[Product, np.ndarray]:
+    product = Product(
+        id=f"sku-{index}",
+        name=f"product {index}",
+        category=CATEGORIES[int(rng.integers(len(CATEGORIES)))],
+        price=float(rng.integers(1, 1001)),
+        images=tuple(ProductImage(id=f"i{k}", url=f"https://img/{index}/{k}.jpg") for k in range(images)),
+        numeric_attributes={"popularity": float(rng.integers(0, 10_000))},
+    )
+    return product, unit_rows(rng, images, dim)
+
+
+def _megabytes(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def _rss_mb() -> float:
+    # VmRSS of this process (Linux), in MB.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def options(description: str | None) -> argparse.ArgumentParser:
+    """The store benchmarks' common options: catalogue size, dimension, queries, fill batch."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1000)
-    args = parser.parse_args()
+    return parser
+
+
+def run(main: Callable[[int, int, int, int], Awaitable[None]], description: str | None) -> None:
+    """Parse the common options and run `main(n, dim, queries, batch)`."""
+    args = options(description).parse_args()
     asyncio.run(main(args.n, args.dim, args.queries, args.batch))
 
 
 if __name__ == "__main__":
-    run(main, __doc__)
+    parser = options(__doc__)
+    parser.add_argument("--images", type=int, default=0, help="compare 1 and this many images per product")
+    arguments = parser.parse_args()
+    if arguments.images:
+        compare_images(arguments.n, arguments.dim, arguments.queries, arguments.batch, arguments.images)
+    else:
+        asyncio.run(main(arguments.n, arguments.dim, arguments.queries, arguments.batch))

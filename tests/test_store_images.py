@@ -17,6 +17,7 @@ from imagesearch.domain import LexicalQuery, Product, SearchFilter
 from imagesearch.images import ProductImage
 from imagesearch.store import VectorStore
 from imagesearch.store.base import DIVERSITY_CANDIDATES, Vector
+from imagesearch.store.rerank import best_image, collapse, product_similarity
 
 # qdrant-client's local mode warns that it ignores payload indexes; the store creates them for real servers.
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
@@ -33,6 +34,13 @@ def images(*ids: str) -> tuple[ProductImage, ...]:
     return tuple(
         ProductImage(id=i, role="packshot" if n == 0 else "detail", url=f"https://x/{i}.jpg") for n, i in enumerate(ids)
     )
+
+
+def at(cosine: float, axis: int) -> Vector:
+    """A unit vector at `cosine` to unit(1), the rest of it along `axis` (1 to DIM - 1)."""
+    v = np.zeros(DIM, dtype=np.float32)
+    v[0], v[axis] = cosine, np.sqrt(1 - cosine * cosine)
+    return v
 
 
 def rows(*vectors: Vector) -> Vector:
@@ -219,3 +227,28 @@ async def test_collapse_rejects_a_threshold_outside_zero_to_one(store: VectorSto
     for threshold in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="collapse"):
             await store.search(unit(1), SearchFilter(), 10, collapse=threshold)
+
+
+async def test_diversity_compares_products_by_the_images_they_matched(store: VectorStore) -> None:
+    # "twin" matched by an image close to the one "best" matched by: diversity moves it below "apart", although
+    # "twin" is the more relevant. "apart"'s other image is a copy of "best"'s, but not the one it matched by.
+    best, close = unit(0.95, 0.31), unit(0.95, 0.31, 0.05)  # cosines to the query 0.951, 0.949; to each other 0.999
+    await store.upsert(
+        [
+            (Product(id="best", images=images("a", "b")), rows(best, unit(0, 0, 0, 0, 0, 1))),
+            (Product(id="twin", images=images("c")), rows(close)),
+            (Product(id="apart", images=images("d", "e")), rows(at(0.9, 3), unit(0, 0, 0, 0, 0, 1))),
+        ]
+    )
+    assert [h.product.id for h in await store.search(unit(1), SearchFilter(), 3)] == ["best", "twin", "apart"]
+    diverse = await store.search(unit(1), SearchFilter(), 3, diversity=0.5)
+    assert [(h.product.id, h.matched_image) for h in diverse] == [("best", 0), ("apart", 0), ("twin", 0)]
+
+
+def test_rerank_treats_a_point_without_image_vectors_as_like_no_other() -> None:
+    similarity = product_similarity([rows(unit(1)), None, rows(unit(0, 1), unit(1))])
+    assert similarity[0, 2] == pytest.approx(1.0) and similarity[2, 0] == pytest.approx(1.0)
+    assert not similarity[1].any() and not similarity[:, 1].any()
+    assert collapse(similarity, 0.9) == ([0, 1], {0: [2], 1: []})
+    assert best_image(None, unit(1)) == (None, None) and best_image(rows(unit(1)), None) == (None, None)
+    assert best_image(rows(unit(0, 1), unit(1, 0.1)), unit(1)) == (1, pytest.approx(float(unit(1, 0.1)[0])))

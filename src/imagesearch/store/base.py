@@ -96,8 +96,8 @@ class VectorStore(Protocol):
         `diversity` in (0, 1] re-ranks the DIVERSITY_CANDIDATES best matches by Maximal Marginal Relevance with
         lambda = 1 - diversity: each next hit maximises lambda * relevance - (1 - lambda) *
         max_similarity_to_hits_before_it, where relevance is the score and similarity the cosine between the
-        products (the largest cosine between an image of one and an image of the other). `offset` then applies to
-        the re-ranked list; scores stay those of the plain ranking. None or 0: plain ranking.
+        images by which the products matched (`matched_image`; the primary images without `vector`). `offset` then
+        applies to the re-ranked list; scores stay those of the plain ranking. None or 0: plain ranking.
 
         `collapse` in (0, 1] collapses near-duplicate listings among the DIVERSITY_CANDIDATES best matches, greedily
         from the top: a hit with an image whose cosine with an image of an earlier kept hit is at least `collapse`

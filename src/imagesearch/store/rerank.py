@@ -1,5 +1,7 @@
 """What a search computes in Python over the points the engine returned, from their image vectors: the image each
-hit matched, near-duplicate collapsing, and Maximal Marginal Relevance."""
+hit matched, near-duplicate collapsing (over every pair of images), and Maximal Marginal Relevance (over one image
+per product: comparing every image of 200 candidates with every other is the costly part of collapsing, see
+benchmarks/store_edge.py --images)."""
 
 from __future__ import annotations
 
@@ -17,12 +19,12 @@ SIMILARITY_SLACK = 2e-6
 Matrix = npt.NDArray[np.float64]
 
 
-def best_image(rows: Vector | None, query: Sequence[float]) -> tuple[int | None, float | None]:
-    """(index, cosine) of the row of `rows` (a product's image vectors) closest to `query`; (None, None) for a
-    point without image vectors."""
-    if rows is None or not len(rows):
+def best_image(rows: Vector | None, query: Vector | None) -> tuple[int | None, float | None]:
+    """(index, cosine) of the row of `rows` (a product's image vectors) closest to `query`; (None, None) without a
+    query or for a point without image vectors."""
+    if query is None or rows is None or not len(rows):
         return None, None
-    cosines = rows.astype(np.float64) @ np.asarray(query, dtype=np.float64)
+    cosines = rows @ query
     best = int(np.argmax(cosines))
     return best, float(cosines[best])
 
@@ -38,26 +40,35 @@ def product_similarity(products: Sequence[Vector | None]) -> Matrix:
     blocks = [np.asarray(products[i], dtype=np.float32) for i in present]
     stacked = np.concatenate(blocks)
     starts = np.cumsum([0] + [len(block) for block in blocks[:-1]])
+    # One product of all the images with all (one BLAS call: faster here than comparing with the kept ones only).
     pairs = stacked @ stacked.T
-    best = np.maximum.reduceat(np.maximum.reduceat(pairs, starts, axis=0), starts, axis=1)
+    best = np.maximum.reduceat(np.maximum.reduceat(pairs, starts, axis=1), starts, axis=0)
     similarity[np.ix_(present, present)] = best
     return similarity
 
 
 def collapse(similarity: Matrix, threshold: float) -> tuple[list[int], dict[int, list[int]]]:
-    """Near-duplicate collapsing of candidates in rank order (rows of `similarity`), greedily from the top: a
-    candidate whose similarity to an earlier kept one is at least `threshold` is dropped into the first such one.
-    Returns the kept indices, and for each the indices dropped into it, in rank order."""
+    """Near-duplicate collapsing of candidates in rank order (rows of `similarity`, product_similarity), greedily
+    from the top: a candidate whose similarity to an earlier kept one is at least `threshold` is dropped into the
+    first such one. Returns the kept indices, and for each the indices dropped into it, in rank order."""
     kept: list[int] = []
     dropped: dict[int, list[int]] = {}
+    near = similarity >= threshold - SIMILARITY_SLACK
     for candidate in range(len(similarity)):
-        near = [k for k in kept if similarity[candidate, k] >= threshold - SIMILARITY_SLACK]
-        if near:
-            dropped[near[0]].append(candidate)
+        first = np.flatnonzero(near[candidate, kept])
+        if len(first):
+            dropped[kept[int(first[0])]].append(candidate)
         else:
             kept.append(candidate)
             dropped[candidate] = []
     return kept, dropped
+
+
+def similarity(vectors: npt.NDArray[np.float32]) -> Matrix:
+    """The cosine similarity of each pair of `vectors` (rows, L2-normalised)."""
+    rows = np.asarray(vectors, dtype=np.float64)
+    matrix: Matrix = rows @ rows.T
+    return matrix
 
 
 def mmr_order(relevance: Sequence[float], similarity: Matrix, diversity: float, count: int) -> list[int]:

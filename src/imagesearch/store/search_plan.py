@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import qdrant_edge as qe
 
 from imagesearch.domain import Hit, LexicalQuery
@@ -42,7 +43,7 @@ from imagesearch.store.plan import (
     Variable,
 )
 from imagesearch.store.ranking_formula import RuleFormula
-from imagesearch.store.rerank import best_image, collapse, mmr_order, product_similarity
+from imagesearch.store.rerank import best_image, collapse, mmr_order, product_similarity, similarity
 
 #: A diversified or collapsing search re-ranks this many best matches, and returns no others. Fixed, not derived
 #: from the page, so that every page of one query is a slice of the same re-ranked list.
@@ -113,7 +114,8 @@ class SearchPlan(NamedTuple):
         vectors = (IMAGES_VECTOR,) if self.values is not None or reranked else ()
         points = yield Request(query, count, start, prefetches, self.filter, threshold, with_vectors=vectors)
         rows = [stored_rows(p.vector, self.dimension) if vectors else None for p in points]
-        hits = [self._hit(p, r, scale, relevance) for p, r in zip(points, rows, strict=True)]
+        target = None if self.values is None else np.asarray(self.values, dtype=np.float32)
+        hits = [self._hit(p, r, target, scale, relevance) for p, r in zip(points, rows, strict=True)]
         return self._rerank(hits, rows) if reranked and hits else hits
 
     def _relevance(self, terms: qe.SparseVector | None, best: float | None) -> tuple[Query, tuple[Prefetch, ...]]:
@@ -137,29 +139,36 @@ class SearchPlan(NamedTuple):
         formula = Sum((mapped_cosine, Mult((Constant(lexical_factor), Variable(BM25_SCORE)))))
         return Formula(formula, MISSING_SCORES), (dense, lexical_side, rescored)
 
-    def _hit(self, point: ScoredPoint, rows: Vector | None, scale: float, relevance: dict[str, float]) -> Hit:
+    def _hit(
+        self, point: ScoredPoint, rows: Vector | None, target: Vector | None, scale: float, relevance: dict[str, float]
+    ) -> Hit:
         payload = point.payload or {}
         product, score = product_from_payload(payload), point.score * scale
-        matched, similarity = (None, None) if self.values is None else best_image(rows, self.values)
+        matched, cosine = best_image(rows, target)
         if not self.explain:
             return Hit(product, score, matched)
         if self.rules is None:
-            return Hit(product, score, matched, explanation=ScoreExplanation(score, similarity))
+            return Hit(product, score, matched, explanation=ScoreExplanation(score, cosine))
         point_id = str(point.id)
         contributions = self.rules.contributions(payload, point_id)
         # Absent only when a write landed between the two requests (a server runs them apart).
         own = relevance.get(point_id, self.rules.relevance(score, contributions))
-        return Hit(product, score, matched, explanation=ScoreExplanation(own, similarity, contributions))
+        return Hit(product, score, matched, explanation=ScoreExplanation(own, cosine, contributions))
 
     def _rerank(self, hits: list[Hit], rows: list[Vector | None]) -> list[Hit]:
         """The page of the candidates `hits` collapsed (near copies into the best of them), then diversified."""
-        similarity = product_similarity(rows)
         order, dropped = list(range(len(hits))), dict[int, list[int]]()
         if self.collapse:
-            order, dropped = collapse(similarity, self.collapse)
+            order, dropped = collapse(product_similarity(rows), self.collapse)
         if self.diversity:
-            kept = similarity[order][:, order]
-            picked = mmr_order([hits[i].score for i in order], kept, self.diversity, self.offset + self.limit)
+            # Products compare by the image each matched (the primary one in a search without a vector).
+            shown = np.zeros((len(order), self.dimension), dtype=np.float32)
+            for row, i in enumerate(order):
+                images = rows[i]
+                if images is not None and len(images):
+                    shown[row] = images[hits[i].matched_image or 0]
+            relevance = [hits[i].score for i in order]
+            picked = mmr_order(relevance, similarity(shown), self.diversity, self.offset + self.limit)
             order = [order[i] for i in picked]
         page = order[self.offset : self.offset + self.limit]
         return [
