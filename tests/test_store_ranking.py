@@ -247,3 +247,16 @@ async def test_python_evaluation_ranks_and_scores_as_the_engine(store: VectorSto
         assert rule_formula(rules).score(hit.explanation.relevance, hit.explanation.rules) == pytest.approx(
             hit.score, abs=1e-5
         )
+
+
+@pytest.mark.parametrize("mode", relevance_modes())
+async def test_score_threshold_applies_to_relevance_in_every_mode(store: VectorStore, mode: dict[str, Any]) -> None:
+    vector, lexical = mode.get("vector", unit(1)), mode.get("lexical")
+    relevance = {h.product.id: h.score for h in await store.search(vector, SearchFilter(), 10, lexical=lexical)}
+    ranked = sorted(relevance.values())
+    threshold = (ranked[len(ranked) // 2] + ranked[len(ranked) // 2 - 1]) / 2  # between two scores: keeps half
+    boost = RankingRule("popular", 1.0, field="popularity", transform="log1p")
+    hits = await store.search(
+        vector, SearchFilter(), 10, score_threshold=threshold, lexical=lexical, ranking=spec(boost)
+    )
+    assert set(ids(hits)) == {pid for pid, score in relevance.items() if score > threshold}

@@ -75,7 +75,8 @@ class EdgeStore(VectorStore):
         write returns if `flush_each_write` is set (a disk flush per write).
         With `index_threshold` > 0, opening builds the HNSW index when that many products or more are not yet in
         it (see `edge_open._build_index_if_needed`); 0 never builds it, and every search scans every vector.
-        A store written by an older release is brought up to date first (its lexical side, edge_open).
+        A store written by an older release is brought up to date first (its lexical side and its `images`
+        multivector: edge_open, record.bring_up_to_date).
         Raises StoreUnavailable if the directory cannot be used (e.g. another process has it open).
         """
         worker = ShardWorker(Path(path))
