@@ -22,9 +22,6 @@ from imagesearch.client import ImageSearchClient, Product, search_query
 from imagesearch.config import Settings
 from imagesearch.evaluate import (
     DEFAULT_VARIANT,
-    EvalQuery,
-    EvaluationError,
-    Judgements,
     QueryFailed,
     Report,
     Variant,
@@ -32,11 +29,11 @@ from imagesearch.evaluate import (
     format_report,
     measures,
     parse_variant,
-    read_judgements,
     report_json,
     score,
     search_keywords,
 )
+from imagesearch.judgements import EvalQuery, EvaluationError, Judgements, read_judgements
 from imagesearch.model.encoder import ClipEncoder
 from imagesearch.v1 import image_search_service_pb2 as pb
 

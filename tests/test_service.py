@@ -165,10 +165,16 @@ async def test_service_info_describes_model_store_cache_and_limits(running: Runn
     assert info.model.name == "synthetic-clip"
     assert info.model.embedding_dimension == running.components.encoder.encoder.dimension
     assert info.model.device == "cpu"
-    # The test encoder's defaults: both towers on OpenVINO, in bf16 where the CPU computes it natively, else fp32.
-    precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    assert (info.model.image_tower_runtime, info.model.image_tower_precision) == ("openvino", precision)
-    assert (info.model.text_tower_runtime, info.model.text_tower_precision) == ("openvino", precision)
+    # The test encoder's defaults: the runtime and precision it measured on this CPU, reported as chosen, and why.
+    model = running.components.encoder.describe()
+    assert (info.model.image_tower_runtime, info.model.image_tower_precision) == (
+        model.image_runtime,
+        model.image_precision,
+    )
+    assert (info.model.text_tower_runtime, info.model.text_tower_precision) == (model.text_runtime, model.text_precision)
+    assert model.runtime_reason and model.cpu
+    assert (info.model.runtime_reason, info.model.cpu) == (model.runtime_reason, model.cpu)
+    assert info.limits.max_images_per_product == settings.max_images_per_product
     assert info.model.torch_threads >= 1
     # The micro-batching settings reach the batchers (the one path by which every server builds its encoder).
     images = running.components.encoder.images

@@ -7,20 +7,28 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
 
+from imagesearch.cli_format import cutoffs, key_value, positive, print_duplicates, print_hits, region
 from imagesearch.config import Settings, SettingsError, client_target
-
-if TYPE_CHECKING:
-    from imagesearch.v1.image_search_service_pb2 import ProductDuplicates, SearchHit
 
 EXIT_USAGE = 2
 EXIT_RPC_ERROR = 4
+# Search options the client takes under the flag's own name.
+_SEARCH_OPTIONS = (
+    "top_k",
+    "price_min",
+    "price_max",
+    "mode",
+    "fusion",
+    "lexical_weight",
+    "collapse_duplicates",
+    "duplicate_threshold",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +72,7 @@ def _search(args: argparse.Namespace) -> int:
     from imagesearch.v1 import image_search_service_pb2 as pb
 
     image = Path(args.image).read_bytes() if args.image else None
-    attributes = dict(_key_value(a) for a in args.attr)
+    attributes = dict(key_value(a) for a in args.attr)
     if args.duplicate_threshold is not None and not args.collapse_duplicates:
         print("imagesearch: --duplicate-threshold needs --collapse-duplicates", file=sys.stderr)
         return EXIT_USAGE
@@ -84,19 +92,12 @@ def _search(args: argparse.Namespace) -> int:
             response = await client.search(
                 text=args.text or "",
                 image=image,
-                top_k=args.top_k,
                 categories=args.category,
-                price_min=args.price_min,
-                price_max=args.price_max,
                 attributes=attributes,
-                mode=args.mode,
-                fusion=args.fusion,
-                lexical_weight=args.lexical_weight,
                 regions=args.region,
-                collapse_duplicates=args.collapse_duplicates,
-                duplicate_threshold=args.duplicate_threshold,
                 ranking=ranking,
                 explain=args.explain,
+                **{name: getattr(args, name) for name in _SEARCH_OPTIONS},
             )
         if args.json:
             print(json_format.MessageToJson(response, indent=2))
@@ -108,47 +109,20 @@ def _search(args: argparse.Namespace) -> int:
             for result in response.region_results:
                 r = result.region
                 print(f"region {r.x0:g},{r.y0:g},{r.x1:g},{r.y1:g}: {len(result.hits)} hits")
-                _print_hits(result.hits, args.explain)
+                print_hits(result.hits, args.explain)
             return 0
         print(f"{len(response.hits)} hits  {about}")
-        _print_hits(response.hits, args.explain)
+        print_hits(response.hits, args.explain)
         return 0
 
     return asyncio.run(go())
-
-
-def _print_hits(hits: Iterable[SearchHit], explain: bool) -> None:
-    """One line per hit; with `explain`, a line with its matched image and how its score was formed; a line with
-    the near-duplicates collapsed into it, if any."""
-    for rank, hit in enumerate(hits, 1):
-        p = hit.product
-        price = f"{p.price:.2f} {p.currency}".strip()
-        print(f"{rank:>3}. {hit.score:.4f}  {p.id:<24} {p.name[:40]:<40} {p.category:<16} {price}")
-        if explain:
-            parts = [_matched_image(hit)]
-            if hit.HasField("explanation"):
-                e = hit.explanation
-                parts.append(f"relevance {e.relevance:.4f}")
-                if e.HasField("similarity"):
-                    parts.append(f"cosine {e.similarity:.4f}")
-                parts.extend(f"{r.name}: f={r.value:.4g} {r.weighted:+.4f}" for r in e.rules)
-            print(f"{'':7}{'  '.join(parts)}")
-        if hit.duplicate_product_ids:
-            print(f"{'':7}duplicates: {', '.join(hit.duplicate_product_ids)}")
-
-
-def _matched_image(hit: SearchHit) -> str:
-    if not hit.HasField("matched_image_index"):
-        return "image -"  # lexical mode looks at no image
-    name = f" {hit.matched_image_id!r}" if hit.matched_image_id else ""
-    return f"image {hit.matched_image_index}{name}"
 
 
 def _duplicates(args: argparse.Namespace) -> int:
     from imagesearch.client import ImageSearchClient
     from imagesearch.v1 import image_search_service_pb2 as pb
 
-    attributes = dict(_key_value(a) for a in args.attr)
+    attributes = dict(key_value(a) for a in args.attr)
     where = {
         "categories": args.category,
         "price_min": args.price_min,
@@ -166,13 +140,13 @@ def _duplicates(args: argparse.Namespace) -> int:
                 async for entry in client.all_duplicates(page_size=args.page_size, **where):
                     found.append(entry)
                     if not args.json:
-                        _print_duplicates(entry)
+                        print_duplicates(entry)
         if args.json:
             products = [json_format.MessageToDict(entry, preserving_proto_field_name=True) for entry in found]
             print(json.dumps({"products": products}, indent=2))
         elif args.product:
             for entry in found:
-                _print_duplicates(entry)
+                print_duplicates(entry)
             if not found:
                 print(f"{args.product}: no duplicates")
         else:
@@ -180,17 +154,6 @@ def _duplicates(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(go())
-
-
-def _print_duplicates(entry: ProductDuplicates) -> None:
-    count = len(entry.duplicates)
-    print(f"{entry.product_id}: {count} duplicate{'' if count == 1 else 's'}")
-    for d in entry.duplicates:
-        exact = "  exact" if d.exact else ""
-        print(
-            f"    {d.product_id:<24} similarity {d.similarity:.4f}  image {d.image_index} ~ its image "
-            f"{d.duplicate_image_index}{exact}"
-        )
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -284,10 +247,12 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    # Imported here: the metrics library is not needed by any other command (serve starts without it).
     from imagesearch import evaluate
+    from imagesearch.judgements import EvaluationError, read_judgements
 
     try:
-        judgements = evaluate.read_judgements(Path(args.judgements))
+        judgements = read_judgements(Path(args.judgements))
         variants = [evaluate.parse_variant(spec) for spec in args.variant] or [evaluate.DEFAULT_VARIANT]
         report = asyncio.run(
             evaluate.evaluate(
@@ -298,7 +263,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency or evaluate.DEFAULT_CONCURRENCY,
             )
         )
-    except (evaluate.EvaluationError, OSError) as exc:
+    except (EvaluationError, OSError) as exc:
         print(f"imagesearch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except evaluate.QueryFailed as exc:
@@ -306,38 +271,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         return EXIT_RPC_ERROR
     print(json.dumps(evaluate.report_json(report), indent=2) if args.json else evaluate.format_report(report))
     return 0
-
-
-def _cutoffs(text: str) -> list[int]:
-    try:
-        cutoffs = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
-    if min(cutoffs) < 1:
-        raise argparse.ArgumentTypeError(f"cutoffs must be at least 1, got {text!r}")
-    return cutoffs
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _region(text: str) -> tuple[float, float, float, float]:
-    try:
-        x0, y0, x1, y1 = (float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 (fractions 0-1 of the image), got {text!r}") from None
-    return x0, y0, x1, y1
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--attr expects KEY=VALUE, got {text!r}")
-    return key, value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -388,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
         "--region",
         action="append",
         default=[],
-        type=_region,
+        type=region,
         metavar="X0,Y0,X1,Y1",
         help="search for this box of the query image, in fractions 0-1 of its width and height (repeatable: "
         "one result list per box)",
@@ -450,8 +383,8 @@ def _parser() -> argparse.ArgumentParser:
         "another server. Repeatable: one column each, two side by side with their difference. Default: one "
         "column, the server's defaults",
     )
-    evaluate.add_argument("--recall-at", type=_cutoffs, metavar="K,...", help="recall cutoffs (default 10,100)")
-    evaluate.add_argument("--concurrency", type=_positive, help="searches in flight at once per variant (default 4)")
+    evaluate.add_argument("--recall-at", type=cutoffs, metavar="K,...", help="recall cutoffs (default 10,100)")
+    evaluate.add_argument("--concurrency", type=positive, help="searches in flight at once per variant (default 4)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON, with per-query values")
     evaluate.set_defaults(func=_evaluate)
 
@@ -472,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threshold", type=float, metavar="T", help="the image similarity from which listings are near copies (0.94)"
     )
     duplicates.add_argument(
-        "--page-size", type=_positive, default=0, metavar="N", help="products checked per call (default 100)"
+        "--page-size", type=positive, default=0, metavar="N", help="products checked per call (default 100)"
     )
     duplicates.add_argument("--json", action="store_true", help="print the products and duplicates as JSON")
     duplicates.set_defaults(func=_duplicates)

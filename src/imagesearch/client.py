@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypedDict, TypeVar, Unpack
 
 import grpc
 from google.protobuf import json_format
@@ -71,6 +71,19 @@ class _Default(enum.Enum):
 #: A call's `timeout_s` when not given: the client's own.
 CLIENT_TIMEOUT = _Default.TIMEOUT
 Timeout = float | None | _Default
+
+
+class DuplicateOptions(TypedDict, total=False):
+    """The options of `find_duplicates` and `all_duplicates` besides the product and the page: the filter (as in
+    `search`), the threshold, products per page and the deadline of each call."""
+
+    categories: Sequence[str]
+    price_min: float | None
+    price_max: float | None
+    attributes: Mapping[str, str] | None
+    threshold: float | None
+    page_size: int
+    timeout_s: Timeout
 
 
 class ImageSearchClient:
@@ -170,58 +183,34 @@ class ImageSearchClient:
             yield response
 
     async def find_duplicates(
-        self,
-        *,
-        product_id: str = "",
-        categories: Sequence[str] = (),
-        price_min: float | None = None,
-        price_max: float | None = None,
-        attributes: Mapping[str, str] | None = None,
-        threshold: float | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout_s: Timeout = CLIENT_TIMEOUT,
+        self, *, product_id: str = "", page_token: str = "", **options: Unpack[DuplicateOptions]
     ) -> pb.FindDuplicatesResponse:
         """One FindDuplicates call: `product_id`'s near-duplicate listings, or (without it) those of the next
         `page_size` products the filter admits, from `page_token` on. `threshold`: the cosine similarity at or
         above which two images are near copies, (0, 1]; None: the server's default (0.94)."""
         request = pb.FindDuplicatesRequest(
             product_id=product_id,
-            filter=search_filter(categories, price_min, price_max, attributes),
-            threshold=threshold,
-            page_size=page_size,
+            filter=search_filter(
+                options.get("categories", ()),
+                options.get("price_min"),
+                options.get("price_max"),
+                options.get("attributes"),
+            ),
+            threshold=options.get("threshold"),
+            page_size=options.get("page_size", 0),
             page_token=page_token,
         )
         response: pb.FindDuplicatesResponse = await self._stub.FindDuplicates(
-            request, timeout=self._deadline(timeout_s), metadata=self._metadata
+            request, timeout=self._deadline(options.get("timeout_s", CLIENT_TIMEOUT)), metadata=self._metadata
         )
         return response
 
-    async def all_duplicates(
-        self,
-        *,
-        categories: Sequence[str] = (),
-        price_min: float | None = None,
-        price_max: float | None = None,
-        attributes: Mapping[str, str] | None = None,
-        threshold: float | None = None,
-        page_size: int = 0,
-        timeout_s: Timeout = CLIENT_TIMEOUT,
-    ) -> AsyncIterator[pb.ProductDuplicates]:
+    async def all_duplicates(self, **options: Unpack[DuplicateOptions]) -> AsyncIterator[pb.ProductDuplicates]:
         """Every product the filter admits that has near-duplicates, with them: `find_duplicates` page after page
         until the last (`timeout_s` bounds each page, not the whole walk)."""
         token = ""
         while True:
-            page = await self.find_duplicates(
-                categories=categories,
-                price_min=price_min,
-                price_max=price_max,
-                attributes=attributes,
-                threshold=threshold,
-                page_size=page_size,
-                page_token=token,
-                timeout_s=timeout_s,
-            )
+            page = await self.find_duplicates(page_token=token, **options)
             for entry in page.products:
                 yield entry
             token = page.next_page_token

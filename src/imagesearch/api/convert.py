@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from imagesearch.config import Settings
@@ -265,42 +266,32 @@ def outcome_to_proto(outcome: SearchOutcome) -> pb.SearchResponse:
     )
 
 
+# GetServiceInfo's model fields and the ModelDescription fields they report.
+_MODEL_INFO = {
+    "name": "model_id",
+    "embedding_dimension": "dimension",
+    "device": "device",
+    "image_size": "image_size",
+    "image_tower_precision": "image_precision",
+    "text_tower_precision": "text_precision",
+    "torch_threads": "torch_threads",
+    "image_tower_runtime": "image_runtime",
+    "text_tower_runtime": "text_runtime",
+    "runtime_reason": "runtime_reason",
+    "cpu": "cpu",
+}
+
+
 def service_info_to_proto(
     described: CatalogDescription, settings: Settings, server_version: str
 ) -> pb.GetServiceInfoResponse:
     Info = pb.GetServiceInfoResponse
-    model, cache, s = described.model, described.cache, settings
+    # The cache's counters and the limits carry the same names on the wire as in CacheDescription and Settings.
+    limits = {field.name: getattr(settings, field.name) for field in Info.Limits.DESCRIPTOR.fields}
     return Info(
         server_version=server_version,
-        model=Info.ModelInfo(
-            name=model.model_id,
-            embedding_dimension=model.dimension,
-            device=model.device,
-            image_size=model.image_size,
-            image_tower_precision=model.image_precision,
-            text_tower_precision=model.text_precision,
-            torch_threads=model.torch_threads,
-            image_tower_runtime=model.image_runtime,
-            text_tower_runtime=model.text_runtime,
-            runtime_reason=model.runtime_reason,
-            cpu=model.cpu,
-        ),
+        model=Info.ModelInfo(**{wire: getattr(described.model, name) for wire, name in _MODEL_INFO.items()}),
         store=Info.StoreInfo(backend=described.store_backend, product_count=described.product_count),
-        cache=Info.CacheInfo(
-            backend=cache.backend,
-            available=cache.available,
-            embedding_hits=cache.embedding_hits,
-            embedding_misses=cache.embedding_misses,
-            result_hits=cache.result_hits,
-            result_misses=cache.result_misses,
-        ),
-        limits=Info.Limits(
-            max_image_bytes=s.max_image_bytes,
-            max_image_pixels=s.max_image_pixels,
-            max_chunk_bytes=s.max_chunk_bytes,
-            max_text_chars=s.max_text_chars,
-            max_top_k=s.max_top_k,
-            max_images_per_product=s.max_images_per_product,
-            max_query_regions=s.max_query_regions,
-        ),
+        cache=Info.CacheInfo(**dataclasses.asdict(described.cache)),
+        limits=Info.Limits(**limits),
     )

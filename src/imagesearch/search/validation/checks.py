@@ -23,6 +23,7 @@ MAX_ATTRIBUTE_KEY_CHARS = 128
 MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_FILTER_CATEGORIES = 100
 Page = TypeVar("Page", SearchPage, ListPage)
+V = TypeVar("V")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -58,16 +59,25 @@ def check_product_id(product_id: str, field: str, v: Violations) -> None:
 
 
 def check_attributes(attributes: Mapping[str, str], field: str, v: Violations) -> None:
-    if len(attributes) > MAX_ATTRIBUTES:
-        v.add(field, f"has {len(attributes)} entries; the limit is {MAX_ATTRIBUTES}")
-        return
-    for key, value in attributes.items():
-        where = f"{field}[{key[:40]}]"
+    def check_entry(key: str, value: str, where: str) -> None:
         check_attribute_key(key, where, v)
         if has_control_chars(value):
             v.add(where, "values must not contain control characters")
         if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
             v.add(where, f"values must be at most {MAX_ATTRIBUTE_VALUE_CHARS} characters")
+
+    check_entries(attributes, field, MAX_ATTRIBUTES, check_entry, v)
+
+
+def check_entries(
+    entries: Mapping[str, V], field: str, limit: int, check_entry: Callable[[str, V, str], None], v: Violations
+) -> None:
+    """A map field: at most `limit` entries, each checked as `field[key]` (the key cut to 40 characters)."""
+    if len(entries) > limit:
+        v.add(field, f"has {len(entries)} entries; the limit is {limit}")
+        return
+    for key, value in entries.items():
+        check_entry(key, value, f"{field}[{key[:40]}]")
 
 
 def check_attribute_key(key: str, field: str, v: Violations) -> None:

@@ -16,6 +16,7 @@ from imagesearch.search.validation.checks import (
     MAX_NAME_CHARS,
     Violations,
     check_attributes,
+    check_entries,
     check_product_id,
     check_text,
 )
@@ -54,14 +55,12 @@ def check_product(product: Product, v: Violations, prefix: str = "product") -> N
 
 
 def check_numeric_attributes(numbers: Mapping[str, float], field: str, v: Violations) -> None:
-    if len(numbers) > MAX_NUMERIC_ATTRIBUTES:
-        v.add(field, f"has {len(numbers)} entries; the limit is {MAX_NUMERIC_ATTRIBUTES}")
-        return
-    for key, value in numbers.items():
-        where = f"{field}[{key[:40]}]"
+    def check_entry(key: str, value: float, where: str) -> None:
         check_numeric_key(key, where, v)
         if not math.isfinite(value):
             v.add(where, f"values must be finite numbers, got {value}")
+
+    check_entries(numbers, field, MAX_NUMERIC_ATTRIBUTES, check_entry, v)
 
 
 def check_numeric_key(key: str, field: str, v: Violations) -> None:
