@@ -31,16 +31,20 @@ _SEARCH_OPTIONS = (
 )
 
 
+def _fail(message: str, code: int) -> int:
+    """Report a failure on stderr; the exit code to return."""
+    print(message, file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
     except SettingsError as exc:
-        print(f"imagesearch: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(f"imagesearch: configuration error: {exc}", EXIT_USAGE)
     except grpc.aio.AioRpcError as exc:
-        print(f"imagesearch: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return EXIT_RPC_ERROR
+        return _fail(f"imagesearch: {exc.code().name}: {exc.details()}", EXIT_RPC_ERROR)
     except KeyboardInterrupt:
         return 130
 
@@ -74,18 +78,15 @@ def _search(args: argparse.Namespace) -> int:
     image = Path(args.image).read_bytes() if args.image else None
     attributes = dict(key_value(a) for a in args.attr)
     if args.duplicate_threshold is not None and not args.collapse_duplicates:
-        print("imagesearch: --duplicate-threshold needs --collapse-duplicates", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail("imagesearch: --duplicate-threshold needs --collapse-duplicates", EXIT_USAGE)
     ranking = None
     if args.rules:
         try:
             ranking = load_ranking_spec(Path(args.rules))
         except (OSError, UnicodeDecodeError) as exc:
-            print(f"imagesearch: cannot read the rules file {args.rules}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return _fail(f"imagesearch: cannot read the rules file {args.rules}: {exc}", EXIT_USAGE)
         except json_format.ParseError as exc:
-            print(f"imagesearch: {args.rules} is not a RankingSpec in proto3 JSON: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return _fail(f"imagesearch: {args.rules} is not a RankingSpec in proto3 JSON: {exc}", EXIT_USAGE)
 
     async def go() -> int:
         async with ImageSearchClient(args.target or client_target()) as client:
@@ -168,8 +169,7 @@ def _index(args: argparse.Namespace) -> int:
     for error in unreadable:
         print(f"skipped  {error}", file=sys.stderr)
     if not products:
-        print("imagesearch: nothing to index", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail("imagesearch: nothing to index", EXIT_USAGE)
 
     async def go() -> int:
         created = updated = 0
@@ -264,11 +264,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         )
     except (EvaluationError, OSError) as exc:
-        print(f"imagesearch: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(f"imagesearch: {exc}", EXIT_USAGE)
     except evaluate.QueryFailed as exc:
-        print(f"imagesearch: {exc}", file=sys.stderr)
-        return EXIT_RPC_ERROR
+        return _fail(f"imagesearch: {exc}", EXIT_RPC_ERROR)
     print(json.dumps(evaluate.report_json(report), indent=2) if args.json else evaluate.format_report(report))
     return 0
 

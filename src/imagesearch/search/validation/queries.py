@@ -47,6 +47,8 @@ DEFAULT_TEXT_WEIGHT = 0.5
 # first for its model number where rank fusion does not, and both keep colour + kind precision.
 DEFAULT_FUSION: Fusion = "weighted"
 DEFAULT_LEXICAL_WEIGHT = 0.5
+# Query fields the rules check but keep as the caller sent them.
+_KEPT_AS_SENT = ("image", "image_url", "flt", "include_liked", "group_by", "regions", "explain")
 LIST_DEFAULT_PAGE_SIZE = 50
 LIST_MAX_PAGE_SIZE = 1000
 # Near-duplicate images: clip-retrieval's deduplication threshold (cosine similarity of CLIP image embeddings).
@@ -125,26 +127,20 @@ def search_query(request: QueryRequest, settings: Settings, default_ranking: Ran
     v.raise_if_any()
     return Query(
         text=text,
-        image=request.image,
-        image_url=request.image_url,
-        flt=request.flt,
         top_k=page_size,
         score_threshold=threshold,
         text_weight=weight,
         like_ids=like_ids,
         unlike_ids=unlike_ids,
-        include_liked=request.include_liked,
-        group_by=request.group_by,
         diversity=diversity or None,  # 0 is plain ranking
         page=page,
         facets=facets,
         mode=mode,
         fusion=fusion,
         lexical_weight=lexical_weight,
-        regions=request.regions,
         collapse=collapse,
         ranking=ranking,
-        explain=request.explain,
+        **{name: getattr(request, name) for name in _KEPT_AS_SENT},
     )
 
 
