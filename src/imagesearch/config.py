@@ -45,7 +45,8 @@ class Settings:
     device: DeviceName = "auto"
     # Never touch the network for weights (sets HF_HUB_OFFLINE): start-up fails at once if they are not local.
     offline: bool = False
-    # 0 = one per core this process may use (its CPU affinity and its container's CPU quota; see cpus.py).
+    # Threads of one forward pass (torch and OpenVINO). 0 = one per physical core this process may use (its CPU
+    # affinity and its container's CPU quota; see cpus.py), or one per CPU where measuring says hyper-threads help.
     torch_threads: int = 0
     # Threads that decode and preprocess images. 0 = automatic: 2 on CPU (the model needs the cores), up to 8 on
     # a GPU (there decoding, not the model, limits image throughput).
@@ -54,12 +55,12 @@ class Settings:
     # that are still being decoded when the model frees up (a lone request never waits).
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
-    # What runs the towers. auto = OpenVINO on CPU where it is installed (faster than torch there: README,
-    # benchmarks/runtimes.py), torch on CUDA. The OpenVINO graphs are derived from the loaded model and cached
-    # under data_dir/runtime-cache.
+    # What runs the towers. auto = measured per tower at the first start on this CPU (runtime_choice.py: which
+    # runtime and precision is fastest differs between CPU families), torch on CUDA. The OpenVINO graphs, and the
+    # measured choice, are kept under data_dir/runtime-cache.
     runtime: RuntimeName = "auto"
-    # OpenVINO's precision: auto = bf16 where the CPU computes bf16 natively (AVX512_BF16 or AMX), else f32; f32
-    # forces full precision; int8 (opt-in, the int8 extra) quantises the image tower, the text tower stays auto.
+    # OpenVINO's precision: auto = measured (f32, or bf16/f16 where native and clearly faster); f32 and bf16 force
+    # one; int8 (opt-in, the int8 extra) quantises the image tower, the text tower's precision is measured.
     precision: PrecisionName = "auto"
     # CUDA: decode and preprocess JPEGs on the GPU (nvJPEG through torchvision); other formats, and JPEGs it
     # refuses, take the CPU path. Off: every image decodes on the CPU.
