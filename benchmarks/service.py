@@ -45,7 +45,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 
 # Sibling scripts.
-from service_report import Row, print_table, row
+from service_images import bulk_import, images_ab
+from service_modes import hybrid_vs_dense, rules_vs_plain
+from service_report import Row, print_rows, print_table, row
 from service_server import fill_catalogue, start_server, wait_serving
 from service_tracing import OtlpSink, tracing_overhead
 from service_tracing import report as report_tracing
@@ -203,6 +205,7 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
             ),
         )
         rows.extend(await hybrid_vs_dense(client, max(2 * n, 20)))
+        rows.extend(await rules_vs_plain(client, max(2 * n, 20)))
         image = add(
             f"image search, uncached ({len(jpegs[0]) // 1024} KB JPEG)",
             await sequential(lambda i: client.search(image=next(search_images)), n, image_floor, image_reference),
@@ -226,7 +229,7 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
             samples, wall = await concurrent(lambda i, b=batch: client.search(image=b[i]), clients, total)
             rows.append(row(f"image search, {clients} concurrent clients", samples, image.floor_ms, wall))
             rows[-1].reference_ms = image.reference_ms
-        rows.append(await bulk_import(client, 64 if quick else 256))
+        rows.append(await bulk_import(client, 64 if quick else 256, photo_like_jpeg))
         batched_after = floor.batched_images_per_s(floor_image)
         reference_after = floor.batched_images_per_s(floor_image, encoder=floor.reference)
     figures = {
@@ -239,35 +242,6 @@ async def run_paths(target: str, floor: Floor, n: int, quick: bool) -> tuple[lis
         "reference_batch32_images_per_s": (reference_before + reference_after) / 2,
     }
     return rows, figures
-
-
-async def hybrid_vs_dense(client: ImageSearchClient, n: int) -> list[Row]:
-    """Uncached text searches in dense and in hybrid mode (the default of a text-only search), alternating call by
-    call, the order swapped every round: both modes see the same machine. Every call has a text of its own, so
-    neither cache answers."""
-    samples: dict[str, list[float]] = {"dense": [], "hybrid": []}
-    for i in range(-3, n):
-        for k, mode in enumerate(("dense", "hybrid") if i % 2 else ("hybrid", "dense")):
-            await asyncio.sleep(SETTLE_S)
-            started = time.perf_counter()
-            await client.search(text=f"a green canvas tote, size {2 * i + k}", mode=mode)
-            if i >= 0:
-                samples[mode].append(time.perf_counter() - started)
-    return [row(f"text search, uncached, {mode} (alternating)", samples[mode]) for mode in ("dense", "hybrid")]
-
-
-async def bulk_import(client: ImageSearchClient, count: int) -> Row:
-    items = [(Product(id=f"bulk-{i}", category="bags"), photo_like_jpeg(50_000 + i)) for i in range(count)]
-    started = time.perf_counter()
-    last = started
-    gaps: list[float] = []
-    async for response in client.index_products(items):
-        if response.HasField("error"):
-            raise RuntimeError(f"bulk import failed for {response.id}: {response.error.message}")
-        now = time.perf_counter()
-        gaps.append(now - last)
-        last = now
-    return row(f"bulk import, {count} products (IndexProducts)", gaps, None, time.perf_counter() - started)
 
 
 async def main() -> int:
@@ -290,6 +264,14 @@ async def main() -> int:
         default="auto",
         choices=["auto", "fp16", "fp32"],
         help="IMAGESEARCH_TEXT_WEIGHTS (default auto)",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=5,
+        metavar="K",
+        help="also compare a catalogue of K images per product with one of 1 image (two servers, alternating "
+        "image searches; bulk import; store size and memory); 1: skip (default 5)",
     )
     parser.add_argument(
         "--tracing",
@@ -351,6 +333,10 @@ async def main() -> int:
             server.wait(timeout=60)
         if sink is not None:
             tracing_rows, tracing_figures = await tracing_overhead(args, data_dir, sink.endpoint, model_id, dimension)
+        images_rows: list[Row] = []
+        images_figures: dict[str, float] = {}
+        if args.images > 1:
+            images_rows, images_figures = await images_ab(args, data_dir, model_id, dimension, photo_like_jpeg)
 
     machine = f"{platform.machine()}, {cpu.describe(budget)}, torch {torch.__version__}"
     machine += f", threads {encoder.torch_threads}"
@@ -366,6 +352,14 @@ async def main() -> int:
         next(r for r in rows if r.path == f"text search, uncached, {m} (alternating)") for m in ("dense", "hybrid")
     )
     print(f"hybrid text search p50 / dense p50, alternating in this run: {hybrid.p50_ms / dense.p50_ms:.3f}")
+    plain, ruled = (r for r in rows if r.path.startswith("text search, uncached, hybrid, "))
+    print(
+        f"hybrid + 3 ranking rules p50 / plain hybrid p50, alternating in this run: {ruled.p50_ms / plain.p50_ms:.3f}"
+    )
+    if images_rows:
+        print(f"\nseveral images per product: 1 vs {args.images}, catalogue {args.catalogue} (two servers)")
+        print_rows(images_rows)
+        print("  " + "; ".join(f"{name} {value:.1f}" for name, value in images_figures.items()))
     print(
         f"server start-up, process start to SERVING: {startup_s:.1f} s with the runtime's conversion cache cold, "
         f"{cached_startup_s:.1f} s cached"
@@ -393,6 +387,7 @@ async def main() -> int:
                 "floor": floor,
                 "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
                 "tracing": tracing,
+                "images": {"rows": [asdict(r) for r in images_rows], "figures": images_figures},
             },
             indent=2,
         )

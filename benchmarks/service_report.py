@@ -55,6 +55,19 @@ def print_table(rows: list[Row], floor: dict[str, float], header: str) -> None:
     )
     print("p50/floor: each path against the floor samples taken alongside it (text: one text; image: one image)")
     print("vs torch fp32: p50 against the torch fp32 reference's one image, sampled alongside (lower is faster)")
+    print_rows(rows)
+    batched, reference = floor["batch32_images_per_s"], floor["reference_batch32_images_per_s"]
+    for r in rows:
+        if r.path.startswith(("image search, 32", "bulk import")):
+            print(
+                f"  {r.path}: {r.per_s:.1f}/s = {r.per_s / batched:.2f} x the bare batched encoder ({batched:.1f}/s)"
+                f" = {r.per_s / reference:.2f} x torch fp32 batched ({reference:.1f}/s)"
+            )
+
+
+def print_rows(rows: list[Row]) -> None:
+    """The table: one line per path, its percentiles, rate, and ratios to the floor and the reference if it has
+    them."""
     header_row = f"{'path':<48} {'n':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'per s':>8} {'p50/floor':>10}"
     print(header_row + f" {'vs torch fp32':>14}")
     for r in rows:
@@ -64,10 +77,3 @@ def print_table(rows: list[Row], floor: dict[str, float], header: str) -> None:
             f"{r.path:<48} {r.n:>5} {r.p50_ms:>9.2f} {r.p95_ms:>9.2f} {r.p99_ms:>9.2f} {r.per_s:>8.1f} {ratio:>10}"
             f" {vs_reference:>14}"
         )
-    batched, reference = floor["batch32_images_per_s"], floor["reference_batch32_images_per_s"]
-    for r in rows:
-        if r.path.startswith(("image search, 32", "bulk import")):
-            print(
-                f"  {r.path}: {r.per_s:.1f}/s = {r.per_s / batched:.2f} x the bare batched encoder ({batched:.1f}/s)"
-                f" = {r.per_s / reference:.2f} x torch fp32 batched ({reference:.1f}/s)"
-            )

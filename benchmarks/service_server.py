@@ -17,20 +17,29 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagesearch.domain import Product as DomainProduct
+from imagesearch.images import ProductImage
 from imagesearch.store import EdgeStore
 
 CATEGORIES = ["mugs", "shoes", "bags", "lamps", "shirts", "hats", "bottles", "chairs"]
 
 
-async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: int) -> None:
+# A day, and a fixed "now" for the catalogue's creation dates and the rules' newness decay.
+DAY_S = 86_400.0
+NOW_S = 1_764_547_200.0
+
+
+async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: int, images: int = 1) -> None:
+    """`size` stand-in products with `images` image vectors each, numeric attributes (popularity, created_at) for
+    ranking rules, categories, prices and a colour attribute."""
     # Random unit vectors stand in for indexed products: the store's cost depends on count and filters, not on
     # what the vectors mean, and encoding 10k images with ViT-B-32 on 2 cores would take ~10 minutes.
     store = await EdgeStore.open(data_dir / "qdrant-edge", dimension=dimension, model_id=model_id)
     rng = np.random.default_rng(0)
     try:
         for start in range(0, size, 1000):
-            vectors = rng.standard_normal((min(1000, size - start), dimension)).astype(np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            count = min(1000, size - start)
+            vectors = rng.standard_normal((count, images, dimension)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=2, keepdims=True)
             items = [
                 (
                     DomainProduct(
@@ -39,14 +48,32 @@ async def fill_catalogue(data_dir: Path, model_id: str, dimension: int, size: in
                         category=CATEGORIES[(start + i) % len(CATEGORIES)],
                         price=float((start + i) % 200),
                         attributes={"colour": ["red", "blue", "green"][(start + i) % 3]},
+                        images=tuple(ProductImage(id=f"view-{k}") for k in range(images)),
+                        numeric_attributes={
+                            "popularity": float(rng.integers(0, 10_000)),
+                            "created_at": NOW_S - float(rng.integers(0, 365)) * DAY_S,
+                        },
                     ),
-                    vector,
+                    product_vectors,
                 )
-                for i, vector in enumerate(vectors)
+                for i, product_vectors in enumerate(vectors)
             ]
             await store.upsert(items)
     finally:
         await store.close()
+
+
+def rss_mb(process: subprocess.Popen[bytes]) -> float:
+    """The resident memory of a running process, MB (Linux: /proc/PID/status)."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def disk_mb(directory: Path) -> float:
+    """Space the files under `directory` take on disk, MB (allocated blocks: the store preallocates sparse files)."""
+    return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file()) / 1e6
 
 
 def start_server(

@@ -38,6 +38,22 @@ def test_service_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
     # The CPU and the server's runtime choice head the output and go into the JSON.
     assert done.stdout.index("cpu: ") < done.stdout.index("runtime choice: ") < done.stdout.index("p50 ms")
     assert table["cpu"]["name"] and table["cpu"]["logical"] >= table["cpu"]["physical"] >= 1
+    # Hybrid search with and without ranking rules, alternating, and the ratio of their p50s.
+    assert {"text search, uncached, hybrid, plain (alternating)"} < set(paths)
+    assert "text search, uncached, hybrid, with 3 ranking rules (alternating)" in paths
+    assert "hybrid + 3 ranking rules p50 / plain hybrid p50" in done.stdout
+    # One image per product against several: searches, bulk imports, store size and memory.
+    images = table["images"]
+    assert [row["path"] for row in images["rows"]] == [
+        "image search, uncached, 1 image per product (alternating)",
+        "image search, uncached, 5 images per product (alternating)",
+        "bulk import, 32 products x 1 image (IndexProducts)",
+        "bulk import, 32 products x 5 images (IndexProducts)",
+    ]
+    figures = images["figures"]
+    assert figures["store_disk_mb, 5 images"] > figures["store_disk_mb, 1 image"] > 0
+    assert figures["server_rss_mb, 5 images"] > 0 and figures["bulk_images_per_s, 5 images"] > 0
+    assert figures["search_p50_ratio"] > 0
     assert table["runtime_reason"] and table["served"]["image_tower"] == table["image_tower"]
 
 
