@@ -29,21 +29,10 @@ copy=$id-copy
 repo_python=$(dirname "$0")/../.venv/bin/python
 PYTHON=${PYTHON:-$( [ -x "$repo_python" ] && echo "$repo_python" || echo python3 )}
 SERVICE=imagesearch.v1.ImageSearchService
-# The detail view's box of the packshot, in fractions of its width and height: the region searched for below.
-BOX='{"x0": 0.25, "y0": 0.15, "x1": 0.85, "y1": 0.80}'
-POPULARITY=1520
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-if [ -z "$second" ]; then
-  second=$work/detail.png
-  "$PYTHON" -c 'import json, sys
-from PIL import Image
-box = json.loads(sys.argv[3])
-with Image.open(sys.argv[1]) as im:
-    w, h = im.size
-    im.crop((round(box["x0"] * w), round(box["y0"] * h), round(box["x1"] * w), round(box["y1"] * h))).save(sys.argv[2])' \
-    "$image" "$second" "$BOX"
-fi
+# The second image (a crop of the packshot unless given), the region (BOX) and the popularity both walkthroughs use.
+source "$(dirname "$0")/walkthrough_images.sh"
 
 auth=()
 if [ -n "${IMAGESEARCH_API_KEY:-}" ]; then

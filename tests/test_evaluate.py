@@ -18,8 +18,9 @@ from conftest import RunningServer, jpeg_bytes, start_server, stop_server
 from test_cli import run_cli
 
 from imagesearch import cli
-from imagesearch.client import ImageSearchClient, Product, search_query
+from imagesearch.client import ImageSearchClient, search_query
 from imagesearch.config import Settings
+from imagesearch.demo import indexed
 from imagesearch.evaluate import (
     DEFAULT_VARIANT,
     QueryFailed,
@@ -319,22 +320,9 @@ async def demo(
     """A server holding the catalogue `imagesearch demo` indexes, indexed as the demo does (demo.py)."""
     settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("demo"), model="synthetic-clip")
     running = await start_server(settings, encoder)
-    items = (
-        (
-            Product(
-                id=item.product_id,
-                name=item.name,
-                category=item.category,
-                price=item.price,
-                currency="EUR",
-                attributes=item.attributes,
-            ),
-            item.jpeg(),
-        )
-        for item in example.catalogue()
-    )
     async with ImageSearchClient(running.target) as client:
-        assert not [r async for r in client.index_products(items) if r.HasField("error")]
+        products = indexed(example.catalogue())
+        assert not [r async for r in client.index_products(products) if r.HasField("error")]
     yield running
     await stop_server(running)
 

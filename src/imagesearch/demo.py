@@ -13,12 +13,13 @@ import random
 import signal
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from imagesearch.client import ImageSearchClient, Product
 from imagesearch.config import Settings
 from imagesearch.server import build_server, open_components
-from imagesearch.synthetic import make_catalogue, render
+from imagesearch.synthetic import CatalogueItem, make_catalogue, render
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 DEMO_MODEL = "synthetic-clip"
@@ -69,21 +70,7 @@ async def _tour(client: ImageSearchClient, count: int) -> None:
         f"model {info.model.name} ({info.model.embedding_dimension}-d, {info.model.device}); store {info.store.backend}"
     )
     started = time.monotonic()
-    items = (
-        (
-            Product(
-                id=item.product_id,
-                name=item.name,
-                category=item.category,
-                price=item.price,
-                currency="EUR",
-                attributes=item.attributes,
-            ),
-            item.jpeg(),
-        )
-        for item in catalogue
-    )
-    failed = [r async for r in client.index_products(items) if r.HasField("error")]
+    failed = [r async for r in client.index_products(indexed(catalogue)) if r.HasField("error")]
     elapsed = time.monotonic() - started
     print(f"indexed {count - len(failed)} generated products in {elapsed:.1f} s over IndexProducts")
 
@@ -107,6 +94,20 @@ async def _tour(client: ImageSearchClient, count: int) -> None:
         'multimodal: the yellow hat photo + "green" (text_weight 0.5)',
         await client.search(image=_photo("hat", "yellow", seed=99), text="green hat", text_weight=0.5, top_k=5),
     )
+
+
+def indexed(catalogue: Iterable[CatalogueItem]) -> Iterator[tuple[Product, bytes]]:
+    """The generated catalogue as the demo indexes it: each item as a product (prices in EUR) and its photo."""
+    for item in catalogue:
+        product = Product(
+            id=item.product_id,
+            name=item.name,
+            category=item.category,
+            price=item.price,
+            currency="EUR",
+            attributes=item.attributes,
+        )
+        yield product, item.jpeg()
 
 
 async def _wait_for_ctrl_c() -> None:
