@@ -260,3 +260,25 @@ async def test_score_threshold_applies_to_relevance_in_every_mode(store: VectorS
         vector, SearchFilter(), 10, score_threshold=threshold, lexical=lexical, ranking=spec(boost)
     )
     assert set(ids(hits)) == {pid for pid, score in relevance.items() if score > threshold}
+
+
+async def test_numeric_attributes_get_a_float_index_the_first_time_a_product_brings_them(tmp_path: Path) -> None:
+    from imagesearch.store import EdgeStore
+
+    store = await open_store("embedded", tmp_path)
+    try:
+        assert isinstance(store, EdgeStore)
+        await store.upsert([(CATALOGUE[0], at_cosine(0.9))])
+        await store.upsert([(Product(id="g", numeric_attributes={"stock": 2.0, "age": 1.0}), at_cosine(0.5))])
+        schema = store._open_shard().info().payload_schema
+        assert {field for field in schema if field.startswith("numbers.")} == {
+            "numbers.popularity",
+            "numbers.age",
+            "numbers.stock",
+        }
+        assert str(schema["numbers.stock"].data_type).endswith("Float")
+        # The rules read the indexed values: a boost by stock still ranks by the formula.
+        hits = await ruled(store, spec(RankingRule(name="s", weight=1.0, field="stock")), vector=unit(1))
+        assert [h.product.id for h in hits] == ["g", "a"]
+    finally:
+        await store.close()

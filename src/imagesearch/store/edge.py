@@ -51,6 +51,8 @@ class EdgeStore(VectorStore):
         self.dimension = dimension
         self._shard: qe.EdgeShard | None = shard
         self._worker = worker
+        # The numeric attribute fields that have their index (layout.numeric_fields); new ones get it at upsert.
+        self._numeric_indexed = {f for f in shard.info().payload_schema if f.startswith(f"{layout.NUMBERS}.")}
         self._flush_each_write = flush_each_write
         # Written since the last flush; the periodic flusher skips a clean store.
         self._dirty = False
@@ -104,6 +106,9 @@ class EdgeStore(VectorStore):
                 qe.Point(point_id, *layout.point_parts(product, vectors, self.dimension))
                 for point_id, (product, vectors) in latest.items()
             ]
+            for field in sorted(layout.numeric_fields(p for p, _ in latest.values()) - self._numeric_indexed):
+                shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Float))
+                self._numeric_indexed.add(field)
             # Checking and writing in one job on the single worker makes the created flags race-free.
             found = shard.retrieve(list(latest), False, False)
             shard.update(qe.UpdateOperation.upsert_points(points))

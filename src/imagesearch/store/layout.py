@@ -280,3 +280,10 @@ def created_flags(product_ids: Sequence[str], existing: set[str]) -> list[bool]:
         flags.append(product_id not in seen)
         seen.add(product_id)
     return flags
+
+
+def numeric_fields(products: Iterable[Product]) -> set[str]:
+    """The payload fields ("numbers.<key>") of the products' numeric attributes. Each gets a float index the first
+    time a product brings it: a ranking formula then reads its values from the index rather than from each
+    candidate's stored payload."""
+    return {f"{NUMBERS}.{key}" for product in products for key in product.numeric_attributes}

@@ -58,6 +58,8 @@ class QdrantServerStore(VectorStore):
         # Serialises this process's writes so that the created/replaced flags cannot race each other. Writers in
         # other replicas can still race: then a flag may be wrong, never the stored data (upserts are idempotent).
         self._write_lock = asyncio.Lock()
+        # The numeric attribute fields that have their index (layout.numeric_fields); new ones get it at upsert.
+        self._numeric_indexed: set[str] = set()
 
     @classmethod
     async def open(
@@ -121,7 +123,13 @@ class QdrantServerStore(VectorStore):
         for point_id, (product, vectors) in latest.items():
             named, payload = layout.point_parts(product, vectors, self.dimension)
             points.append(models.PointStruct(id=point_id, vector=_client_vectors(named), payload=payload))
+        new_fields = layout.numeric_fields(product for product, _ in latest.values()) - self._numeric_indexed
         async with self._write_lock, self._guard("upsert"):
+            for field in sorted(new_fields):  # idempotent: another replica may have created it first
+                await self._client.create_payload_index(
+                    self._collection, field, field_schema=models.PayloadSchemaType.FLOAT, wait=True
+                )
+                self._numeric_indexed.add(field)
             found = await self._client.retrieve(self._collection, list(latest), with_payload=False, with_vectors=False)
             await self._client.upsert(self._collection, points, wait=True)
         existing = {latest[str(record.id)][0].id for record in found}
@@ -235,6 +243,7 @@ class QdrantServerStore(VectorStore):
                 await self._create_collection(model_id)
             info = await self._client.get_collection(self._collection)
             record = self._check_compatible(info, model_id)
+            self._numeric_indexed = {f for f in info.payload_schema if f.startswith(f"{layout.NUMBERS}.")}
             for field, kind in layout.INDEXED_FIELDS.items():
                 if field not in info.payload_schema:
                     await self._client.create_payload_index(
