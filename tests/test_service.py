@@ -17,7 +17,6 @@ from rpc import index, product, search, stream, violated_fields
 from imagesearch.api import service
 from imagesearch.config import Settings
 from imagesearch.model.encoder import ClipEncoder
-from imagesearch.model.openvino_runtime import cpu_has_native_bf16
 from imagesearch.server import SERVICE_NAME
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import products_pb2
@@ -171,7 +170,10 @@ async def test_service_info_describes_model_store_cache_and_limits(running: Runn
         model.image_runtime,
         model.image_precision,
     )
-    assert (info.model.text_tower_runtime, info.model.text_tower_precision) == (model.text_runtime, model.text_precision)
+    assert (info.model.text_tower_runtime, info.model.text_tower_precision) == (
+        model.text_runtime,
+        model.text_precision,
+    )
     assert model.runtime_reason and model.cpu
     assert (info.model.runtime_reason, info.model.cpu) == (model.runtime_reason, model.cpu)
     assert info.limits.max_images_per_product == settings.max_images_per_product
