@@ -359,7 +359,7 @@ async def main() -> int:
     if images_rows:
         print(f"\nseveral images per product: 1 vs {args.images}, catalogue {args.catalogue} (two servers)")
         print_rows(images_rows)
-        print("  " + "; ".join(f"{name} {value:.1f}" for name, value in images_figures.items()))
+        print("  " + "; ".join(f"{name} {value:.3g}" for name, value in images_figures.items()))
     print(
         f"server start-up, process start to SERVING: {startup_s:.1f} s with the runtime's conversion cache cold, "
         f"{cached_startup_s:.1f} s cached"
