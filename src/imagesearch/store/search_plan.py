@@ -19,6 +19,7 @@ import qdrant_edge as qe
 from imagesearch.domain import Hit, LexicalQuery
 from imagesearch.ranking import ScoreExplanation
 from imagesearch.store.layout import (
+    IMAGES,
     IMAGES_VECTOR,
     LEXICAL_VECTOR,
     Vector,
@@ -31,6 +32,7 @@ from imagesearch.store.plan import (
     Expression,
     Filter,
     Formula,
+    HasId,
     Max,
     Mult,
     Nearest,
@@ -110,10 +112,23 @@ class SearchPlan(NamedTuple):
             scale = 1.0
         reranked = bool(self.diversity or self.collapse)
         start, count = (0, DIVERSITY_CANDIDATES) if reranked else (self.offset, self.limit)
-        # The image vectors: for the matched image (any search with a dense side), and to compare candidates.
-        vectors = (IMAGES_VECTOR,) if self.values is not None or reranked else ()
+        # The image vectors with the points where every candidate needs them: to compare candidates, and for the
+        # cosine an explanation shows. Otherwise only the hits with several images need theirs (to tell which one
+        # matched), fetched by id below: converting every hit's vectors cost more than the search itself.
+        every = reranked or (self.explain and self.values is not None)
+        vectors = (IMAGES_VECTOR,) if every else ()
         points = yield Request(query, count, start, prefetches, self.filter, threshold, with_vectors=vectors)
-        rows = [stored_rows(p.vector, self.dimension) if vectors else None for p in points]
+        rows: list[Vector | None] = [stored_rows(p.vector, self.dimension) if every else None for p in points]
+        if self.values is not None and not every:
+            several = frozenset(str(p.id) for p in points if len((p.payload or {}).get(IMAGES) or ()) > 1)
+            if several:
+                by_id = Filter(must=(HasId(several),))
+                images = Nearest([self.values], using=IMAGES_VECTOR)
+                fetched = yield Request(
+                    images, len(several), 0, (), by_id, with_payload=False, with_vectors=(IMAGES_VECTOR,)
+                )
+                found = {str(p.id): stored_rows(p.vector, self.dimension) for p in fetched}
+                rows = [found.get(str(p.id)) for p in points]
         target = None if self.values is None else np.asarray(self.values, dtype=np.float32)
         hits = [self._hit(p, r, target, scale, relevance) for p, r in zip(points, rows, strict=True)]
         return self._rerank(hits, rows) if reranked and hits else hits
@@ -144,7 +159,8 @@ class SearchPlan(NamedTuple):
     ) -> Hit:
         payload = point.payload or {}
         product, score = product_from_payload(payload), point.score * scale
-        matched, cosine = best_image(rows, target)
+        # A product with one image matched by it (its rows are fetched only where a search needs them).
+        matched, cosine = best_image(rows, target) if rows is not None or target is None else (0, None)
         if not self.explain:
             return Hit(product, score, matched)
         if self.rules is None:
