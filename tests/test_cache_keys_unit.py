@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from imagesearch.domain import CacheDescription, Hit, Product, Query, SearchFilter, canonical_bytes
+from imagesearch.images import NormalizedBox
 from imagesearch.search import cache as cache_module
 from imagesearch.search.cache import KEY_VERSION, LruCache, NoCache, ResultKey, SearchCache
 
@@ -106,6 +107,7 @@ def test_embedding_key_changes_with_model_kind_and_content_only() -> None:
         CACHE.embedding_key("text", b""),
         cache_over(model_id="model-b").embedding_key("text", b"mug"),
     }
+
     assert key not in others and len(others) == 4
 
 
@@ -352,3 +354,14 @@ async def test_lru_counts_in_process_and_close_empties_it() -> None:
     assert (backend.name, backend.available, len(backend)) == ("memory", True, 2)
     await backend.close()
     assert len(backend) == 0
+
+
+def test_embedding_key_of_a_region_is_not_the_key_of_other_bytes() -> None:
+    # A box is its own part of the digest: image bytes that end with a box's canonical form never share a key with
+    # the image before them searched in that box.
+    box = NormalizedBox(0.1, 0.2, 0.6, 0.9)
+    region_key = CACHE.embedding_key("image", b"jpeg", box)
+    assert region_key != CACHE.embedding_key("image", b"jpeg")
+    assert region_key != CACHE.embedding_key("image", b"jpeg" + canonical_bytes(box.key_value()))
+    assert region_key != CACHE.embedding_key("image", b"jpeg", NormalizedBox(0.1, 0.2, 0.6, 0.8))
+    assert region_key == CACHE.embedding_key("image", b"jpeg", NormalizedBox(0.1, 0.2, 0.6, 0.9))

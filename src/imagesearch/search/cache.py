@@ -33,6 +33,7 @@ from imagesearch.domain import (
     canonical_bytes,
     digest,
 )
+from imagesearch.images import NormalizedBox
 from imagesearch.ranking import ScoreExplanation
 
 # Bump when a value format changes, so old entries are never misread by a new server. A change in what a key is
@@ -173,8 +174,13 @@ class SearchCache:
     def describe(self) -> CacheDescription:
         return CacheDescription(backend=self.backend.name, available=self.backend.available, **vars(self.stats))
 
-    def embedding_key(self, kind: Modality, content: bytes) -> str:
-        return f"{self._prefix}emb:{digest(self._model_id.encode(), kind.encode(), content)}"
+    def embedding_key(self, kind: Modality, content: bytes, region: NormalizedBox | None = None) -> str:
+        """The tier-1 key of `content` encoded whole, or of its `region` (a separate part of the digest, so no
+        image's bytes can spell another image with a box)."""
+        parts = [self._model_id.encode(), kind.encode(), content]
+        if region is not None:
+            parts.append(canonical_bytes(region.key_value()))
+        return f"{self._prefix}emb:{digest(*parts)}"
 
     async def get_embedding(self, key: str, dimension: int) -> np.ndarray | None:
         raw = await self.backend.get(key)

@@ -344,9 +344,7 @@ class Catalog:
     async def _cached_embedding(
         self, kind: Modality, content: bytes, region: NormalizedBox | None = None
     ) -> tuple[np.ndarray, CacheOutcome]:
-        # A region is part of what is encoded: its box joins the content in the key.
-        keyed = content if region is None else content + canonical_bytes(region.key_value())
-        key = self.cache.embedding_key(kind, keyed) if self.cache.enabled else None
+        key = self.cache.embedding_key(kind, content, region) if self.cache.enabled else None
         if key is not None:
             with tracer.start_as_current_span("cache.embedding.get") as span:
                 cached = await self.cache.get_embedding(key, self.encoder.dimension)
