@@ -184,20 +184,12 @@ def duplicates_request_from_proto(request: pb.FindDuplicatesRequest) -> Duplicat
 
 
 def duplicates_to_proto(page: DuplicatesPage) -> pb.FindDuplicatesResponse:
+    # images.Duplicate's fields carry the wire's names.
     return pb.FindDuplicatesResponse(
         products=[
             pb.ProductDuplicates(
                 product_id=checked.product_id,
-                duplicates=[
-                    pb.Duplicate(
-                        product_id=d.product_id,
-                        similarity=d.similarity,
-                        image_index=d.image_index,
-                        duplicate_image_index=d.duplicate_image_index,
-                        exact=d.exact,
-                    )
-                    for d in checked.duplicates
-                ],
+                duplicates=[pb.Duplicate(**dataclasses.asdict(d)) for d in checked.duplicates],
             )
             for checked in page.products
         ],
