@@ -52,7 +52,7 @@ class EdgeStore(VectorStore):
         self._shard: qe.EdgeShard | None = shard
         self._worker = worker
         # The numeric attribute fields that have their index (layout.numeric_fields); new ones get it at upsert.
-        self._numeric_indexed = {f for f in shard.info().payload_schema if f.startswith(f"{layout.NUMBERS}.")}
+        self._numeric_indexed = layout.numeric_fields_among(shard.info().payload_schema)
         self._flush_each_write = flush_each_write
         # Written since the last flush; the periodic flusher skips a clean store.
         self._dirty = False

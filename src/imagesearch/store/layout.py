@@ -287,3 +287,8 @@ def numeric_fields(products: Iterable[Product]) -> set[str]:
     time a product brings it: a ranking formula then reads its values from the index rather than from each
     candidate's stored payload."""
     return {f"{NUMBERS}.{key}" for product in products for key in product.numeric_attributes}
+
+
+def numeric_fields_among(indexed: Iterable[str]) -> set[str]:
+    """Which of a store's indexed payload fields are numeric attribute fields (numeric_fields)."""
+    return {field for field in indexed if field.startswith(f"{NUMBERS}.")}

@@ -243,7 +243,7 @@ class QdrantServerStore(VectorStore):
                 await self._create_collection(model_id)
             info = await self._client.get_collection(self._collection)
             record = self._check_compatible(info, model_id)
-            self._numeric_indexed = {f for f in info.payload_schema if f.startswith(f"{layout.NUMBERS}.")}
+            self._numeric_indexed = layout.numeric_fields_among(info.payload_schema)
             for field, kind in layout.INDEXED_FIELDS.items():
                 if field not in info.payload_schema:
                     await self._client.create_payload_index(
